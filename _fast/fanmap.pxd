@@ -1,0 +1,54 @@
+# The Fan map in the data path (spec §1-2): one struct per map, a small table of them.
+# All addresses are host byte order here; packets are converted at load/store.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+
+cdef enum:
+    MAX_MAPS = 32
+
+cdef struct fan_map:
+    uint32_t overlay            # O, network address
+    uint32_t overlay_mask       # mask(o)
+    uint32_t underlay           # U, network address
+    uint32_t underlay_mask      # mask(u)
+    uint32_t local              # this host's underlay address H
+    uint32_t slice_net          # slice(H)
+    uint32_t slice_mask         # mask(o + 32 - u)
+    uint32_t gateway            # slice(H) + 1, the host's own overlay address
+    uint32_t reserved_last      # slice(H) + host_reserve: the host keeps gateway .. this
+    uint32_t shift              # u - o, always > 0 (validated in Python)
+    uint32_t mtu                # underlay MTU
+    int tun_fd                  # where decapsulated packets for this slice go (-1: none)
+
+cdef struct fan_table:
+    int n
+    int check_spoof             # spec §4 receive rule 5, on by default
+    fan_map maps[MAX_MAPS]
+
+cdef inline uint32_t fan_dest(const fan_map *m, uint32_t d) noexcept nogil:
+    """dest(D) = U | ((D & ~mask(o)) >> (u - o)): drops the container bits."""
+    return m.underlay | ((d & ~m.overlay_mask) >> m.shift)
+
+cdef inline uint32_t fan_slice(const fan_map *m, uint32_t h) noexcept nogil:
+    """slice(H) = O | ((H & ~mask(u)) << (u - o))."""
+    return m.overlay | ((h & ~m.underlay_mask) << m.shift)
+
+cdef inline bint fan_host_ok(const fan_map *m, uint32_t h) noexcept nogil:
+    """Host bits neither all zero (underlay network) nor all one (underlay broadcast)."""
+    cdef uint32_t hb = h & ~m.underlay_mask
+    return hb != 0 and hb != (~m.underlay_mask)
+
+cdef inline int fan_lookup_overlay(const fan_table *t, uint32_t a) noexcept nogil:
+    """Index of the map whose overlay holds a, or -1. Overlays never overlap, so the first
+    match is the only one (longest-prefix by construction)."""
+    cdef int i
+    for i in range(t.n):
+        if (a & t.maps[i].overlay_mask) == t.maps[i].overlay:
+            return i
+    return -1
+
+cdef inline int fan_lookup_underlay(const fan_table *t, uint32_t a) noexcept nogil:
+    cdef int i
+    for i in range(t.n):
+        if (a & t.maps[i].underlay_mask) == t.maps[i].underlay:
+            return i
+    return -1

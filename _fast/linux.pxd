@@ -1,0 +1,69 @@
+# Kernel and libc declarations the data path uses, named as the headers name them.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EWOULDBLOCK
+        EINTR
+        EMSGSIZE
+        EIO
+        ENOBUFS
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+cdef extern from "<netinet/in.h>" nogil:
+    ctypedef uint32_t in_addr_t
+    struct in_addr:
+        in_addr_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    enum:
+        AF_INET
+        IPPROTO_IPIP
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    struct timespec:
+        pass
+    int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
+    enum:
+        MSG_DONTWAIT
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLERR
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
