@@ -144,10 +144,10 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
         inc(c, DROP_TX_TOO_BIG)
         r.reason = DROP_TX_TOO_BIG
         if frag & IPV4_FLAG_DF:
-            ip_id[0] += 1
             r.out_len = icmp_frag_needed(icmp_out, pkt, len, m.gateway,
-                                         <uint16_t>(m.mtu - IPV4_HLEN), ip_id[0])
+                                         <uint16_t>(m.mtu - IPV4_HLEN), ip_id[0] + 1)
             if r.out_len:
+                ip_id[0] += 1
                 inc(c, TX_ICMP_FRAG_NEEDED)
                 return VERDICT_ICMP
         return VERDICT_DROP

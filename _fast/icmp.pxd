@@ -28,7 +28,7 @@ cdef inline uint32_t icmp_frag_needed(uint8_t *out, const uint8_t *pkt, uint32_t
     cdef uint16_t c
     if icmp_is_error(pkt, len, ihl) or (load16(pkt + IPV4_OFF_FRAG) & IPV4_FRAG_OFFSET_MASK):
         return 0
-    if dst == 0 or dst >= 0xe0000000UL:
+    if dst == 0 or (dst & 0xf0000000UL) == 0xe0000000UL or dst == 0xffffffffUL:
         return 0
     out[0] = 0x45
     out[IPV4_OFF_TOS] = 0

@@ -1,0 +1,198 @@
+"""The configuration users already have: /etc/network/fan lines and fanctl arguments
+(spec §3), resolved to FanSpec objects.
+
+Interface names and the default route are looked up through a Resolver; the kernel one
+uses pyroute2, tests pass their own.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Protocol
+
+from .errors import ConfigError
+from .fanmap import FanMap, FanTable, IFNAMSIZ
+
+DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
+
+
+class Resolver(Protocol):
+    def interface_address(self, ifname: str) -> int:
+        """The first IPv4 address (IFA_LOCAL) of ifname."""
+
+    def default_interface(self) -> str:
+        """The interface of the IPv4 default route."""
+
+
+class KernelResolver:
+    """Resolver backed by netlink (pyroute2), in the current network namespace."""
+
+    def interface_address(self, ifname: str) -> int:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                raise ConfigError(f"no interface named {ifname!r}")
+            for msg in ipr.get_addr(family=socket.AF_INET, index=idx[0]):
+                local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if local:
+                    return int(ipaddress.IPv4Address(local))
+        raise ConfigError(f"interface {ifname!r} has no IPv4 address")
+
+    def default_interface(self) -> str:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            for route in ipr.get_default_routes(family=socket.AF_INET):
+                oif = route.get_attr("RTA_OIF")
+                if oif:
+                    links = ipr.get_links(oif)
+                    if links:
+                        return links[0].get_attr("IFLA_IFNAME")
+        raise ConfigError("there is no IPv4 default route to take the underlay from")
+
+
+@dataclass
+class FanSpec:
+    """One fan: a map plus the flags of its config line or fanctl command."""
+    map: FanMap
+    underlay_text: str              # as the user wrote it, for `fanpkt show`
+    dhcp: bool = False
+    bridge: Optional[str] = None
+    off: bool = False
+    nat: bool = False
+    origin: str = "command line"    # 'FILE:LINE' for file entries
+
+    @property
+    def flags(self) -> list[str]:
+        out = []
+        if self.dhcp:
+            out.append("dhcp")
+        if self.map.host_reserve != 1:
+            out.append(f"host-reserve {self.map.host_reserve}")
+        if self.bridge:
+            out.append(f"bridge {self.bridge}")
+        if self.nat:
+            out.append("nat")
+        if self.off:
+            out.append("off")
+        return out
+
+    def key(self) -> tuple:
+        """What must match for a reload to keep this fan running untouched."""
+        return (self.map, self.bridge, self.nat, self.dhcp)
+
+
+def parse_overlay(text: str) -> str:
+    """fanctl shorthand: '241' is 241.0.0.0/8."""
+    if text.isdigit():
+        if not 0 <= int(text) <= 255:
+            raise ConfigError(f"overlay {text!r} is not an octet (0..255)")
+        return f"{text}.0.0.0/8"
+    return text
+
+
+def resolve_underlay(text: str, resolver: Resolver) -> str:
+    """Any fanctl underlay form -> 'A.B.C.D/W' naming this host and the underlay prefix."""
+    left, sep, width = text.partition("/")
+    if sep:
+        if not width.isdigit() or not 0 < int(width) <= 32:
+            raise ConfigError(f"underlay {text!r}: prefix length must be 1..32")
+    else:
+        width = str(DEFAULT_UNDERLAY_LEN)
+    try:
+        host = int(ipaddress.IPv4Address(left))
+    except ValueError:
+        if left == "default":
+            left = resolver.default_interface()
+        elif not left or len(left) > IFNAMSIZ or all(ch.isdigit() or ch == "." for ch in left):
+            raise ConfigError(f"underlay {text!r} is neither an IPv4 address nor an "
+                              f"interface name") from None
+        host = resolver.interface_address(left)
+    return f"{ipaddress.IPv4Address(host)}/{width}"
+
+
+def parse_flags(tokens: list[str]) -> dict:
+    """dhcp, host-reserve N, bridge NAME, off, nat, type ipip. Unknown tokens are errors."""
+    out: dict = {}
+    it = iter(tokens)
+    for tok in it:
+        if tok in ("dhcp", "off", "nat"):
+            out[tok] = True
+        elif tok in ("host-reserve", "bridge", "type"):
+            val = next(it, None)
+            if val is None:
+                raise ConfigError(f"flag {tok!r} needs a value")
+            if tok == "host-reserve":
+                if not val.isdigit():
+                    raise ConfigError(f"host-reserve {val!r} is not a number")
+                out["host_reserve"] = int(val)
+            elif tok == "bridge":
+                if len(val) > IFNAMSIZ or "/" in val or val in (".", ".."):
+                    raise ConfigError(f"bridge name {val!r} is not a valid interface name")
+                out["bridge"] = val
+            elif val != "ipip":
+                raise ConfigError(f"type {val!r} is not supported: fanpkt carries IPIP only")
+        elif tok == "enable":
+            pass                    # fanctl's explicit default
+        else:
+            raise ConfigError(f"unknown flag {tok!r}")
+    return out
+
+
+def make_spec(overlay: str, underlay: str, flag_tokens: list[str], resolver: Resolver,
+              origin: str = "command line") -> FanSpec:
+    flags = parse_flags(flag_tokens)
+    m = FanMap.parse(parse_overlay(overlay), resolve_underlay(underlay, resolver),
+                     flags.get("host_reserve", 1))
+    m.local_slice                   # a fan to bring up needs a host: fail here if none
+    return FanSpec(m, underlay, dhcp=flags.get("dhcp", False), bridge=flags.get("bridge"),
+                   off=flags.get("off", False), nat=flags.get("nat", False), origin=origin)
+
+
+def parse_lines(lines: Iterable[str], path: str, resolver: Resolver) -> list[FanSpec]:
+    """/etc/network/fan: '<overlay> <underlay> [flags]' a line, '#' comments."""
+    specs = []
+    for n, raw in enumerate(lines, 1):
+        tokens = raw.split("#", 1)[0].split()
+        if not tokens:
+            continue
+        where = f"{path}:{n}"
+        if len(tokens) < 2:
+            raise ConfigError(f"{where}: expected '<overlay> <underlay> [flags]', "
+                              f"got {raw.strip()!r}")
+        try:
+            specs.append(make_spec(tokens[0], tokens[1], tokens[2:], resolver, where))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    check_table(specs)
+    return specs
+
+
+def parse_file(path: str, resolver: Resolver) -> list[FanSpec]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_lines(f, path, resolver)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file") from None
+
+
+def check_table(specs: list[FanSpec]) -> FanTable:
+    """Overlapping overlays (and duplicate bridges) are configuration errors."""
+    table = FanTable()
+    bridges: dict[str, str] = {}
+    for s in specs:
+        if s.off:
+            continue
+        try:
+            table.add(s.map)
+        except ConfigError as e:
+            raise ConfigError(f"{s.origin}: {e}") from None
+        if s.bridge:
+            if s.bridge in bridges:
+                raise ConfigError(f"{s.origin}: bridge {s.bridge} is already used by "
+                                  f"{bridges[s.bridge]}")
+            bridges[s.bridge] = s.origin
+    return table

@@ -1,0 +1,26 @@
+"""Shared fixtures. Kernel-resource fixtures (namespaces, veth, TUN) live in netns.py."""
+from __future__ import annotations
+
+import pytest
+
+from fanpkt.fanmap import FanMap
+
+from engine_impl import EngineImpl
+from oracle import Oracle
+
+
+def classic_maps():
+    """The announcement's fan plus an unaligned second one, as seen from 172.16.3.4."""
+    return [FanMap.parse("241.0.0.0/8", "172.16.3.4/16"),
+            FanMap.parse("100.64.0.0/10", "172.16.3.4/20")]
+
+
+@pytest.fixture(params=["oracle", "engine"])
+def impl_factory(request):
+    """Builds the implementation under test: every data-path test runs against both."""
+    return {"oracle": Oracle, "engine": EngineImpl}[request.param]
+
+
+@pytest.fixture
+def impl(impl_factory):
+    return impl_factory(classic_maps())

@@ -1,0 +1,143 @@
+"""Transmit (spec §4): scapy-built overlay packets through encap, parsed back by scapy."""
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, IPerror
+
+from fanpkt.fanmap import FanMap
+
+from conftest import classic_maps
+from packets import inner
+
+ECN = [0, 1, 2, 3]
+
+
+def outer_ok(out: bytes, pkt: bytes):
+    o = IP(out)
+    assert o.version == 4 and o.ihl == 5 and o.proto == 4
+    assert o.len == len(pkt) + 20 == len(out)
+    assert IP(bytes(o)).chksum == o.chksum              # scapy recomputes: must agree
+    assert bytes(o.payload) == pkt                      # inner untouched
+    return o
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp", "icmp"])
+@pytest.mark.parametrize("size", [20, 28, 64, 576, 1400, 1480])
+def test_fields(impl, proto, size):
+    pkt = inner(proto=proto if size > 40 else "raw", size=size, ttl=64)
+    verdict, reason, out, dst = impl.encap(pkt)
+    assert (verdict, reason) == ("VERDICT_SEND", None)
+    o = outer_ok(out, pkt)
+    assert (o.src, o.dst, dst) == ("172.16.3.4", "172.16.6.7", 0xAC100607)
+    assert o.ttl == 64 and o.tos == 0 and o.frag == 0
+
+
+@pytest.mark.parametrize("ttl", [1, 64, 255])
+@pytest.mark.parametrize("df", [False, True])
+@pytest.mark.parametrize("ecn", ECN)
+def test_ttl_df_ecn_copied(impl, ttl, df, ecn):
+    pkt = inner(ttl=ttl, df=df, tos=0xB8 | ecn)         # DSCP EF must not leak outside
+    verdict, _, out, _ = impl.encap(pkt)
+    o = outer_ok(out, pkt)
+    assert o.ttl == ttl
+    assert bool(o.flags.DF) == df and not o.flags.MF
+    assert o.tos == (2 if ecn == 3 else ecn)            # CE -> ECT(0), DSCP 0
+
+
+def test_options_and_fragments(impl):
+    for pkt in (inner(options=True, size=100), inner(frag=10, size=100),
+                inner(mf=True, size=100)):
+        verdict, _, out, _ = impl.encap(pkt)
+        assert verdict == "VERDICT_SEND"
+        assert IP(outer_ok(out, pkt).payload.original).options == IP(pkt).options
+
+
+def test_ids_do_not_repeat(impl):
+    ids = [IP(impl.encap(inner())[2]).id for _ in range(1000)]
+    assert len(set(ids)) == 1000
+
+
+def test_big_packets():
+    maps = classic_maps()
+    from engine_impl import EngineImpl
+    from oracle import Oracle
+    for factory in (Oracle, EngineImpl):
+        impl = factory(maps, mtu=65535)
+        for size in (9000, 32768, 65515):
+            pkt = inner(size=size)
+            verdict, _, out, _ = impl.encap(pkt)
+            assert verdict == "VERDICT_SEND" and len(out) == size + 20
+            outer_ok(out, pkt)
+        verdict, reason, out, _ = impl.encap(inner(size=65535, df=True))
+        assert (verdict, reason) == ("VERDICT_ICMP", "DROP_TX_TOO_BIG")
+
+
+def test_padding_after_total_length_is_dropped_from_output(impl):
+    pkt = inner(size=100)
+    verdict, _, out, _ = impl.encap(pkt + b"\0" * 10)
+    assert verdict == "VERDICT_SEND" and bytes(IP(out).payload) == pkt
+
+
+def test_too_big_with_df_answers_frag_needed(impl):
+    pkt = inner(size=1481, df=True, proto="tcp")
+    verdict, reason, out, _ = impl.encap(pkt)
+    assert (verdict, reason) == ("VERDICT_ICMP", "DROP_TX_TOO_BIG")
+    r = IP(out)
+    assert IP(bytes(r)).chksum == r.chksum
+    assert (r.src, r.dst, r.proto) == ("241.3.4.1", "241.3.4.9", 1)
+    icmp = r[ICMP]
+    assert (icmp.type, icmp.code, icmp.nexthopmtu) == (3, 4, 1480)
+    assert ICMP(bytes(icmp)).chksum == icmp.chksum
+    assert bytes(r[IPerror])[:20] == pkt[:20]
+    assert len(out) <= 576
+
+
+def test_too_big_without_df_is_dropped(impl):
+    verdict, reason, out, _ = impl.encap(inner(size=1481, df=False))
+    assert (verdict, reason, out) == ("VERDICT_DROP", "DROP_TX_TOO_BIG", b"")
+
+
+def test_no_icmp_about_icmp_errors(impl):
+    err = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") / ICMP(type=3, code=1)
+                / (b"x" * 1500))
+    assert impl.encap(err)[:2] == ("VERDICT_DROP", "DROP_TX_TOO_BIG")
+
+
+def test_largest_fitting_packet_is_sent(impl):
+    assert impl.encap(inner(size=1480, df=True))[0] == "VERDICT_SEND"
+
+
+@pytest.mark.parametrize("dst,verdict,reason", [
+    ("10.1.2.3", "VERDICT_DROP", "DROP_TX_NO_MAP"),
+    ("241.255.255.9", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),      # -> underlay broadcast
+    ("241.0.0.9", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),          # -> underlay network
+    ("241.3.4.1", "VERDICT_LOCAL", None),                         # own gateway
+    ("241.3.4.9", "VERDICT_DROP", "DROP_TX_LOCAL_UNUSED"),        # own slice, no bridge
+    ("100.64.196.1", "VERDICT_SEND", None),                       # second, unaligned map
+])
+def test_destinations(impl, dst, verdict, reason):
+    pkt = inner(src="241.3.4.1", dst=dst)
+    got = impl.encap(pkt)
+    assert got[:2] == (verdict, reason)
+    if verdict == "VERDICT_LOCAL":
+        assert got[2] == pkt
+
+
+def test_second_map_destination(impl):
+    m = FanMap.parse("100.64.0.0/10", "172.16.3.4/20")
+    _, _, out, dst = impl.encap(inner(src="241.3.4.1", dst="100.71.91.200"))
+    assert dst == m.dest(0x64475BC8)
+    assert IP(out).src == "172.16.3.4"
+
+
+@pytest.mark.parametrize("pkt,reason", [
+    (b"", "DROP_TX_NOT_IPV4"),
+    (b"\x45", "DROP_TX_MALFORMED"),
+    (b"\x60" + bytes(39), "DROP_TX_NOT_IPV4"),                   # IPv6
+    (bytes([0x44]) + inner()[1:], "DROP_TX_MALFORMED"),          # IHL 4
+    (bytes([0x4F]) + inner(size=40)[1:], "DROP_TX_MALFORMED"),  # IHL 15 > length
+    (inner()[:2] + b"\xff\xff" + inner()[4:], "DROP_TX_MALFORMED"),  # total length > packet
+    (inner()[:2] + b"\x00\x10" + inner()[4:], "DROP_TX_MALFORMED"),  # total length < IHL
+])
+def test_malformed(impl, pkt, reason):
+    assert impl.encap(pkt)[:3] == ("VERDICT_DROP", reason, b"")
