@@ -334,8 +334,8 @@ cdef class Engine:
                     ok[k] = 0
                 else:
                     u = fan_dest(&t.maps[i], a)
-                    out[k] = u
                     ok[k] = fan_host_ok(&t.maps[i], u)
+                    out[k] = u if ok[k] else 0
 
 
 cdef inline uint32_t _mask(int n) noexcept nogil:
