@@ -1,0 +1,114 @@
+"""Micro-benchmarks: the engine against the oracle (and numpy for mapping), one run.
+
+    pytest bench/test_micro.py --benchmark-json=bench/results/micro.json
+    python bench/report.py bench/results/micro.json     # per-packet table and ratios
+
+Each engine benchmark handles one batch of 64 packets per call, as the forwarder does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fanpkt.fanmap import FanMap
+from fanpkt.native import engine_row, fastpath, new_counters
+
+from oracle import Oracle, checksum
+from packets import inner, outer
+
+BATCH = 64
+TX = [FanMap.parse("241.0.0.0/8", "172.16.3.4/16")]
+RX = [FanMap.parse("241.0.0.0/8", "172.16.6.7/16")]
+
+
+def packets(size):
+    return [inner(size=size, dst=f"241.6.7.{8 + i % 200}") for i in range(BATCH)]
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="encap")
+def test_encap_engine(benchmark, size):
+    batch = fastpath.PacketBatch(packets(size))
+    eng, c = fastpath.Engine([engine_row(m) for m in TX]), new_counters()
+    assert benchmark(batch.encap_all, eng, c) == BATCH
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="encap")
+def test_encap_oracle(benchmark, size):
+    pkts, o = packets(size), Oracle(TX)
+    benchmark(lambda: [o.encap(p) for p in pkts])
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+def ipip(size):
+    return [outer(inner(size=size, src="241.3.4.9", dst=f"241.6.7.{8 + i % 200}"))
+            for i in range(BATCH)]
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="decap")
+def test_decap_engine(benchmark, size):
+    batch = fastpath.PacketBatch(ipip(size))
+    eng, c = fastpath.Engine([engine_row(m) for m in RX]), new_counters()
+    assert benchmark(batch.decap_all, eng, c) == BATCH
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="decap")
+def test_decap_oracle(benchmark, size):
+    dgrams, o = ipip(size), Oracle(RX)
+    benchmark(lambda: [o.decap(d) for d in dgrams])
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="checksum")
+def test_checksum_engine(benchmark, size):
+    batch = fastpath.PacketBatch(packets(size))
+    benchmark(batch.checksum_all)
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="checksum")
+def test_checksum_oracle(benchmark, size):
+    pkts = packets(size)
+    benchmark(lambda: [checksum(p) for p in pkts])
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+CLASSIC = FanMap.parse("241.0.0.0/8", "172.16.3.4/16")
+ALL = np.arange(0xF1000000, 0xF2000000, dtype=np.uint32)       # all of 241.0.0.0/8
+
+
+@pytest.mark.benchmark(group="map")
+def test_map_numpy_whole_overlay(benchmark):
+    def run():
+        hosts, ok = CLASSIC.dest_batch(ALL)
+        assert np.array_equal(CLASSIC.slice_batch(hosts[ok]), ALL[ok] & np.uint32(0xFFFFFF00))
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    benchmark.extra_info.update(packets=ALL.size, note="map + round trip")
+
+
+@pytest.mark.benchmark(group="map")
+def test_map_numpy(benchmark):
+    benchmark.pedantic(CLASSIC.dest_batch, (ALL,), rounds=5, iterations=1)
+    benchmark.extra_info.update(packets=ALL.size)
+
+
+@pytest.mark.benchmark(group="map")
+def test_map_engine(benchmark):
+    eng = fastpath.Engine([engine_row(CLASSIC)])
+    out, ok = np.empty_like(ALL), np.empty(ALL.shape, np.uint8)
+    benchmark.pedantic(eng.map_batch, (ALL, out, ok), rounds=5, iterations=1)
+    benchmark.extra_info.update(packets=ALL.size)
+
+
+@pytest.mark.benchmark(group="map")
+def test_map_python_scalar(benchmark):
+    few = [int(x) for x in ALL[:100_000:7]]
+    benchmark(lambda: [CLASSIC.dest(x) for x in few])
+    benchmark.extra_info.update(packets=len(few))
