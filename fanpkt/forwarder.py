@@ -1,0 +1,295 @@
+"""fanpkt-forward: brings fans up, runs the compiled loops, reloads on SIGHUP, and takes
+everything down again.
+
+Threads: one transmit loop per fan (its TUN -> the raw socket) and one receive loop (the
+raw socket -> every fan's TUN). The main thread only waits for signals. The loops read the
+engine's table once per batch; a reload installs a new table and frees the old one only
+after every loop has ticked past a batch boundary.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import plumbing
+from .config import FanSpec, KernelResolver, check_table, make_spec, parse_file
+from .errors import ConfigError, PrivilegeError
+from .fanmap import ip
+from .native import COUNTER_BLOCK, COUNTER_NAMES, engine_row, fastpath
+from .runstate import RX_BLOCK, RunState
+from .tun import Tun, check_tun_available
+from .underlay import interface_of, open_socket
+
+log = logging.getLogger("fanpkt")
+IPIP_OVERHEAD = 20
+MAX_FANS = 16
+
+
+@dataclass
+class Fan:
+    spec: FanSpec
+    slot: int
+    underlay_mtu: int
+    tun: Tun
+    plumbing: dict
+    loop: object = None
+    thread: Optional[threading.Thread] = None
+
+    def describe(self) -> dict:
+        m = self.spec.map
+        return {"device": self.tun.name, "bridge": self.spec.bridge,
+                "overlay": str(m.overlay_net), "underlay": f"{ip(m.host)}/{m.underlay_len}",
+                "slice": f"{ip(m.local_slice)}/{m.slice_len}", "flags": self.spec.flags,
+                "mtu": self.underlay_mtu - IPIP_OVERHEAD, "plumbing": self.plumbing}
+
+
+class Forwarder:
+    def __init__(self, specs: list[FanSpec], check_spoof: bool = True,
+                 run_dir: Optional[str] = None, config_path: Optional[str] = None):
+        self.specs = [s for s in specs if not s.off]
+        self.check_spoof = check_spoof
+        self.config_path = config_path
+        self.run = RunState.find(run_dir)
+        self.fans: dict[tuple, Fan] = {}
+        self.engine = fastpath.Engine((), check_spoof)
+        self.sock = None
+        self.rx_loop = None
+        self.rx_thread = None
+        self.forward_before: Optional[str] = None
+        self.stop_event = threading.Event()
+        self.reload_wanted = threading.Event()
+
+    # -- bring up ----------------------------------------------------------------------
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise PrivilegeError("fanpkt-forward must run as root: it creates TUN devices, "
+                                 "routes and raw sockets (CAP_NET_ADMIN, CAP_NET_RAW)")
+        check_tun_available()
+        if not self.specs:
+            raise ConfigError("no fan to bring up (every map is 'off' or none was given)")
+        leftovers = self.run.acquire()
+        try:
+            if leftovers:
+                plumbing.cleanup_leftovers(leftovers)
+            self.counters = self.run.create_counters(MAX_FANS + 1, COUNTER_BLOCK)
+            self.sock = open_socket()
+            self.forward_before = plumbing.enable_forwarding()
+            self.publish()
+            for spec in self.specs:
+                self._add_fan(spec)
+            self._install_table()
+            plumbing.nft_apply(self.specs)
+            self.rx_loop = fastpath.Loop()
+            self.rx_thread = self._spawn("rx", fastpath.run_rx, self.engine, self.rx_loop,
+                                         self.sock.fileno(), self._block(RX_BLOCK))
+            for fan in self.fans.values():
+                self._start_tx(fan)
+            self.publish()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _block(self, idx: int):
+        return self.counters[idx * COUNTER_BLOCK:(idx + 1) * COUNTER_BLOCK]
+
+    def _spawn(self, name, target, *args) -> threading.Thread:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        return t
+
+    def _add_fan(self, spec: FanSpec) -> Fan:
+        m = spec.map
+        _, underlay_mtu = interface_of(m.host)
+        used = {f.slot for f in self.fans.values()}
+        slot = next(i for i in range(MAX_FANS) if i not in used)
+        tun = Tun(m.device_name, underlay_mtu - IPIP_OVERHEAD)
+        try:
+            rec = plumbing.attach(spec, tun.index, underlay_mtu - IPIP_OVERHEAD)
+        except BaseException:
+            tun.close()
+            raise
+        fan = Fan(spec, slot, underlay_mtu, tun, rec)
+        self.fans[spec.key()] = fan
+        self._block(slot + 1)[:] = 0
+        if spec.dhcp:
+            log.info("%s: flag dhcp recorded; fanpkt runs no DHCP server (run dnsmasq on "
+                     "%s)", m.overlay_net, spec.bridge or tun.name)
+        log.info("up: %s over %s, host %s, slice %s/%d, device %s%s", m.overlay_net,
+                 m.underlay_net, ip(m.host), ip(m.local_slice), m.slice_len, tun.name,
+                 f", bridge {spec.bridge}" if spec.bridge else "")
+        return fan
+
+    def _start_tx(self, fan: Fan) -> None:
+        fan.loop = fastpath.Loop()
+        fan.thread = self._spawn(f"tx-{fan.tun.name}", fastpath.run_tx, self.engine, fan.loop,
+                                 fan.tun.fd, self.sock.fileno(), self._block(fan.slot + 1))
+
+    def _install_table(self) -> None:
+        """Swap in a table of the current fans, then wait until no loop can still hold the
+        old one (each loop ticks once per wake-up, at least every 200 ms) and free it."""
+        rows = [engine_row(f.spec.map, f.underlay_mtu, f.tun.fd) for f in self.fans.values()]
+        self.engine.load(rows, self.check_spoof)
+        loops = [f.loop for f in self.fans.values() if f.loop is not None]
+        if self.rx_loop is not None:
+            loops.append(self.rx_loop)
+        marks = [(lp, lp.ticks) for lp in loops]
+        deadline = time.monotonic() + 5
+        while any(lp.ticks < t + 2 for lp, t in marks):
+            time.sleep(0.01)
+            if time.monotonic() > deadline:
+                log.warning("a forwarding loop is slow to pass a batch boundary; waiting")
+                deadline += 5
+        self.engine.retire()
+
+    def publish(self) -> None:
+        blocks = {"rx": RX_BLOCK}
+        blocks.update({f"tx:{f.tun.name}": f.slot + 1 for f in self.fans.values()})
+        self.run.write_state({
+            "pid": os.getpid(), "config": self.config_path, "check_spoof": self.check_spoof,
+            "fans": [f.describe() for f in self.fans.values()],
+            "ip_forward_before": self.forward_before,
+            "counter_names": COUNTER_NAMES, "counter_block": COUNTER_BLOCK,
+            "counter_blocks": blocks})
+
+    # -- reload ------------------------------------------------------------------------
+    def reload(self, specs: list[FanSpec]) -> None:
+        """Bring up added fans, take down removed ones; unchanged fans keep forwarding."""
+        specs = [s for s in specs if not s.off]
+        check_table(specs)
+        wanted = {s.key(): s for s in specs}
+        gone = [k for k in self.fans if k not in wanted]
+        for k in gone:
+            self._stop_tx(self.fans[k])
+        removed = [self.fans.pop(k) for k in gone]
+        if removed:
+            self._install_table()
+        for fan in removed:
+            self._remove_fan(fan)
+        added = []
+        for key, spec in wanted.items():
+            if key not in self.fans:
+                try:
+                    added.append(self._add_fan(spec))
+                except Exception as e:      # one bad new fan must not stop the others
+                    log.error("cannot bring up %s: %s", spec.map.overlay_net, e)
+        self.specs = [f.spec for f in self.fans.values()]
+        self._install_table()
+        for fan in added:
+            self._start_tx(fan)
+        plumbing.nft_apply(self.specs)
+        self.publish()
+        log.info("reloaded: %d fan(s) up, %d added, %d removed", len(self.fans), len(added),
+                 len(removed))
+
+    def _stop_tx(self, fan: Fan) -> None:
+        if fan.loop is not None:
+            fan.loop.stop()
+            fan.thread.join()
+
+    def _remove_fan(self, fan: Fan) -> None:
+        fan.tun.close()
+        plumbing.detach(fan.plumbing)
+        log.info("down: %s (%s)", fan.spec.map.overlay_net, fan.tun.name)
+
+    # -- take down ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop every loop and remove everything this run created. Safe to call twice."""
+        for fan in self.fans.values():
+            if fan.loop is not None:
+                fan.loop.stop()
+        if self.rx_loop is not None:
+            self.rx_loop.stop()
+        for fan in self.fans.values():
+            if fan.thread is not None:
+                fan.thread.join()
+        if self.rx_thread is not None:
+            self.rx_thread.join()
+        for fan in list(self.fans.values()):
+            self._remove_fan(fan)
+        self.fans.clear()
+        if self.sock is not None:
+            plumbing.nft_remove()
+            self.sock.close()
+            self.sock = None
+        if self.forward_before is not None:
+            plumbing.restore_forwarding(self.forward_before)
+            self.forward_before = None
+        self.run.release()
+
+    # -- the foreground process --------------------------------------------------------
+    def serve(self, load_config=None) -> None:
+        """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration file."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_wanted.set())
+        log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
+        try:
+            while not self.stop_event.wait(0.1):
+                if self.reload_wanted.is_set():
+                    self.reload_wanted.clear()
+                    if load_config is None:
+                        log.info("SIGHUP: no configuration file to re-read")
+                        continue
+                    try:
+                        self.reload(load_config())
+                    except ConfigError as e:
+                        log.error("reload refused, keeping the running fans: %s", e)
+        finally:
+            log.info("stopping")
+            self.stop()
+            log.info("stopped; everything fanpkt created is removed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import _Parser
+    p = _Parser(prog="fanpkt-forward",
+                description="Forward Fan overlay traffic over IPIP, in userspace.",
+                epilog="Forms: fanpkt-forward -o 241.0.0.0/8 -u 172.16.3.4/16 [flags]; "
+                       "fanpkt-forward 241.0.0.0/8 172.16.3.4/16 [flags]; "
+                       "fanpkt-forward -c /etc/network/fan. Flags: dhcp, host-reserve N, "
+                       "bridge NAME, nat, off.")
+    p.add_argument("-o", "--overlay")
+    p.add_argument("-u", "--underlay")
+    p.add_argument("-c", "--config", help="a file in /etc/network/fan format")
+    p.add_argument("--no-spoof-check", action="store_true",
+                   help="accept IPIP whose inner source is not the sender's slice "
+                        "(as the original kernel does)")
+    p.add_argument("--run-dir", help="state directory (default: per network namespace)")
+    p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form and flags")
+    p.set_defaults(func=run_forward)
+    return p
+
+
+def run_forward(args) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="fanpkt-forward: %(message)s")
+    resolver = KernelResolver()
+    load = None
+    if args.config:
+        if args.overlay or args.underlay or args.words:
+            raise ConfigError("-c takes no map on the command line as well")
+        path = args.config
+        load = lambda: parse_file(path, resolver)  # noqa: E731
+        specs = load()
+    elif args.overlay or args.underlay:
+        if not (args.overlay and args.underlay):
+            raise ConfigError("give both -o OVERLAY and -u UNDERLAY")
+        specs = [make_spec(args.overlay, args.underlay, args.words, resolver)]
+    elif len(args.words) >= 2:
+        specs = [make_spec(args.words[0], args.words[1], args.words[2:], resolver)]
+    else:
+        raise ConfigError("no fan given: use -o OVERLAY -u UNDERLAY, OVERLAY UNDERLAY, "
+                          "or -c /etc/network/fan")
+    check_table(specs)
+    fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
+                    config_path=args.config)
+    fwd.start()
+    fwd.serve(load)
+    return 0

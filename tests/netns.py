@@ -1,0 +1,104 @@
+"""Network namespaces for data-path tests: hosts on a shared underlay bridge, forwarders
+started in them, and cleanup that always runs. Names carry a per-test prefix."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+FANPKT = [sys.executable, "-m", "fanpkt.cli"]
+FORWARD = [sys.executable, "-c", "import sys; from fanpkt.cli import forward_main; "
+           "sys.exit(forward_main())"]
+
+
+def sh(*cmd, check=True, timeout=60, **kw):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+def nsx(ns, *cmd, **kw):
+    return sh("ip", "netns", "exec", ns, *cmd, **kw)
+
+
+class Lab:
+    """An underlay 172.16.0.0/16: a switch namespace with a bridge, hosts on veths."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.switch = f"{prefix}sw"
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[str, str] = {}
+        self._add_ns(self.switch)
+        nsx(self.switch, "ip", "link", "add", "br0", "type", "bridge")
+        nsx(self.switch, "ip", "link", "set", "br0", "up")
+        nsx(self.switch, "ip", "link", "set", "lo", "up")
+
+    def _add_ns(self, name):
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+
+    def host(self, name: str, addr: str, mtu: int = 1500) -> str:
+        ns = f"{self.prefix}{name}"
+        self._add_ns(ns)
+        port = f"p{len(self.namespaces)}"
+        sh("ip", "link", "add", "eth0", "netns", ns, "mtu", str(mtu), "type", "veth",
+           "peer", "name", port, "netns", self.switch, "mtu", str(mtu))
+        nsx(self.switch, "ip", "link", "set", port, "master", "br0", "up")
+        nsx(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
+        nsx(ns, "ip", "link", "set", "eth0", "up")
+        nsx(ns, "ip", "link", "set", "lo", "up")
+        return ns
+
+    def forward(self, ns: str, *args, wait=True) -> subprocess.Popen:
+        log = f"/tmp/{ns}-fwd.log"
+        f = open(log, "w")
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *FORWARD, *args], stdout=f,
+                             stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        self.logs[ns] = log
+        if wait:
+            self.wait_ready(ns, p)
+        return p
+
+    def wait_ready(self, ns, p, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise AssertionError(f"forwarder in {ns} exited {p.returncode}: "
+                                     f"{open(self.logs[ns]).read()}")
+            r = nsx(ns, *FANPKT, "show", check=False)
+            if r.returncode == 0 and len(r.stdout.splitlines()) > 1:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"forwarder in {ns} not ready: {open(self.logs[ns]).read()}")
+
+    def stats(self, ns) -> dict:
+        import json
+        return json.loads(nsx(ns, *FANPKT, "stats", "--json").stdout)["total"]
+
+    def stop(self, p: subprocess.Popen, sig=signal.SIGTERM, timeout=10) -> int:
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode
+
+    def close(self):
+        for p in self.procs:
+            self.stop(p, timeout=5)
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        for ns in self.namespaces:
+            shutil.rmtree(f"/run/fanpkt", ignore_errors=True) if False else None
+
+
+def require_root():
+    if os.geteuid() != 0:
+        raise AssertionError("data-path tests need root (CI runs as root)")

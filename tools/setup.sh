@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what fanpkt needs on a fresh Debian/Ubuntu machine and builds it in place.
+# Idempotent. FANPKT_DEBUG=1 builds the debug variant (bounds checks, -O0 -g).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then echo "tools/setup.sh: run as root (apt-get, netns)" >&2; exit 3; fi
+missing=""
+for cmd in ip nft iperf3 ping gcc; do command -v "$cmd" >/dev/null || missing=1; done
+if [ -n "$missing" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq iproute2 nftables iperf3 iputils-ping procps gcc python3-dev \
+    >/dev/null
+fi
+python3 -m pip install -q --upgrade pip 2>&1 | grep -v "Running pip as the 'root'" || true
+python3 -m pip install -q -e '.[test]' 2>&1 | grep -v "Running pip as the 'root'" || true
+python3 -c "import fanpkt.native" # one line if the compiled core did not build

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up (tools/setup.sh) and runs the whole test suite, on the release build and again
+# on the FANPKT_DEBUG=1 build (bounds checks). Needs root: the data-path tests create
+# network namespaces, TUN devices and raw sockets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+echo "== tests, release build"
+python3 -m pytest -q tests "$@"
+echo "== tests, FANPKT_DEBUG=1 build"
+FANPKT_DEBUG=1 bash tools/setup.sh
+python3 -m pytest -q tests "$@"
+bash tools/setup.sh     # leave the release build installed
