@@ -32,6 +32,20 @@ IPIP_OVERHEAD = 20
 MAX_FANS = 16
 
 
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+
+
+def has_net_caps() -> bool:
+    """Effective CAP_NET_ADMIN and CAP_NET_RAW: what TUN, routes and raw sockets need
+    (root normally has them; a container or setpriv may have taken them away)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+                return all(eff >> c & 1 for c in (CAP_NET_ADMIN, CAP_NET_RAW))
+    return os.geteuid() == 0
+
+
 @dataclass
 class Fan:
     spec: FanSpec
@@ -68,7 +82,7 @@ class Forwarder:
 
     # -- bring up ----------------------------------------------------------------------
     def start(self) -> None:
-        if os.geteuid() != 0:
+        if not has_net_caps():
             raise PrivilegeError("fanpkt-forward must run as root: it creates TUN devices, "
                                  "routes and raw sockets (CAP_NET_ADMIN, CAP_NET_RAW)")
         check_tun_available()

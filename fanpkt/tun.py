@@ -23,14 +23,21 @@ def link_index(ipr: IPRoute, name: str) -> int | None:
     return idx[0] if idx else None
 
 
-def _no_ipv6(name: str) -> None:
-    """fanpkt carries IPv4 only: without this, router solicitations and MLD reports from
-    the kernel itself would show up as drop_tx_not_ipv4."""
+def _sysctl(path: str, value: str) -> None:
     try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-            f.write("1")
+        with open(path, "w") as f:
+            f.write(value)
     except OSError:
-        pass                # no IPv6 in this kernel: nothing to silence
+        pass                # e.g. no IPv6 in this kernel: nothing to set
+
+
+def _tune(name: str) -> None:
+    # IPv4 only: otherwise the kernel's own router solicitations and MLD reports would
+    # show up as drop_tx_not_ipv4.
+    _sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+    # fanpkt writes back packets whose source is this host's own overlay address (its ICMP
+    # "fragmentation needed", local deliveries): without accept_local they are martians.
+    _sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1")
 
 
 class Tun:
@@ -50,7 +57,7 @@ class Tun:
         self.name = name
         self.fd = self.dev.fileno()
         os.set_blocking(self.fd, False)
-        _no_ipv6(name)
+        _tune(name)
         with IPRoute() as ipr:
             self.index = link_index(ipr, name)
             ipr.link("set", index=self.index, mtu=mtu, txqlen=TXQUEUELEN, state="up")

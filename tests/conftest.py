@@ -24,3 +24,18 @@ def impl_factory(request):
 @pytest.fixture
 def impl(impl_factory):
     return impl_factory(classic_maps())
+
+
+@pytest.fixture
+def lab(request):
+    """A fresh underlay for one test; namespaces and forwarders always removed after."""
+    import zlib
+
+    from netns import Lab, require_root
+    require_root()
+    tag = zlib.crc32(request.node.nodeid.encode()) % 100000
+    lab = Lab(f"fpt{tag}-")
+    try:
+        yield lab
+    finally:
+        lab.close()

@@ -1,0 +1,301 @@
+"""fanpkt-forward end to end: real namespaces, veths, TUN devices and raw sockets.
+
+Each test builds its own underlay (172.16.0.0/16 on a bridge in a switch namespace), starts
+forwarders as operators do, and checks what arrives with ordinary tools and sockets.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from netns import FANPKT, FORWARD, nsx, sh
+
+TRAFFIC = [sys.executable, os.path.join(os.path.dirname(__file__), "traffic.py")]
+FAN = ["-o", "241.0.0.0/8"]
+
+
+def two_hosts(lab, *extra):
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    p1 = lab.forward(h1, *FAN, "-u", "172.16.1.1/16", *extra)
+    p2 = lab.forward(h2, *FAN, "-u", "172.16.2.1/16", *extra)
+    return h1, h2, p1, p2
+
+
+def ping(ns, dst, *args, count=3):
+    return nsx(ns, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", *args, dst,
+               check=False)
+
+
+def start(ns, *args) -> subprocess.Popen:
+    p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "listening", p.stderr.read()
+    return p
+
+
+def tcp_transfer(src_ns, dst_ns, dst_addr, nbytes, port=5001):
+    sink = start(dst_ns, *TRAFFIC, "tcp-sink", str(port))
+    try:
+        sent = nsx(src_ns, *TRAFFIC, "tcp-send", dst_addr, str(port), str(nbytes),
+                   timeout=300).stdout.split()
+        got = sink.communicate(timeout=60)[0].split()
+    finally:
+        sink.kill()
+    return sent, got
+
+
+def test_two_hosts_ping_tcp_udp(lab):
+    h1, h2, _, _ = two_hosts(lab)
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert ping(h2, "241.1.1.1").returncode == 0
+    sent, got = tcp_transfer(h1, h2, "241.2.1.1", 64 << 20)
+    assert sent == got and int(got[0]) == 64 << 20
+    echo = start(h2, *TRAFFIC, "udp-echo", "7007")
+    try:
+        out = nsx(h1, *TRAFFIC, "udp-sizes", "241.2.1.1", "7007", "1452", timeout=300)
+    finally:
+        echo.kill()
+    assert out.stdout.split() == ["1452", "1", "1452"]     # every size 1..MTU-28
+    s1, s2 = lab.stats(h1), lab.stats(h2)
+    assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
+    assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
+
+
+def test_eight_hosts_full_mesh_one_route(lab):
+    hosts = [(lab.host(f"h{i}", f"172.16.{i}.{i}"), f"172.16.{i}.{i}") for i in range(1, 9)]
+    for ns, addr in hosts:
+        lab.forward(ns, *FAN, "-u", f"{addr}/16")
+    for ns, addr in hosts:
+        routes = nsx(ns, "ip", "-4", "route", "show").stdout.splitlines()
+        overlay = [r for r in routes if r.startswith("241.")]
+        assert overlay == [f"241.0.0.0/8 dev fan-241 proto static scope link src "
+                           f"241.{addr.split('.')[2]}.{addr.split('.')[3]}.1"] or \
+            len(overlay) == 1, routes
+        assert nsx(ns, "ip", "neigh", "show", "dev", "fan-241").stdout == ""
+    for ns, _ in hosts:
+        for _, addr in hosts:
+            _, _, c, d = addr.split(".")
+            assert ping(ns, f"241.{c}.{d}.1", count=1).returncode == 0, (ns, addr)
+
+
+def container(lab, host_ns, name, addr, gw, plen=24):
+    """A namespace on the host's fan bridge, as Docker -b / LXD would attach it."""
+    cns = f"{lab.prefix}{name}"
+    sh("ip", "netns", "add", cns)
+    lab.namespaces.append(cns)
+    sh("ip", "link", "add", "eth0", "netns", cns, "mtu", "1480", "type", "veth", "peer",
+       "name", f"v{name}", "netns", host_ns, "mtu", "1480")
+    nsx(host_ns, "ip", "link", "set", f"v{name}", "master", "fanbr", "up")
+    nsx(cns, "ip", "addr", "add", f"{addr}/{plen}", "dev", "eth0")
+    nsx(cns, "ip", "link", "set", "eth0", "up")
+    nsx(cns, "ip", "link", "set", "lo", "up")
+    nsx(cns, "ip", "route", "add", "default", "via", gw)
+    return cns
+
+
+def test_containers_across_hosts(lab):
+    h1, h2, _, _ = two_hosts(lab, "bridge", "fanbr")
+    assert "241.1.1.1/24" in nsx(h1, "ip", "-4", "addr", "show", "fanbr").stdout
+    c1 = container(lab, h1, "c1", "241.1.1.10", "241.1.1.1")
+    c2 = container(lab, h2, "c2", "241.2.1.20", "241.2.1.1")
+    assert ping(c1, "241.2.1.20").returncode == 0
+    sent, got = tcp_transfer(c1, c2, "241.2.1.20", 8 << 20)
+    assert sent == got
+
+
+def test_multiple_fans_one_process(lab, tmp_path):
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    for ns, addr in ((h1, "172.16.1.1"), (h2, "172.16.2.1")):
+        conf = tmp_path / f"fan-{ns}"
+        conf.write_text(f"241.0.0.0/8 {addr}/16\n10.0.0.0/8 {addr}/16\n250 {addr}/16 off\n")
+        lab.forward(ns, "-c", str(conf))
+    show = nsx(h1, *FANPKT, "show").stdout.splitlines()
+    assert show[0].split() == ["Bridge", "Underlay", "Overlay", "Flags"] and len(show) == 3
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert ping(h1, "10.2.1.1").returncode == 0
+    assert nsx(h1, "ip", "link", "show", "fan-250", check=False).returncode != 0
+
+
+SCAPY_SEND = ("import sys; from scapy.all import IP, ICMP, send; "
+              "o, i, d = sys.argv[1:4]; "
+              "send(IP(src=o, dst=d)/IP(src=i, dst='241.2.1.1')/ICMP(id=77), count=5, "
+              "verbose=0)")
+
+
+def hostile(lab, evil, outer_src, inner_src, dst="172.16.2.1"):
+    nsx(evil, sys.executable, "-c", SCAPY_SEND, outer_src, inner_src, dst)
+
+
+def count_prot_unreach(lab, ns):
+    """A test-owned nft counter after the output hook: what really leaves the host."""
+    out = nsx(ns, "nft", "list", "table", "ip", "fptest").stdout
+    return int(out.split("packets ")[1].split()[0])
+
+
+def watch_prot_unreach(ns):
+    nsx(ns, "nft", "-f", "-", input="table ip fptest {\n chain post {\n  type filter hook "
+        "postrouting priority 300; policy accept;\n  icmp type destination-unreachable "
+        "icmp code prot-unreachable counter\n }\n}\n")
+
+
+@pytest.mark.parametrize("spoof_check", [True, False])
+def test_hostile_traffic(lab, spoof_check):
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    evil = lab.host("evil", "172.16.9.9")
+    nsx(evil, "ip", "addr", "add", "10.99.0.1/8", "dev", "eth0")
+    watch_prot_unreach(h2)
+    hostile(lab, evil, "172.16.9.9", "241.9.9.1")       # no fanpkt yet: kernel answers
+    time.sleep(0.5)
+    assert count_prot_unreach(lab, h2) > 0               # the watcher does see them
+    before = count_prot_unreach(lab, h2)
+    extra = [] if spoof_check else ["--no-spoof-check"]
+    lab.forward(h1, *FAN, "-u", "172.16.1.1/16")
+    lab.forward(h2, *FAN, "-u", "172.16.2.1/16", *extra)
+    hostile(lab, evil, "172.16.9.9", "241.1.1.1")        # h1's slice, from evil's address
+    hostile(lab, evil, "10.99.0.1", "241.9.9.1")         # outside the underlay
+    time.sleep(0.5)
+    s = lab.stats(h2)
+    assert s["drop_rx_src_not_underlay"] == 5
+    if spoof_check:
+        assert s["drop_rx_spoofed_src"] == 5 and s["rx_packets"] == 0
+    else:
+        assert s["drop_rx_spoofed_src"] == 0 and s["rx_packets"] == 5
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert count_prot_unreach(lab, h2) == before         # none left while fanpkt ran
+
+
+def test_path_mtu(lab):
+    h1, h2, _, _ = two_hosts(lab)
+    assert ping(h1, "241.2.1.1", "-M", "do", "-s", "1452", count=2).returncode == 0
+    r = ping(h1, "241.2.1.1", "-M", "do", "-s", "1453", count=1)
+    assert r.returncode != 0 and "mtu=1480" in (r.stdout + r.stderr).replace(" ", "")
+    # fanpkt's own answer: with the TUN MTU raised, the oversize packet reaches fanpkt
+    nsx(h1, "ip", "link", "set", "fan-241", "mtu", "1500")
+    r = ping(h1, "241.2.1.1", "-M", "do", "-s", "1453", count=1)
+    assert "Frag needed and DF set (mtu = 1480)" in r.stdout, r.stdout + r.stderr
+    assert lab.stats(h1)["tx_icmp_frag_needed"] >= 1
+
+
+def test_kill9_restart_resumes(lab):
+    h1, h2, p1, _ = two_hosts(lab, "bridge", "fanbr")
+    flood = subprocess.Popen(["ip", "netns", "exec", h1, "ping", "-f", "-w", "3",
+                              "241.2.1.1"], stdout=subprocess.DEVNULL)
+    time.sleep(1)
+    p1.kill()
+    p1.wait()
+    flood.wait()
+    assert nsx(h1, "ip", "link", "show", "fanbr", check=False).returncode == 0  # leftover
+    lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "bridge", "fanbr")
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert "cleaning up after an earlier run" in open(lab.logs[h1]).read()
+
+
+def test_sighup_adds_and_removes(lab, tmp_path):
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    confs = {}
+    for ns, addr in ((h1, "172.16.1.1"), (h2, "172.16.2.1")):
+        confs[ns] = tmp_path / ns
+        confs[ns].write_text(f"241.0.0.0/8 {addr}/16\n")
+        lab.forward(ns, "-c", str(confs[ns]))
+    procs = dict(zip((h1, h2), lab.procs))
+    flood = subprocess.Popen(["ip", "netns", "exec", h1, "ping", "-n", "-i", "0.01", "-c",
+                              "300", "241.2.1.1"], stdout=subprocess.PIPE, text=True)
+    for ns, addr in ((h1, "172.16.1.1"), (h2, "172.16.2.1")):
+        confs[ns].write_text(f"241.0.0.0/8 {addr}/16\n10.0.0.0/8 {addr}/16\n")
+        procs[ns].send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while ping(h1, "10.2.1.1", count=1).returncode and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ping(h1, "10.2.1.1").returncode == 0
+    out = flood.communicate(timeout=30)[0]
+    assert " 0% packet loss" in out, out                 # unchanged fan kept forwarding
+    confs[h1].write_text("10.0.0.0/8 172.16.1.1/16\n")
+    procs[h1].send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while nsx(h1, "ip", "link", "show", "fan-241", check=False).returncode == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert ping(h1, "10.2.1.1").returncode == 0
+
+
+def test_clean_stop_leaves_nothing(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    before = {c: nsx(h1, *c.split()).stdout for c in
+              ("ip -4 addr", "ip -4 route", "ip link", "nft list ruleset")}
+    fwd_before = nsx(h1, "sysctl", "-n", "net.ipv4.ip_forward").stdout
+    p = lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "bridge", "fanbr", "nat")
+    assert "snat to 172.16.1.1" in nsx(h1, "nft", "list", "ruleset").stdout
+    t0 = time.monotonic()
+    assert lab.stop(p) == 0
+    assert time.monotonic() - t0 < 1.5
+    for c, text in before.items():
+        assert nsx(h1, *c.split()).stdout == text, c
+    assert nsx(h1, "sysctl", "-n", "net.ipv4.ip_forward").stdout == fwd_before
+    assert nsx(h1, *FANPKT, "show", check=False).returncode == 6
+
+
+def forward_once(ns, *args, timeout=20):
+    return nsx(ns, *FORWARD, *args, check=False, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,status,message", [
+    (["-o", "241.0.0.0/8", "-u", "172.16.7.7/16"], 5, "not configured on this host"),
+    (["-o", "241.0.0.0/8", "-u", "172.16.1.1/16", "bogus"], 2, "unknown flag 'bogus'"),
+    (["-o", "241.1.0.0/8", "-u", "172.16.1.1/16"], 2, "not a network address"),
+    (["-o", "241.0.0.0/8"], 2, "give both"),
+    ([], 2, "no fan given"),
+])
+def test_errors(lab, args, status, message):
+    h1 = lab.host("h1", "172.16.1.1")
+    r = forward_once(h1, *args)
+    assert r.returncode == status, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert "fan-241" not in nsx(h1, "ip", "link").stdout
+
+
+def test_error_config_file(lab, tmp_path):
+    h1 = lab.host("h1", "172.16.1.1")
+    conf = tmp_path / "fan"
+    conf.write_text("241.0.0.0/8 172.16.1.1/16\n241.128.0.0/9 172.16.1.1/16\n")
+    r = forward_once(h1, "-c", str(conf))
+    assert r.returncode == 2 and f"{conf}:2: overlay 241.128.0.0/9 overlaps" in r.stderr
+
+
+def test_error_device_taken(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    nsx(h1, "ip", "link", "add", "fan-241", "type", "bridge")
+    r = forward_once(h1, *FAN, "-u", "172.16.1.1/16")
+    assert r.returncode == 4 and "device fan-241 already exists" in r.stderr
+    assert nsx(h1, *FANPKT, "show", check=False).returncode == 6
+
+
+def test_error_not_root(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    r = nsx(h1, "setpriv", "--bounding-set=-net_admin,-net_raw", "--inh-caps=-all",
+            *FORWARD, *FAN, "-u", "172.16.1.1/16", check=False)
+    assert r.returncode == 3 and "must run as root" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_error_no_dev_net_tun(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    script = "mount -t tmpfs none /dev/net && exec \"$@\""
+    r = nsx(h1, "unshare", "-m", "sh", "-c", script, "sh", *FORWARD, *FAN, "-u",
+            "172.16.1.1/16", check=False)
+    assert r.returncode == 4 and "/dev/net/tun does not exist" in r.stderr
+
+
+def test_error_already_running(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    lab.forward(h1, *FAN, "-u", "172.16.1.1/16")
+    r = forward_once(h1, "-o", "10.0.0.0/8", "-u", "172.16.1.1/16")
+    assert r.returncode == 7 and "already running" in r.stderr
+    assert ping(h1, "241.1.1.1", count=1).returncode == 0
