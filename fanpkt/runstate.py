@@ -72,7 +72,10 @@ class RunState:
         os.replace(tmp, self.file("state.json"))
 
     def release(self) -> None:
-        for name in ("state.json", "counters"):
+        """Remove everything published; the lock goes last, while still held."""
+        if self.lock_fd is None:
+            return
+        for name in ("state.json", "counters", "lock"):
             try:
                 os.unlink(self.file(name))
             except FileNotFoundError:
@@ -83,9 +86,12 @@ class RunState:
                 self._mm.close()
             except BufferError:
                 pass
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
+        os.close(self.lock_fd)
+        self.lock_fd = None
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
 
     # -- the readers' side -------------------------------------------------------------
     def _read_json(self, name: str, default):

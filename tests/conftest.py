@@ -1,7 +1,12 @@
 """Shared fixtures. Kernel-resource fixtures (namespaces, veth, TUN) live in netns.py."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
 from fanpkt.fanmap import FanMap
 
@@ -31,7 +36,7 @@ def lab(request):
     """A fresh underlay for one test; namespaces and forwarders always removed after."""
     import zlib
 
-    from netns import Lab, require_root
+    from lab import Lab, require_root
     require_root()
     tag = zlib.crc32(request.node.nodeid.encode()) % 100000
     lab = Lab(f"fpt{tag}-")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from netns import FANPKT, FORWARD, nsx, sh
+from lab import FANPKT, FORWARD, nsx, sh
 
 TRAFFIC = [sys.executable, os.path.join(os.path.dirname(__file__), "traffic.py")]
 FAN = ["-o", "241.0.0.0/8"]
@@ -84,26 +84,11 @@ def test_eight_hosts_full_mesh_one_route(lab):
             assert ping(ns, f"241.{c}.{d}.1", count=1).returncode == 0, (ns, addr)
 
 
-def container(lab, host_ns, name, addr, gw, plen=24):
-    """A namespace on the host's fan bridge, as Docker -b / LXD would attach it."""
-    cns = f"{lab.prefix}{name}"
-    sh("ip", "netns", "add", cns)
-    lab.namespaces.append(cns)
-    sh("ip", "link", "add", "eth0", "netns", cns, "mtu", "1480", "type", "veth", "peer",
-       "name", f"v{name}", "netns", host_ns, "mtu", "1480")
-    nsx(host_ns, "ip", "link", "set", f"v{name}", "master", "fanbr", "up")
-    nsx(cns, "ip", "addr", "add", f"{addr}/{plen}", "dev", "eth0")
-    nsx(cns, "ip", "link", "set", "eth0", "up")
-    nsx(cns, "ip", "link", "set", "lo", "up")
-    nsx(cns, "ip", "route", "add", "default", "via", gw)
-    return cns
-
-
 def test_containers_across_hosts(lab):
     h1, h2, _, _ = two_hosts(lab, "bridge", "fanbr")
     assert "241.1.1.1/24" in nsx(h1, "ip", "-4", "addr", "show", "fanbr").stdout
-    c1 = container(lab, h1, "c1", "241.1.1.10", "241.1.1.1")
-    c2 = container(lab, h2, "c2", "241.2.1.20", "241.2.1.1")
+    c1 = lab.container(h1, "c1", "241.1.1.10", "241.1.1.1")
+    c2 = lab.container(h2, "c2", "241.2.1.20", "241.2.1.1")
     assert ping(c1, "241.2.1.20").returncode == 0
     sent, got = tcp_transfer(c1, c2, "241.2.1.20", 8 << 20)
     assert sent == got

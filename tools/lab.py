@@ -1,9 +1,9 @@
-"""Network namespaces for data-path tests: hosts on a shared underlay bridge, forwarders
-started in them, and cleanup that always runs. Names carry a per-test prefix."""
+"""A lab of Fan hosts in network namespaces: an underlay bridge, hosts on veths,
+forwarders started in them, and cleanup that always runs. Names carry a caller's prefix.
+Used by the demo, the data-path tests and the end-to-end benchmark."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +54,7 @@ class Lab:
         return ns
 
     def forward(self, ns: str, *args, wait=True) -> subprocess.Popen:
-        log = f"/tmp/{ns}-fwd.log"
+        log = f"/tmp/{ns}-fwd.log"        # kept for a failing test to show
         f = open(log, "w")
         p = subprocess.Popen(["ip", "netns", "exec", ns, *FORWARD, *args], stdout=f,
                              stderr=subprocess.STDOUT)
@@ -90,13 +90,25 @@ class Lab:
                 p.wait()
         return p.returncode
 
+    def container(self, host_ns: str, name: str, addr: str, gw: str, bridge: str = "fanbr",
+                  plen: int = 24, mtu: int = 1480) -> str:
+        """A namespace on a host's fan bridge, as Docker -b or LXD would attach one."""
+        cns = f"{self.prefix}{name}"
+        self._add_ns(cns)
+        sh("ip", "link", "add", "eth0", "netns", cns, "mtu", str(mtu), "type", "veth",
+           "peer", "name", f"v{name}", "netns", host_ns, "mtu", str(mtu))
+        nsx(host_ns, "ip", "link", "set", f"v{name}", "master", bridge, "up")
+        nsx(cns, "ip", "addr", "add", f"{addr}/{plen}", "dev", "eth0")
+        nsx(cns, "ip", "link", "set", "eth0", "up")
+        nsx(cns, "ip", "link", "set", "lo", "up")
+        nsx(cns, "ip", "route", "add", "default", "via", gw)
+        return cns
+
     def close(self):
         for p in self.procs:
             self.stop(p, timeout=5)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
-        for ns in self.namespaces:
-            shutil.rmtree(f"/run/fanpkt", ignore_errors=True) if False else None
 
 
 def require_root():
