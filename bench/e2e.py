@@ -1,0 +1,183 @@
+"""End-to-end benchmark: the same two-host topology, measured in one run, for
+  veth    the underlay itself (the ceiling)
+  vxlan   the kernel's VXLAN overlay (the in-kernel reference)
+  fanpkt  fanpkt-forward
+  python  bench/pyforward.py: the same job in plain Python on the tests' oracle
+Metrics: single-stream TCP (iperf3, 5 s), 64-byte UDP delivered per second (iperf3, 3 s),
+ping RTT, and for the forwarders CPU time per packet of the sending host's transmit
+thread and the receiving host's receive thread (during the TCP test).
+
+    sudo python3 bench/e2e.py [--seconds 5] [--out bench/results]
+Writes e2e.json, e2e.md and e2e.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+from lab import Lab, nsx  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int, name: str) -> float:
+    """CPU seconds of the thread called `name` in process pid."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm == name:
+            fields = stat[stat.rindex(")") + 2:].split()
+            return (int(fields[11]) + int(fields[12])) / TICK
+    raise LookupError(f"no thread {name} in {pid}")
+
+
+def link_stats(ns: str, dev: str) -> dict:
+    return json.loads(nsx(ns, "ip", "-s", "-j", "link", "show", dev).stdout)[0]["stats64"]
+
+
+def iperf(ns, dst, *args, seconds):
+    out = nsx(ns, "iperf3", "-c", dst, "-J", "-t", str(seconds), *args, check=False,
+              timeout=seconds + 60).stdout
+    return json.loads(out)
+
+
+def measure(lab, h1, h2, dst, seconds, threads=None):
+    res = {}
+    server = subprocess.Popen(["ip", "netns", "exec", h2, "iperf3", "-s"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        if threads:
+            (pid1, tx_name), (pid2, rx_name) = threads
+            s1, s2 = link_stats(h1, "fan-241"), link_stats(h2, "fan-241")
+            c1, c2 = thread_cpu(pid1, tx_name), thread_cpu(pid2, rx_name)
+        tcp = iperf(h1, dst, seconds=seconds)
+        res["tcp_gbit"] = tcp["end"]["sum_received"]["bits_per_second"] / 1e9
+        res["tcp_retransmits"] = tcp["end"]["sum_sent"].get("retransmits")
+        if threads:
+            e1, e2 = link_stats(h1, "fan-241"), link_stats(h2, "fan-241")
+            tx_pk = e1["tx"]["packets"] - s1["tx"]["packets"]
+            rx_pk = e2["rx"]["packets"] - s2["rx"]["packets"]
+            res["tx_ns_per_packet"] = (thread_cpu(pid1, tx_name) - c1) / max(tx_pk, 1) * 1e9
+            res["rx_ns_per_packet"] = (thread_cpu(pid2, rx_name) - c2) / max(rx_pk, 1) * 1e9
+            res["tun_tx_dropped"] = e1["tx"]["dropped"] - s1["tx"]["dropped"]
+        udp = iperf(h1, dst, "-u", "-l", "64", "-b", "0", seconds=max(2, seconds - 2))
+        s = udp["end"]["sum"]
+        res["udp64_delivered_pps"] = (s["packets"] - s["lost_packets"]) / s["seconds"]
+        ping = nsx(h1, "ping", "-n", "-q", "-c", "50", "-i", "0.01", dst, check=False).stdout
+        res["ping_avg_ms"] = float(ping.rsplit("=", 1)[1].split("/")[1])
+    finally:
+        server.kill()
+        server.wait()
+    return res
+
+
+def run_mode(lab, h1, h2, mode, seconds):
+    if mode == "veth":
+        return measure(lab, h1, h2, "172.16.2.1", seconds)
+    if mode == "vxlan":
+        for ns, me, peer, ov in ((h1, "172.16.1.1", "172.16.2.1", "10.200.0.1"),
+                                 (h2, "172.16.2.1", "172.16.1.1", "10.200.0.2")):
+            nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "8472",
+                "local", me, "remote", peer, "dev", "eth0")
+            nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", "vx0")
+            nsx(ns, "ip", "link", "set", "vx0", "up")
+        try:
+            return measure(lab, h1, h2, "10.200.0.2", seconds)
+        finally:
+            for ns in (h1, h2):
+                nsx(ns, "ip", "link", "del", "vx0", check=False)
+    if mode == "fanpkt":
+        p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16")
+        p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16")
+        try:
+            return measure(lab, h1, h2, "241.2.1.1", seconds,
+                           ((p1.pid, "fanpkt-tx-241"), (p2.pid, "fanpkt-rx")))
+        finally:
+            lab.stop(p1)
+            lab.stop(p2)
+    if mode == "python":
+        procs = []
+        for ns, addr in ((h1, "172.16.1.1/16"), (h2, "172.16.2.1/16")):
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable,
+                                  os.path.join(HERE, "pyforward.py"), "241.0.0.0/8", addr],
+                                 stdout=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == "ready"
+            procs.append(p)
+        try:
+            return measure(lab, h1, h2, "241.2.1.1", seconds,
+                           ((procs[0].pid, "pyfwd-tx"), (procs[1].pid, "pyfwd-rx")))
+        finally:
+            for p in procs:
+                lab.stop(p)
+    raise ValueError(mode)
+
+
+def write_outputs(results, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "e2e.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    cols = [("tcp_gbit", "TCP Gbit/s", "{:.2f}"), ("udp64_delivered_pps", "UDP 64 B pkt/s",
+            "{:,.0f}"), ("ping_avg_ms", "ping ms", "{:.3f}"),
+            ("tx_ns_per_packet", "tx CPU ns/pkt", "{:.0f}"),
+            ("rx_ns_per_packet", "rx CPU ns/pkt", "{:.0f}"),
+            ("tun_tx_dropped", "TUN tx drops", "{}")]
+    lines = ["| mode | " + " | ".join(c[1] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for mode, r in results["modes"].items():
+        lines.append(f"| {mode} | " + " | ".join(
+            c[2].format(r[c[0]]) if r.get(c[0]) is not None else "–" for c in cols) + " |")
+    m = results["modes"]
+    if "fanpkt" in m and "python" in m:
+        lines.append("")
+        lines.append(f"fanpkt / python TCP: {m['fanpkt']['tcp_gbit'] / m['python']['tcp_gbit']:.1f}x; "
+                     f"fanpkt / vxlan TCP: {m['fanpkt']['tcp_gbit'] / m['vxlan']['tcp_gbit']:.2f}")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "e2e.md"), "w") as f:
+        f.write(md)
+    print(md)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(m)
+    axes[0].bar(names, [m[n]["tcp_gbit"] for n in names], color="tab:blue")
+    axes[0].set_title("single-stream TCP (Gbit/s)")
+    axes[1].bar(names, [m[n]["udp64_delivered_pps"] / 1e3 for n in names], color="tab:green")
+    axes[1].set_title("64-byte UDP delivered (kpkt/s)")
+    fig.suptitle(f"fanpkt end to end, {results['when']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "e2e.png"), dpi=90)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--modes", default="veth,vxlan,fanpkt,python")
+    args = ap.parse_args()
+    lab = Lab(f"fpbench{os.getpid() % 10000}-")
+    results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "modes": {}}
+    try:
+        h1 = lab.host("h1", "172.16.1.1")
+        h2 = lab.host("h2", "172.16.2.1")
+        for mode in args.modes.split(","):
+            print(f"measuring {mode} ...", flush=True)
+            results["modes"][mode] = run_mode(lab, h1, h2, mode, args.seconds)
+            print(f"  {results['modes'][mode]}", flush=True)
+    finally:
+        lab.close()
+    write_outputs(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
