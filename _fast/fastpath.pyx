@@ -8,8 +8,10 @@ Flow, in code order:
   decap_one   IPIP datagram from the raw socket -> outer checks -> source in an underlay?
               -> inner well-formed? -> destination in a local slice? -> anti-spoofing
               -> RFC 6040 ECN -> inner packet to the TUN
-  run_tx      poll(TUN) -> read up to BATCH packets -> encap_one each -> sendmmsg
-  run_rx      poll(socket) -> recvmmsg up to BATCH -> decap_one each -> write to the TUN
+  run_tx      read up to BATCH packets from the TUN -> encap_one each -> sendmmsg
+              (poll only when the TUN is empty)
+  run_rx      recvmmsg up to BATCH -> decap_one each -> write to the TUN
+              (poll only when the socket is empty)
 
 Each check that fails increments one counter and the loop moves on: nothing here raises,
 logs or touches a Python object per packet. The def functions at the end are thin wrappers
@@ -567,11 +569,6 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
-            pfd.fd = tun_fd
-            pfd.events = POLLIN
-            pfd.revents = 0
-            if poll(&pfd, 1, POLL_MS) <= 0:
-                continue
             n = 0
             while n < BATCH:
                 got = read(tun_fd, arena + <size_t>SLOT * n + HEADROOM, SLOT - HEADROOM)
@@ -581,6 +578,14 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
                     break           # EAGAIN: drained
                 lens[n] = <uint32_t>got
                 n += 1
+            if n == 0:
+                # Sleep only when the TUN is empty: under load the loop goes straight from
+                # one burst to the next without a poll() in between.
+                pfd.fd = tun_fd
+                pfd.events = POLLIN
+                pfd.revents = 0
+                poll(&pfd, 1, POLL_MS)
+                continue
             t = eng.table
             k = 0
             for i in range(n):
@@ -637,13 +642,12 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
-            pfd.fd = sock_fd
-            pfd.events = POLLIN
-            pfd.revents = 0
-            if poll(&pfd, 1, POLL_MS) <= 0:
-                continue
             got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:
+                pfd.fd = sock_fd    # empty (or EINTR): sleep until there is work
+                pfd.events = POLLIN
+                pfd.revents = 0
+                poll(&pfd, 1, POLL_MS)
                 continue
             t = eng.table
             for i in range(got):

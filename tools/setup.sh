@@ -12,6 +12,13 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq iproute2 nftables iperf3 iputils-ping procps gcc python3-dev \
     >/dev/null
 fi
-python3 -m pip install -q --upgrade pip 2>&1 | grep -v "Running pip as the 'root'" || true
-python3 -m pip install -q -e '.[test]' 2>&1 | grep -v "Running pip as the 'root'" || true
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# pip's build chatter goes to a log that is shown only when something fails
+if ! { python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e '.[test]'; } \
+    >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "tools/setup.sh: pip install failed (log above)" >&2
+  exit 1
+fi
 python3 -c "import fanpkt.native" # one line if the compiled core did not build
