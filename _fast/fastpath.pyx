@@ -248,7 +248,6 @@ cdef class Engine:
     """The active Fan table, as C structs, plus the loop-control words."""
     cdef fan_table *table
     cdef fan_table *retired
-    cdef public object maps_spec
 
     def __cinit__(self):
         self.table = <fan_table *>calloc(1, sizeof(fan_table))
@@ -303,7 +302,6 @@ cdef class Engine:
         free(self.retired)
         self.retired = self.table
         self.table = t
-        self.maps_spec = maps
 
     def retire(self):
         """Free the table replaced by the last load(); call once every loop has ticked."""
