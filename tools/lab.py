@@ -4,6 +4,7 @@ Used by the demo, the data-path tests and the end-to-end benchmark."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,11 @@ class Lab:
         for p in self.procs:
             self.stop(p, timeout=5)
         for ns in reversed(self.namespaces):
+            try:    # a forwarder killed with -9 leaves its state dir (keyed by netns inode)
+                ino = os.stat(f"/run/netns/{ns}").st_ino
+                shutil.rmtree(f"/run/fanpkt/net-{ino}", ignore_errors=True)
+            except OSError:
+                pass
             sh("ip", "netns", "del", ns, check=False)
 
 
