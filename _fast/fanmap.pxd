@@ -18,6 +18,7 @@ cdef struct fan_map:
     uint32_t shift              # u - o, always > 0 (validated in Python)
     uint32_t mtu                # underlay MTU
     int tun_fd                  # where decapsulated packets for this slice go (-1: none)
+    char ifname[16]             # underlay interface, asked for its MTU after EMSGSIZE
 
 cdef struct fan_table:
     int n

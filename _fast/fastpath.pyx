@@ -26,6 +26,7 @@ from linux cimport *
 from ipv4 cimport *
 from fanmap cimport *
 from icmp cimport *
+from offload cimport *
 
 import numpy as np
 
@@ -37,18 +38,22 @@ cpdef enum Counter:
     TX_BYTES                    # outer bytes sent
     TX_LOCAL                    # rule 4: delivered back to the TUN, no encapsulation
     TX_ICMP_FRAG_NEEDED         # rule 5: ICMP "fragmentation needed" written to the TUN
+    TX_TSO_SPLIT                # TCP superpackets read from the TUN and split into segments
     DROP_TX_NOT_IPV4            # rule 1
     DROP_TX_MALFORMED           # rule 1: an IPv4 header that does not hold together
     DROP_TX_NO_MAP              # rule 2
     DROP_TX_UNROUTABLE          # §2: underlay network or broadcast
     DROP_TX_LOCAL_UNUSED        # rule 4: local slice address not in use
-    DROP_TX_TOO_BIG             # rule 5
+    DROP_TX_TOO_BIG             # rule 5, or EMSGSIZE from the underlay socket
+    DROP_TX_BAD_OFFLOAD         # a virtio header we cannot honour (never from a sane kernel)
     DROP_TX_SEND_ERROR          # the underlay socket refused the packet
     DROP_TX_TUN_WRITE           # a local/ICMP packet could not be written back
     # receive (underlay -> overlay), spec §4 "Receive"
     RX_PACKETS                  # written to the TUN
     RX_BYTES                    # inner bytes written
     RX_ECN_CE                   # rule 6: inner marked CE from the outer header
+    RX_GRO_MERGED               # TCP segments appended to the previous one (TUN writes saved)
+    RX_KERNEL_GRO               # datagrams the underlay's own GRO had already merged
     DROP_RX_TRUNCATED           # rule 1: shorter than an IPv4 header
     DROP_RX_BAD_OUTER           # rule 1: version, IHL or lengths
     DROP_RX_NOT_IPIP            # rule 1: protocol is not 4
@@ -77,6 +82,7 @@ cdef enum:
     BATCH = 64                  # packets per read/send burst
     SLOT = 65536 + 64           # any IPv4 datagram, plus headroom
     POLL_MS = 200               # how long a stop or a table swap may wait for a loop
+    RX_NAP_NS = 50000           # pause after a short burst (see run_rx)
 
 cdef struct result:
     uint32_t dst                # encap: underlay destination (host order)
@@ -101,11 +107,13 @@ cdef inline int drop(uint64_t *c, result *r, Counter reason) noexcept nogil:
 
 
 cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t len,
-                   result *r, uint8_t *icmp_out, uint64_t *c) noexcept nogil:
+                   uint32_t wire, result *r, uint8_t *icmp_out, uint64_t *c) noexcept nogil:
     """Encapsulate the overlay packet pkt[0:len] (spec §4 transmit).
 
     pkt must have IPV4_HLEN writable bytes in front of it: the outer header goes there, so
-    the payload is never copied.
+    the payload is never copied. wire is the largest inner packet that will go out: 0 for
+    the packet itself, the first segment's size for a TSO superpacket (whose outer header
+    is then the template of every segment's).
     """
     cdef uint32_t ihl, tot, dst, under, frag
     cdef const fan_map *m
@@ -140,7 +148,9 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
             return VERDICT_LOCAL
         return drop(c, r, DROP_TX_LOCAL_UNUSED)
     frag = load16(pkt + IPV4_OFF_FRAG)
-    if len + IPV4_HLEN > m.mtu:
+    if wire == 0:
+        wire = len
+    if wire + IPV4_HLEN > m.mtu:
         # Without DF the sender allowed fragmentation, but a raw IP_HDRINCL socket will not
         # fragment for us; the TUN's MTU (underlay - 20) keeps such packets from arriving.
         inc(c, DROP_TX_TOO_BIG)
@@ -240,6 +250,379 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
 
 
 # ---------------------------------------------------------------------------------------
+# Transmit with TUN offloads. Every read from the TUN starts with a virtio_net_hdr; a TCP
+# superpacket (gso_type TCPV4) is split here into MSS-sized segments, each with its own
+# outer header. A segment is two iovecs: its headers, copied into the queue, and its
+# payload, left where read() put it.
+
+cdef enum:
+    TXQ = 128                   # segments queued per sendmmsg
+
+
+cdef struct txq:
+    const fan_table *t          # the table of the current batch
+    int sock_fd                 # raw IPIP socket; -1 in tests (the queue then never fills)
+    int tun_fd                  # where ICMP for EMSGSIZE goes
+    int n
+    int cap
+    uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
+    uint64_t *c
+    mmsghdr *msgs
+    iovec *iov                  # two per message: headers (or the whole packet), payload
+    sockaddr_in *addr
+    int *map_index
+    uint8_t *hdrs               # SEG_HDR_MAX bytes per message
+    uint8_t *icmp               # VNET_HLEN zero bytes, then an ICMP to write to the TUN
+    uint8_t *quote              # the inner packet of a refused message, gathered for ICMP
+
+
+cdef int txq_init(txq *q, int cap, int sock_fd, int tun_fd, uint64_t *c) noexcept nogil:
+    cdef int k
+    memset(q, 0, sizeof(txq))
+    q.cap = cap
+    q.sock_fd = sock_fd
+    q.tun_fd = tun_fd
+    q.c = c
+    q.msgs = <mmsghdr *>calloc(cap, sizeof(mmsghdr))
+    q.iov = <iovec *>calloc(2 * cap, sizeof(iovec))
+    q.addr = <sockaddr_in *>calloc(cap, sizeof(sockaddr_in))
+    q.map_index = <int *>calloc(cap, sizeof(int))
+    q.hdrs = <uint8_t *>malloc(<size_t>cap * SEG_HDR_MAX)
+    q.icmp = <uint8_t *>calloc(1, VNET_HLEN + ICMP_MAX_LEN)
+    q.quote = <uint8_t *>malloc(ICMP_QUOTE_MAX)
+    if (q.msgs == NULL or q.iov == NULL or q.addr == NULL or q.map_index == NULL
+            or q.hdrs == NULL or q.icmp == NULL or q.quote == NULL):
+        return -1
+    for k in range(cap):
+        q.addr[k].sin_family = AF_INET
+        q.msgs[k].msg_hdr.msg_name = &q.addr[k]
+        q.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        q.msgs[k].msg_hdr.msg_iov = &q.iov[2 * k]
+    return 0
+
+
+cdef void txq_release(txq *q) noexcept nogil:
+    free(q.msgs)
+    free(q.iov)
+    free(q.addr)
+    free(q.map_index)
+    free(q.hdrs)
+    free(q.icmp)
+    free(q.quote)
+    memset(q, 0, sizeof(txq))
+
+
+cdef uint8_t *txq_add(txq *q, int map_index, uint32_t dst, uint8_t *head, uint32_t head_len,
+                      uint8_t *body, uint32_t body_len) noexcept nogil:
+    """Queue one outer packet: head[0:head_len] then body[0:body_len]. head NULL means the
+    queue's own header slot, returned for the caller to fill."""
+    cdef int k
+    if q.n == q.cap:
+        txq_flush(q)
+    k = q.n
+    q.n += 1
+    if head == NULL:
+        head = q.hdrs + <size_t>k * SEG_HDR_MAX
+    q.addr[k].sin_addr.s_addr = htonl(dst)
+    q.map_index[k] = map_index
+    q.iov[2 * k].iov_base = head
+    q.iov[2 * k].iov_len = head_len
+    q.iov[2 * k + 1].iov_base = body
+    q.iov[2 * k + 1].iov_len = body_len
+    q.msgs[k].msg_hdr.msg_iovlen = 2 if body_len else 1
+    return head
+
+
+cdef void txq_flush(txq *q) noexcept nogil:
+    cdef int off = 0, sent, k
+    while off < q.n:
+        sent = sendmmsg(q.sock_fd, q.msgs + off, q.n - off, 0)
+        if sent < 0:
+            if errno == EINTR:
+                continue
+            # sendmmsg fails only on its first message: deal with that one, go on.
+            if errno == EMSGSIZE:
+                tx_refused_too_big(q, off)
+            else:
+                inc(q.c, DROP_TX_SEND_ERROR)
+            off += 1
+            continue
+        for k in range(off, off + sent):
+            add(q.c, TX_BYTES, q.iov[2 * k].iov_len + q.iov[2 * k + 1].iov_len)
+        add(q.c, TX_PACKETS, sent)
+        off += sent
+    q.n = 0
+
+
+cdef void tx_refused_too_big(txq *q, int k) noexcept nogil:
+    """EMSGSIZE: the underlay device's MTU is now smaller than the one the map was built
+    with (an operator lowered it). Tell the sender the MTU that fits today, as rule 5 does
+    for a packet that is too big for the map's MTU."""
+    cdef const fan_map *m = &q.t.maps[q.map_index[k]]
+    cdef iovec *v = &q.iov[2 * k]
+    cdef uint32_t head = <uint32_t>v[0].iov_len - IPV4_HLEN
+    cdef uint32_t n, more
+    cdef ifreq ifr
+    inc(q.c, DROP_TX_TOO_BIG)
+    # The inner packet's first bytes, from the header iovec and the payload iovec.
+    n = head if head < ICMP_QUOTE_MAX else ICMP_QUOTE_MAX
+    memcpy(q.quote, <uint8_t *>v[0].iov_base + IPV4_HLEN, n)
+    more = ICMP_QUOTE_MAX - n
+    if more > v[1].iov_len:
+        more = <uint32_t>v[1].iov_len
+    if more:
+        memcpy(q.quote + n, v[1].iov_base, more)
+    n += more
+    if not (load16(q.quote + IPV4_OFF_FRAG) & IPV4_FLAG_DF):
+        return
+    memset(&ifr, 0, sizeof(ifr))
+    memcpy(ifr.ifr_name, m.ifname, 16)
+    if ioctl(q.sock_fd, SIOCGIFMTU, &ifr) < 0 or ifr.ifr_mtu < 68 + IPV4_HLEN:
+        return
+    n = icmp_frag_needed(q.icmp + VNET_HLEN, q.quote, n, m.gateway,
+                         <uint16_t>(ifr.ifr_mtu - IPV4_HLEN), q.ip_id + 1)
+    if n == 0:
+        return
+    q.ip_id += 1
+    inc(q.c, TX_ICMP_FRAG_NEEDED)
+    if write(q.tun_fd, q.icmp, n + VNET_HLEN) < 0:
+        inc(q.c, DROP_TX_TUN_WRITE)
+
+
+cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil:
+    """One read from the TUN: the packet pkt[0:len], its virtio header in the VNET_HLEN
+    bytes in front, HEADROOM bytes of room in all. Queues what goes to the underlay and
+    returns the verdict; the caller writes back VERDICT_LOCAL (pkt - VNET_HLEN, as read)
+    and VERDICT_ICMP (q.icmp, VNET_HLEN + r.out_len)."""
+    cdef vnet_hdr h
+    cdef int v
+    memcpy(&h, pkt - VNET_HLEN, VNET_HLEN)     # the outer header will overwrite it
+    if h.gso_type != VNET_GSO_NONE:
+        return tx_tso(q, &h, pkt, len, r)
+    v = encap_one(q.t, &q.ip_id, pkt, len, 0, r, q.icmp + VNET_HLEN, q.c)
+    if v == VERDICT_SEND:
+        if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(pkt, r.out_len - IPV4_HLEN, &h):
+            return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+        txq_add(q, r.map_index, r.dst, pkt - IPV4_HLEN, r.out_len, NULL, 0)
+    return v
+
+
+cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
+                result *r) noexcept nogil:
+    """Split a TCP superpacket into segments as the kernel's tcp_gso_segment does: headers
+    copied, IP total length, ID (+1 per segment) and checksum set, TCP sequence advanced,
+    CWR kept on the first segment only, FIN and PSH on the last only, TCP checksum computed
+    in full. Routing, local delivery and the MTU check happen once, for the first segment."""
+    cdef uint32_t ihl, thl, hdrs, mss, off, n, seq, i = 0
+    cdef uint16_t id_in, id_out, c16
+    cdef uint8_t *o
+    cdef uint8_t *b
+    cdef uint8_t *ip
+    cdef uint8_t *tcp
+    cdef uint8_t flags, f
+    cdef int v
+    r.reason = -1
+    r.map_index = -1
+    mss = h.gso_size
+    if ((h.gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 or mss == 0 or len < IPV4_HLEN
+            or (pkt[0] >> 4) != 4):
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    ihl = (pkt[0] & 15) * 4
+    if ihl < IPV4_HLEN or load16(pkt + IPV4_OFF_TOT_LEN) != len:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    thl = tcp_header_len(pkt, len)
+    if thl == 0:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    hdrs = ihl + thl
+    n = len - hdrs
+    v = encap_one(q.t, &q.ip_id, pkt, len, hdrs + (mss if mss < n else n), r,
+                  q.icmp + VNET_HLEN, q.c)
+    if v != VERDICT_SEND:
+        return v
+    inc(q.c, TX_TSO_SPLIT)
+    o = pkt - IPV4_HLEN
+    id_out = load16(o + IPV4_OFF_ID)
+    id_in = load16(pkt + IPV4_OFF_ID)
+    seq = load32(pkt + ihl + TCP_OFF_SEQ)
+    flags = pkt[ihl + TCP_OFF_FLAGS]
+    off = hdrs
+    while off < len:
+        n = len - off
+        if n > mss:
+            n = mss
+        b = txq_add(q, r.map_index, r.dst, NULL, IPV4_HLEN + hdrs, pkt + off, n)
+        memcpy(b, o, IPV4_HLEN)
+        store16(b + IPV4_OFF_TOT_LEN, IPV4_HLEN + hdrs + n)
+        store16(b + IPV4_OFF_ID, <uint16_t>(id_out + i))
+        ipv4_set_header_csum(b, IPV4_HLEN)
+        ip = b + IPV4_HLEN
+        memcpy(ip, pkt, hdrs)
+        store16(ip + IPV4_OFF_TOT_LEN, hdrs + n)
+        store16(ip + IPV4_OFF_ID, <uint16_t>(id_in + i))
+        ipv4_set_header_csum(ip, ihl)
+        tcp = ip + ihl
+        store32(tcp + TCP_OFF_SEQ, seq + i * mss)
+        f = flags
+        if i:
+            f &= ~TCP_CWR
+        if off + n < len:
+            f &= ~(TCP_FIN | TCP_PSH)
+        tcp[TCP_OFF_FLAGS] = f
+        tcp[TCP_OFF_CSUM] = 0
+        tcp[TCP_OFF_CSUM + 1] = 0
+        c16 = csum_fold(acc_add(acc_add(pseudo_header(ip, IPPROTO_TCP_, thl + n),
+                                        csum_add(tcp, thl, 0)),
+                                csum_add(pkt + off, n, 0)))
+        memcpy(tcp + TCP_OFF_CSUM, &c16, 2)
+        off += n
+        i += 1
+    q.ip_id = <uint16_t>(id_out + i - 1)
+    return VERDICT_SEND
+
+
+# ---------------------------------------------------------------------------------------
+# Receive with TUN offloads: consecutive TCP segments of one flow in a batch are appended
+# to the first (GRO) and written as one superpacket, which the kernel takes as already
+# checksummed (NEEDS_CSUM) - so every segment's TCP checksum is verified before it is
+# merged. Only the newest superpacket of a flow takes more, so a flow's order is kept.
+
+cdef enum:
+    GRO_SCAN = 8                # how far back a segment looks for its flow
+
+cdef struct rx_out:
+    uint8_t *pkt                # inner packet; VNET_HLEN free bytes in front of it
+    uint32_t len
+    int map_index
+    uint32_t segs               # underlay packets in it
+    uint32_t bytes              # their inner bytes
+    uint32_t gso_size           # payload of the first segment
+    uint32_t thl                # TCP header length; 0: not a GRO candidate
+    bint open                   # may take more segments
+    bint csum_ok                # the first segment's TCP checksum was verified
+    bint kernel_gro             # merged by the underlay's GRO before we saw it
+
+
+cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept nogil:
+    """Append segment p (same flow as o) to o if it continues it; False if it must start
+    a superpacket of its own."""
+    cdef uint32_t pay = len - IPV4_HLEN - thl
+    cdef uint32_t have = o.len - IPV4_HLEN - o.thl
+    cdef uint8_t flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
+    if not o.open or pay > o.gso_size or o.len + pay > 0xffff:
+        return False
+    if load32(p + IPV4_HLEN + TCP_OFF_SEQ) != load32(o.pkt + IPV4_HLEN + TCP_OFF_SEQ) + have:
+        return False
+    if not o.csum_ok:
+        if not tcp_csum_ok(o.pkt, IPV4_HLEN, o.len):
+            o.open = False
+            return False
+        o.csum_ok = True
+    if not tcp_csum_ok(p, IPV4_HLEN, len):
+        return False
+    memcpy(o.pkt + o.len, p + IPV4_HLEN + thl, pay)
+    o.len += pay
+    o.segs += 1
+    o.bytes += len
+    if flags & TCP_PSH:
+        o.pkt[IPV4_HLEN + TCP_OFF_FLAGS] |= TCP_PSH
+        o.open = False          # PSH ends a superpacket, as the kernel's GRO does
+    if pay < o.gso_size:
+        o.open = False          # only the last segment may be short
+    return True
+
+
+cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
+                   uint32_t mtu) noexcept nogil:
+    """Add a decapsulated packet to the batch's outputs: merged into its flow's newest
+    superpacket, or as a new output. mtu is the map's underlay MTU. Returns the new number
+    of outputs."""
+    cdef uint32_t thl = 0, seg_max
+    cdef uint8_t flags
+    cdef rx_out *o
+    cdef int k
+    cdef bint kernel_gro = False
+    if p[0] == 0x45:
+        thl = tcp_header_len(p, len)
+    if thl:
+        # Longer than any one segment from a peer with our MTU: the underlay NIC's GRO
+        # merged it (the kernel's IPIP GRO is built in, module or not), verifying every
+        # segment's checksum and leaving the pseudo-header sum in the TCP checksum field
+        # (tcp4_gro_complete). Written as the superpacket it is; segments are seg_max long.
+        seg_max = mtu - 2 * IPV4_HLEN - thl if mtu > 2 * IPV4_HLEN + thl else 1
+        if len - IPV4_HLEN - thl > seg_max and tcp_csum_is_partial(p, len):
+            kernel_gro = True
+        else:
+            # Candidates: DF, and only ACK (PSH) set: SYN, FIN, RST, URG, CWR, ECE never.
+            flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
+            if not (load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) or (
+                    flags != TCP_ACK and flags != (TCP_ACK | TCP_PSH)):
+                thl = 0
+    if thl and not kernel_gro:
+        k = n - 1
+        while k >= 0 and k >= n - GRO_SCAN:
+            o = &outs[k]
+            if (o.thl == thl and o.map_index == map_index
+                    and gro_same_flow(o.pkt, p, thl)):
+                if gro_append(o, p, len, thl):
+                    return n
+                break
+            k -= 1
+    o = &outs[n]
+    o.pkt = p
+    o.len = len
+    o.map_index = map_index
+    o.segs = 1
+    o.bytes = len
+    o.thl = thl
+    o.gso_size = seg_max if kernel_gro else len - IPV4_HLEN - thl
+    o.open = thl != 0 and not kernel_gro and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)
+    o.csum_ok = False
+    o.kernel_gro = kernel_gro
+    return n + 1
+
+
+cdef void rx_finish(rx_out *o) noexcept nogil:
+    """Put the virtio header in front of an output; a superpacket also gets its IP total
+    length, header checksum and, in the TCP checksum field, the pseudo-header sum the
+    kernel completes (NEEDS_CSUM) if it ever splits the superpacket again."""
+    cdef vnet_hdr h
+    cdef uint16_t c16
+    memset(&h, 0, sizeof(h))
+    if o.segs > 1:
+        store16(o.pkt + IPV4_OFF_TOT_LEN, o.len)
+        ipv4_set_header_csum(o.pkt, IPV4_HLEN)
+        c16 = ~csum_fold(pseudo_header(o.pkt, IPPROTO_TCP_, o.len - IPV4_HLEN))
+        memcpy(o.pkt + IPV4_HLEN + TCP_OFF_CSUM, &c16, 2)
+    if o.segs > 1 or o.kernel_gro:
+        h.flags = VNET_F_NEEDS_CSUM
+        h.gso_type = VNET_GSO_TCPV4
+        h.hdr_len = IPV4_HLEN + o.thl
+        h.gso_size = o.gso_size
+        h.csum_start = IPV4_HLEN
+        h.csum_offset = TCP_OFF_CSUM
+    memcpy(o.pkt - VNET_HLEN, &h, VNET_HLEN)
+
+
+cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int got,
+                  rx_out *outs, uint64_t *c) noexcept nogil:
+    """Decapsulate got datagrams (SLOT apart in arena) and gather what is delivered into
+    outs, each finished and ready to write. Returns the number of outputs."""
+    cdef result r
+    cdef uint8_t *buf
+    cdef int i, n = 0
+    for i in range(got):
+        buf = arena + <size_t>SLOT * i
+        if decap_one(t, buf, lens[i], &r, c) == VERDICT_DELIVER:
+            n = rx_gather(outs, n, buf + r.off, r.out_len, r.map_index,
+                          t.maps[r.map_index].mtu)
+    for i in range(n):
+        rx_finish(&outs[i])
+        if outs[i].kernel_gro:
+            inc(c, RX_KERNEL_GRO)
+    return n
+
+
+# ---------------------------------------------------------------------------------------
 # The table the loops read. Python builds a new one on every (re)configuration and swaps
 # the pointer; a loop reads the pointer once per batch, so the old table is freed only
 # after every loop has passed a batch boundary (see Engine.retire).
@@ -265,7 +648,8 @@ cdef class Engine:
 
     def load(self, maps, check_spoof=True):
         """Install a new table. maps: iterables of
-        (overlay, o, underlay, u, local, host_reserve, mtu, tun_fd), addresses as ints.
+        (overlay, o, underlay, u, local, host_reserve, mtu, tun_fd, underlay interface name),
+        addresses as ints.
         The previous table stays allocated until retire()."""
         cdef fan_table *t
         cdef fan_map *m
@@ -281,10 +665,11 @@ cdef class Engine:
         # the first match is then the longest-prefix match by construction.
         maps.sort(key=lambda spec: -spec[1])
         for spec in maps:
-            overlay, o, underlay, u, local, reserve, mtu, tun_fd = spec
-            if not (0 <= o < u <= 32):
+            overlay, o, underlay, u, local, reserve, mtu, tun_fd, ifname = spec
+            ifname = ifname.encode()
+            if not (0 <= o < u <= 32) or len(ifname) > 15:
                 free(t)
-                raise ValueError(f"bad prefix lengths /{o} over /{u}")
+                raise ValueError(f"bad prefix lengths /{o} over /{u} or interface {ifname!r}")
             m = &t.maps[t.n]
             m.overlay_mask = _mask(o)
             m.underlay_mask = _mask(u)
@@ -298,6 +683,7 @@ cdef class Engine:
             m.reserved_last = m.slice_net + reserve
             m.mtu = mtu
             m.tun_fd = tun_fd
+            memcpy(m.ifname, <char *>ifname, len(ifname))   # calloc'd: NUL-terminated
             t.n += 1
         free(self.retired)
         self.retired = self.table
@@ -392,7 +778,7 @@ def encap(Engine eng, const uint8_t[:] packet, counters, int ip_id=-1):
         s.ip_id = ip_id
     if n:
         memcpy(s.buf + HEADROOM, &packet[0], n)
-    v = encap_one(eng.table, &s.ip_id, s.buf + HEADROOM, n, &r, s.icmp, c)
+    v = encap_one(eng.table, &s.ip_id, s.buf + HEADROOM, n, 0, &r, s.icmp, c)
     if v == VERDICT_SEND:
         out = PyBytes_FromStringAndSize(<char *>s.buf, r.out_len)
     elif v == VERDICT_LOCAL:
@@ -419,6 +805,83 @@ def decap(Engine eng, const uint8_t[:] datagram, counters):
     if v == VERDICT_DELIVER:
         return Verdict(v), -1, PyBytes_FromStringAndSize(<char *>s.buf + r.off, r.out_len), r.map_index
     return Verdict(v), r.reason, b"", -1
+
+
+def transmit(Engine eng, const uint8_t[:] vnet, const uint8_t[:] packet, counters,
+             int ip_id=-1):
+    """One TUN read (virtio header + packet) through the transmit path of run_tx:
+    (verdict, reason index or -1, outputs, underlay dst). outputs are the outer packets
+    for VERDICT_SEND (one per TSO segment), else the one buffer written back to the TUN,
+    virtio header included; empty for a drop. ip_id >= 0 fixes the next outer ID - 1."""
+    cdef _Scratch s = _scratch
+    cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
+    cdef uint32_t n = packet.shape[0]
+    cdef txq q
+    cdef result r
+    cdef vnet_hdr h
+    cdef int v, k, cap
+    if vnet.shape[0] != VNET_HLEN:
+        raise ValueError(f"the virtio header is {VNET_HLEN} bytes")
+    if n > SLOT - HEADROOM:
+        raise ValueError("packet larger than any IPv4 datagram")
+    memcpy(&h, &vnet[0], VNET_HLEN)
+    cap = n // h.gso_size + 2 if h.gso_size else 2      # never fills, so never flushes
+    if txq_init(&q, cap, -1, -1, c) < 0:
+        txq_release(&q)
+        raise MemoryError()
+    q.t = eng.table
+    q.ip_id = s.ip_id if ip_id < 0 else ip_id
+    memcpy(s.buf + HEADROOM - VNET_HLEN, &vnet[0], VNET_HLEN)
+    if n:
+        memcpy(s.buf + HEADROOM, &packet[0], n)
+    v = tx_packet(&q, s.buf + HEADROOM, n, &r)
+    s.ip_id = q.ip_id
+    outs = []
+    if v == VERDICT_SEND:
+        for k in range(q.n):
+            outs.append(PyBytes_FromStringAndSize(<char *>q.iov[2 * k].iov_base,
+                                                  q.iov[2 * k].iov_len)
+                        + PyBytes_FromStringAndSize(<char *>q.iov[2 * k + 1].iov_base,
+                                                    q.iov[2 * k + 1].iov_len))
+    elif v == VERDICT_LOCAL:
+        outs.append(PyBytes_FromStringAndSize(<char *>s.buf + HEADROOM - VNET_HLEN,
+                                              r.out_len + VNET_HLEN))
+    elif v == VERDICT_ICMP:
+        outs.append(PyBytes_FromStringAndSize(<char *>q.icmp, r.out_len + VNET_HLEN))
+    txq_release(&q)
+    return Verdict(v), r.reason, outs, r.dst if v == VERDICT_SEND else 0
+
+
+def receive(Engine eng, datagrams, counters):
+    """A burst of at most BATCH datagrams through the receive path of run_rx (decapsulate,
+    coalesce): a list of (map index, segments, bytes written to the TUN, virtio header
+    included), in write order."""
+    cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
+    cdef uint32_t lens[BATCH]
+    cdef rx_out outs[BATCH]
+    cdef uint8_t *arena
+    cdef const uint8_t[:] d
+    cdef int k, n
+    datagrams = list(datagrams)
+    if len(datagrams) > BATCH:
+        raise ValueError(f"at most {BATCH} datagrams in a burst")
+    arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
+    if arena == NULL:
+        raise MemoryError()
+    try:
+        for k, dg in enumerate(datagrams):
+            d = dg
+            if d.shape[0] > SLOT:
+                raise ValueError("datagram larger than any IPv4 datagram")
+            lens[k] = d.shape[0]
+            if d.shape[0]:
+                memcpy(arena + <size_t>SLOT * k, &d[0], d.shape[0])
+        n = rx_batch(eng.table, arena, lens, len(datagrams), outs, c)
+        return [(outs[k].map_index, outs[k].segs,
+                 PyBytes_FromStringAndSize(<char *>outs[k].pkt - VNET_HLEN,
+                                           outs[k].len + VNET_HLEN)) for k in range(n)]
+    finally:
+        free(arena)
 
 
 def internet_checksum(const uint8_t[:] data):
@@ -476,7 +939,7 @@ cdef class PacketBatch:
         with nogil:
             for k in range(self.n):
                 if encap_one(t, &self.ip_id, self.arena + <size_t>SLOT * k + HEADROOM,
-                             self.lens[k], &r, self.icmp, c) == VERDICT_SEND:
+                             self.lens[k], 0, &r, self.icmp, c) == VERDICT_SEND:
                     sent += 1
         return sent
 
@@ -537,44 +1000,38 @@ cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
 
 
 def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
-    """Overlay -> underlay for one TUN until loop.stop(). tun_fd must be non-blocking;
-    sock_fd is a raw IPPROTO_IPIP socket with IP_HDRINCL (the outer header is ours)."""
+    """Overlay -> underlay for one TUN until loop.stop(). tun_fd is non-blocking and opened
+    with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with IP_HDRINCL."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
-    cdef uint8_t icmp[ICMP_MAX_LEN]
-    cdef mmsghdr msgs[BATCH]
-    cdef iovec iov[BATCH]
-    cdef sockaddr_in addr[BATCH]
     cdef uint32_t lens[BATCH]
+    cdef txq q
     cdef pollfd pfd
     cdef result r
-    cdef const fan_table *t
     cdef uint8_t *pkt
-    cdef uint16_t ip_id = 0
     cdef ssize_t got
-    cdef int n, i, k, v, off, sent
-    if arena == NULL:
+    cdef int n, i, v
+    if arena == NULL or txq_init(&q, TXQ, sock_fd, tun_fd, c) < 0:
+        free(arena)
+        txq_release(&q)
         raise MemoryError()
-    memset(msgs, 0, sizeof(msgs))
-    memset(addr, 0, sizeof(addr))
-    for i in range(BATCH):
-        addr[i].sin_family = AF_INET
-        msgs[i].msg_hdr.msg_name = &addr[i]
-        msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-        msgs[i].msg_hdr.msg_iov = &iov[i]
-        msgs[i].msg_hdr.msg_iovlen = 1
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
             n = 0
             while n < BATCH:
-                got = read(tun_fd, arena + <size_t>SLOT * n + HEADROOM, SLOT - HEADROOM)
+                # The virtio header lands in the last VNET_HLEN bytes of the headroom.
+                got = read(tun_fd, arena + <size_t>SLOT * n + HEADROOM - VNET_HLEN,
+                           SLOT - HEADROOM + VNET_HLEN)
                 if got < 0:
                     if errno == EINTR:
                         continue
                     break           # EAGAIN: drained
-                lens[n] = <uint32_t>got
+                if got < VNET_HLEN:
+                    inc(c, DROP_TX_BAD_OFFLOAD)
+                    continue
+                lens[n] = <uint32_t>(got - VNET_HLEN)
                 n += 1
             if n == 0:
                 # Sleep only when the TUN is empty: under load the loop goes straight from
@@ -584,36 +1041,18 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
                 pfd.revents = 0
                 poll(&pfd, 1, POLL_MS)
                 continue
-            t = eng.table
-            k = 0
+            q.t = eng.table
             for i in range(n):
                 pkt = arena + <size_t>SLOT * i + HEADROOM
-                v = encap_one(t, &ip_id, pkt, lens[i], &r, icmp, c)
-                if v == VERDICT_SEND:
-                    addr[k].sin_addr.s_addr = htonl(r.dst)
-                    iov[k].iov_base = pkt - HEADROOM
-                    iov[k].iov_len = r.out_len
-                    k += 1
-                elif v == VERDICT_LOCAL:
-                    if write(tun_fd, pkt, r.out_len) < 0:
+                v = tx_packet(&q, pkt, lens[i], &r)
+                if v == VERDICT_LOCAL:
+                    if write(tun_fd, pkt - VNET_HLEN, r.out_len + VNET_HLEN) < 0:
                         inc(c, DROP_TX_TUN_WRITE)
                 elif v == VERDICT_ICMP:
-                    if write(tun_fd, icmp, r.out_len) < 0:
+                    if write(tun_fd, q.icmp, r.out_len + VNET_HLEN) < 0:
                         inc(c, DROP_TX_TUN_WRITE)
-            off = 0
-            while off < k:
-                sent = sendmmsg(sock_fd, &msgs[off], k - off, 0)
-                if sent < 0:
-                    if errno == EINTR:
-                        continue
-                    # sendmmsg fails only on its first message: count that one, go on.
-                    inc(c, DROP_TX_SEND_ERROR)
-                    off += 1
-                    continue
-                for i in range(off, off + sent):
-                    add(c, TX_BYTES, iov[i].iov_len)
-                add(c, TX_PACKETS, sent)
-                off += sent
+            txq_flush(&q)
+    txq_release(&q)
     free(arena)
 
 
@@ -624,11 +1063,15 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
     cdef mmsghdr msgs[BATCH]
     cdef iovec iov[BATCH]
+    cdef uint32_t lens[BATCH]
+    cdef rx_out outs[BATCH]
     cdef pollfd pfd
-    cdef result r
     cdef const fan_table *t
-    cdef uint8_t *buf
-    cdef int got, i, fd
+    cdef rx_out *o
+    cdef int got, i, n, fd
+    cdef timespec nap
+    nap.tv_sec = 0
+    nap.tv_nsec = RX_NAP_NS
     if arena == NULL:
         raise MemoryError()
     memset(msgs, 0, sizeof(msgs))
@@ -649,13 +1092,17 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
                 continue
             t = eng.table
             for i in range(got):
-                buf = arena + <size_t>SLOT * i
-                if decap_one(t, buf, msgs[i].msg_len, &r, c) != VERDICT_DELIVER:
-                    continue
-                fd = t.maps[r.map_index].tun_fd
-                if fd < 0 or write(fd, buf + r.off, r.out_len) < 0:
-                    inc(c, DROP_RX_TUN_WRITE)
+                lens[i] = msgs[i].msg_len
+            n = rx_batch(t, arena, lens, got, outs, c)
+            for i in range(n):
+                o = &outs[i]
+                fd = t.maps[o.map_index].tun_fd
+                if fd < 0 or write(fd, o.pkt - VNET_HLEN, o.len + VNET_HLEN) < 0:
+                    add(c, DROP_RX_TUN_WRITE, o.segs)
                 else:
-                    inc(c, RX_PACKETS)
-                    add(c, RX_BYTES, r.out_len)
+                    add(c, RX_PACKETS, o.segs)
+                    add(c, RX_BYTES, o.bytes)
+                    add(c, RX_GRO_MERGED, o.segs - 1)
+            if got < BATCH:
+                nanosleep(&nap, NULL)
     free(arena)

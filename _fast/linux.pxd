@@ -41,8 +41,6 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
-    struct timespec:
-        pass
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
     enum:
@@ -67,3 +65,24 @@ cdef extern from "<arpa/inet.h>" nogil:
     uint32_t ntohl(uint32_t)
     uint16_t htons(uint16_t)
     uint16_t ntohs(uint16_t)
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<net/if.h>" nogil:
+    enum:
+        IFNAMSIZ
+    struct ifreq:
+        char ifr_name[16]       # IFNAMSIZ
+        int ifr_mtu
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCGIFMTU
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int nanosleep(const timespec *req, timespec *rem)

@@ -61,6 +61,7 @@ def has_net_caps() -> bool:
 class Fan:
     spec: FanSpec
     slot: int
+    underlay_if: str
     underlay_mtu: int
     tun: Tun
     plumbing: dict
@@ -134,7 +135,7 @@ class Forwarder:
 
     def _add_fan(self, spec: FanSpec) -> Fan:
         m = spec.map
-        _, underlay_mtu = interface_of(m.host)
+        underlay_if, underlay_mtu = interface_of(m.host)
         used = {f.slot for f in self.fans.values()}
         slot = next(i for i in range(MAX_FANS) if i not in used)
         tun = Tun(m.device_name, underlay_mtu - IPIP_OVERHEAD)
@@ -143,7 +144,7 @@ class Forwarder:
         except BaseException:
             tun.close()
             raise
-        fan = Fan(spec, slot, underlay_mtu, tun, rec)
+        fan = Fan(spec, slot, underlay_if, underlay_mtu, tun, rec)
         self.fans[spec.key()] = fan
         self._block(slot + 1)[:] = 0
         if spec.dhcp:
@@ -162,7 +163,8 @@ class Forwarder:
     def _install_table(self) -> None:
         """Swap in a table of the current fans, then wait until no loop can still hold the
         old one (each loop ticks once per wake-up, at least every 200 ms) and free it."""
-        rows = [engine_row(f.spec.map, f.underlay_mtu, f.tun.fd) for f in self.fans.values()]
+        rows = [engine_row(f.spec.map, f.underlay_mtu, f.tun.fd, f.underlay_if)
+                for f in self.fans.values()]
         self.engine.load(rows, self.check_spoof)
         loops = [f.loop for f in self.fans.values() if f.loop is not None]
         if self.rx_loop is not None:

@@ -12,10 +12,10 @@ COUNTER_BLOCK = fastpath.COUNTER_BLOCK
 Verdict = fastpath.Verdict
 
 
-def engine_row(m, mtu: int = 1500, tun_fd: int = -1) -> tuple:
-    """A FanMap as the row Engine.load() takes."""
+def engine_row(m, mtu: int = 1500, tun_fd: int = -1, ifname: str = "") -> tuple:
+    """A FanMap as the row Engine.load() takes; ifname is the underlay interface."""
     return (m.overlay, m.overlay_len, m.underlay, m.underlay_len, m.host, m.host_reserve,
-            mtu, tun_fd)
+            mtu, tun_fd, ifname)
 
 
 def new_counters(blocks: int = 1):

@@ -2,6 +2,7 @@
 pyroute2. Packet I/O happens on the fd, in the compiled loops, not here."""
 from __future__ import annotations
 
+import fcntl
 import os
 
 import pytun
@@ -10,6 +11,12 @@ from pyroute2 import IPRoute
 from .errors import DeviceError
 
 TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (FIELD-NOTES)
+
+# <linux/if_tun.h>: let the kernel hand us TCP superpackets and partial checksums, which
+# the compiled loops split and complete (_fast/offload.pxd).
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
 
 
 def check_tun_available() -> None:
@@ -43,7 +50,8 @@ def _tune(name: str) -> None:
 class Tun:
     """One TUN device. Keep the object alive: pytun closes the fd when it is collected."""
 
-    def __init__(self, name: str, mtu: int):
+    def __init__(self, name: str, mtu: int, offload: bool = True):
+        """offload=False: plain packets, no virtio header (the Python baseline in bench/)."""
         check_tun_available()
         with IPRoute() as ipr:
             if link_index(ipr, name) is not None:
@@ -51,11 +59,19 @@ class Tun:
                                   f"another overlay")
         try:
             # IFF_NO_PI: without it every packet carries a 4-byte prefix (pytun's default).
-            self.dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            # IFF_VNET_HDR: a 10-byte virtio_net_hdr instead, which carries the offloads.
+            flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
+            self.dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
             raise DeviceError(f"cannot create TUN device {name}: {e}") from None
         self.name = name
         self.fd = self.dev.fileno()
+        try:
+            if offload:
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+        except OSError as e:
+            self.dev.close()
+            raise DeviceError(f"cannot enable offloads on TUN device {name}: {e}") from None
         os.set_blocking(self.fd, False)
         _tune(name)
         with IPRoute() as ipr:

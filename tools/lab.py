@@ -34,6 +34,12 @@ class Lab:
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, str] = {}
         self._add_ns(self.switch)
+        # The switch stands for an L2 switch: if br_netfilter is loaded on this machine,
+        # keep it from running the IP hooks on every bridged frame (it is on by default in
+        # a new namespace).
+        for proto in ("arptables", "iptables", "ip6tables"):
+            path = f"/proc/sys/net/bridge/bridge-nf-call-{proto}"
+            nsx(self.switch, "sh", "-c", f"[ ! -e {path} ] || echo 0 > {path}")
         nsx(self.switch, "ip", "link", "add", "br0", "type", "bridge")
         nsx(self.switch, "ip", "link", "set", "br0", "up")
         nsx(self.switch, "ip", "link", "set", "lo", "up")
@@ -53,6 +59,20 @@ class Lab:
         nsx(ns, "ip", "link", "set", "eth0", "up")
         nsx(ns, "ip", "link", "set", "lo", "up")
         return ns
+
+    def pair(self, name1: str, addr1: str, name2: str, addr2: str) -> tuple[str, str]:
+        """Two hosts on one veth, no switch between them: the topology of the FIELD-NOTES
+        reference points, used by the end-to-end benchmark."""
+        ns1, ns2 = f"{self.prefix}{name1}", f"{self.prefix}{name2}"
+        self._add_ns(ns1)
+        self._add_ns(ns2)
+        sh("ip", "link", "add", "eth0", "netns", ns1, "type", "veth",
+           "peer", "name", "eth0", "netns", ns2)
+        for ns, addr in ((ns1, addr1), (ns2, addr2)):
+            nsx(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
+            nsx(ns, "ip", "link", "set", "eth0", "up")
+            nsx(ns, "ip", "link", "set", "lo", "up")
+        return ns1, ns2
 
     def forward(self, ns: str, *args, wait=True) -> subprocess.Popen:
         log = f"/tmp/{ns}-fwd.log"        # kept for a failing test to show
