@@ -60,20 +60,6 @@ class Lab:
         nsx(ns, "ip", "link", "set", "lo", "up")
         return ns
 
-    def pair(self, name1: str, addr1: str, name2: str, addr2: str) -> tuple[str, str]:
-        """Two hosts on one veth, no switch between them: the topology of the FIELD-NOTES
-        reference points, used by the end-to-end benchmark."""
-        ns1, ns2 = f"{self.prefix}{name1}", f"{self.prefix}{name2}"
-        self._add_ns(ns1)
-        self._add_ns(ns2)
-        sh("ip", "link", "add", "eth0", "netns", ns1, "type", "veth",
-           "peer", "name", "eth0", "netns", ns2)
-        for ns, addr in ((ns1, addr1), (ns2, addr2)):
-            nsx(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
-            nsx(ns, "ip", "link", "set", "eth0", "up")
-            nsx(ns, "ip", "link", "set", "lo", "up")
-        return ns1, ns2
-
     def forward(self, ns: str, *args, wait=True) -> subprocess.Popen:
         log = f"/tmp/{ns}-fwd.log"        # kept for a failing test to show
         f = open(log, "w")
