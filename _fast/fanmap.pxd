@@ -19,6 +19,8 @@ cdef struct fan_map:
     uint32_t mtu                # underlay MTU
     int tun_fd                  # where decapsulated packets for this slice go (-1: none)
     char ifname[16]             # underlay interface, asked for its MTU after EMSGSIZE
+    int ifindex                 # the same interface; 0: no packet-socket sending
+    uint8_t mac[6]              # its MAC, the source of frames sent through the packet socket
 
 cdef struct fan_table:
     int n

@@ -8,10 +8,12 @@ Flow, in code order:
   decap_one   IPIP datagram from the raw socket -> outer checks -> source in an underlay?
               -> inner well-formed? -> destination in a local slice? -> anti-spoofing
               -> RFC 6040 ECN -> inner packet to the TUN
-  run_tx      read up to BATCH packets from the TUN -> encap_one each -> sendmmsg
-              (poll only when the TUN is empty)
-  run_rx      recvmmsg up to BATCH -> decap_one each -> write to the TUN
-              (poll only when the socket is empty)
+  run_tx      read up to BATCH packets from the TUN -> tx_packet each (TSO superpackets
+              split, encap_one) -> queued on a lane: the packet socket as a frame if the
+              underlay host is a resolved neighbour, else the raw IP socket -> sendmmsg
+              per lane (poll only when the TUN is empty)
+  run_rx      recvmmsg up to BATCH -> decap_one each -> coalesced per connection (GRO)
+              -> write to the TUN (poll only when the socket is empty)
 
 Each check that fails increments one counter and the loop moves on: nothing here raises,
 logs or touches a Python object per packet. The def functions at the end are thin wrappers
@@ -25,6 +27,7 @@ from libc.string cimport memcpy, memset
 from linux cimport *
 from ipv4 cimport *
 from fanmap cimport *
+from neigh cimport *
 from icmp cimport *
 from offload cimport *
 
@@ -39,6 +42,7 @@ cpdef enum Counter:
     TX_LOCAL                    # rule 4: delivered back to the TUN, no encapsulation
     TX_ICMP_FRAG_NEEDED         # rule 5: ICMP "fragmentation needed" written to the TUN
     TX_TSO_SPLIT                # TCP superpackets read from the TUN and split into segments
+    TX_L2                       # of TX_PACKETS, sent as frames through the packet socket
     DROP_TX_NOT_IPV4            # rule 1
     DROP_TX_MALFORMED           # rule 1: an IPv4 header that does not hold together
     DROP_TX_NO_MAP              # rule 2
@@ -78,7 +82,7 @@ cpdef enum Verdict:
     VERDICT_DELIVER = 4         # decap: inner packet at off, out_len bytes
 
 cdef enum:
-    HEADROOM = IPV4_HLEN        # room for the outer header in front of each packet
+    HEADROOM = ETH_HLEN + IPV4_HLEN  # room for the outer headers in front of each packet
     BATCH = 64                  # packets per read/send burst
     SLOT = 65536 + 64           # any IPv4 datagram, plus headroom
     POLL_MS = 200               # how long a stop or a table swap may wait for a loop
@@ -256,117 +260,194 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
 # payload, left where read() put it.
 
 cdef enum:
-    TXQ = 128                   # segments queued per sendmmsg
+    TXQ = 128                   # segments queued per sendmmsg, per lane
+    LANE_IP = 0                 # the raw IP socket: the kernel routes and resolves
+    LANE_L2 = 1                 # the packet socket: frames to neighbours already resolved
+
+
+cdef struct lane:
+    int fd                      # -1 in tests (the lane then never fills)
+    int l2_len                  # bytes in front of the outer IP header: 0, or ETH_HLEN
+    int n
+    mmsghdr *msgs
+    iovec *iov                  # two per message: headers (or the whole packet), payload
+    sockaddr_in *sin            # LANE_IP: the underlay host
+    sockaddr_ll *sll            # LANE_L2: the interface
+    int *map_index
+    uint8_t *hdrs               # SEG_HDR_MAX bytes per message
 
 
 cdef struct txq:
-    const fan_table *t          # the table of the current batch
-    int sock_fd                 # raw IPIP socket; -1 in tests (the queue then never fills)
+    const fan_table *t          # the tables of the current batch
+    neigh_table *nt             # NULL: everything goes by LANE_IP
     int tun_fd                  # where ICMP for EMSGSIZE goes
-    int n
     int cap
     uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
     uint64_t *c
-    mmsghdr *msgs
-    iovec *iov                  # two per message: headers (or the whole packet), payload
-    sockaddr_in *addr
-    int *map_index
-    uint8_t *hdrs               # SEG_HDR_MAX bytes per message
+    lane lanes[2]
     uint8_t *icmp               # VNET_HLEN zero bytes, then an ICMP to write to the TUN
     uint8_t *quote              # the inner packet of a refused message, gathered for ICMP
 
 
-cdef int txq_init(txq *q, int cap, int sock_fd, int tun_fd, uint64_t *c) noexcept nogil:
+cdef struct tx_route:          # where one packet, or every segment of one, goes
+    int lane
+    int map_index
+    uint32_t dst
+    const uint8_t *dmac
+
+
+cdef int lane_init(lane *l, int cap, int fd, int l2_len) noexcept nogil:
     cdef int k
-    memset(q, 0, sizeof(txq))
-    q.cap = cap
-    q.sock_fd = sock_fd
-    q.tun_fd = tun_fd
-    q.c = c
-    q.msgs = <mmsghdr *>calloc(cap, sizeof(mmsghdr))
-    q.iov = <iovec *>calloc(2 * cap, sizeof(iovec))
-    q.addr = <sockaddr_in *>calloc(cap, sizeof(sockaddr_in))
-    q.map_index = <int *>calloc(cap, sizeof(int))
-    q.hdrs = <uint8_t *>malloc(<size_t>cap * SEG_HDR_MAX)
-    q.icmp = <uint8_t *>calloc(1, VNET_HLEN + ICMP_MAX_LEN)
-    q.quote = <uint8_t *>malloc(ICMP_QUOTE_MAX)
-    if (q.msgs == NULL or q.iov == NULL or q.addr == NULL or q.map_index == NULL
-            or q.hdrs == NULL or q.icmp == NULL or q.quote == NULL):
+    l.fd = fd
+    l.l2_len = l2_len
+    l.msgs = <mmsghdr *>calloc(cap, sizeof(mmsghdr))
+    l.iov = <iovec *>calloc(2 * cap, sizeof(iovec))
+    l.sin = <sockaddr_in *>calloc(cap, sizeof(sockaddr_in))
+    l.sll = <sockaddr_ll *>calloc(cap, sizeof(sockaddr_ll))
+    l.map_index = <int *>calloc(cap, sizeof(int))
+    l.hdrs = <uint8_t *>malloc(<size_t>cap * SEG_HDR_MAX)
+    if (l.msgs == NULL or l.iov == NULL or l.sin == NULL or l.sll == NULL
+            or l.map_index == NULL or l.hdrs == NULL):
         return -1
     for k in range(cap):
-        q.addr[k].sin_family = AF_INET
-        q.msgs[k].msg_hdr.msg_name = &q.addr[k]
-        q.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-        q.msgs[k].msg_hdr.msg_iov = &q.iov[2 * k]
+        l.sin[k].sin_family = AF_INET
+        l.sll[k].sll_family = AF_PACKET
+        l.sll[k].sll_protocol = htons(ETH_P_IP)
+        if l2_len:
+            l.msgs[k].msg_hdr.msg_name = &l.sll[k]
+            l.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_ll)
+        else:
+            l.msgs[k].msg_hdr.msg_name = &l.sin[k]
+            l.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        l.msgs[k].msg_hdr.msg_iov = &l.iov[2 * k]
+    return 0
+
+
+cdef void lane_release(lane *l) noexcept nogil:
+    free(l.msgs)
+    free(l.iov)
+    free(l.sin)
+    free(l.sll)
+    free(l.map_index)
+    free(l.hdrs)
+
+
+cdef int txq_init(txq *q, int cap, int sock_fd, int packet_fd, int tun_fd,
+                  uint64_t *c) noexcept nogil:
+    memset(q, 0, sizeof(txq))
+    q.cap = cap
+    q.tun_fd = tun_fd
+    q.c = c
+    q.icmp = <uint8_t *>calloc(1, VNET_HLEN + ICMP_MAX_LEN)
+    q.quote = <uint8_t *>malloc(ICMP_QUOTE_MAX)
+    if (lane_init(&q.lanes[LANE_IP], cap, sock_fd, 0) < 0
+            or lane_init(&q.lanes[LANE_L2], cap, packet_fd, ETH_HLEN) < 0
+            or q.icmp == NULL or q.quote == NULL):
+        return -1
     return 0
 
 
 cdef void txq_release(txq *q) noexcept nogil:
-    free(q.msgs)
-    free(q.iov)
-    free(q.addr)
-    free(q.map_index)
-    free(q.hdrs)
+    lane_release(&q.lanes[LANE_IP])
+    lane_release(&q.lanes[LANE_L2])
     free(q.icmp)
     free(q.quote)
     memset(q, 0, sizeof(txq))
 
 
-cdef uint8_t *txq_add(txq *q, int map_index, uint32_t dst, uint8_t *head, uint32_t head_len,
+cdef void tx_route_of(txq *q, const result *r, tx_route *rt) noexcept nogil:
+    """LANE_L2 when the map's interface can take frames and the kernel has resolved the
+    underlay host on it (fanpkt/neighbours.py keeps q.nt to entries it trusts)."""
+    cdef const fan_map *m = &q.t.maps[r.map_index]
+    cdef neigh_entry *e = NULL
+    rt.map_index = r.map_index
+    rt.dst = r.dst
+    rt.lane = LANE_IP
+    rt.dmac = NULL
+    if m.ifindex:
+        e = neigh_find(q.nt, r.dst)
+    if e != NULL and e.ifindex == m.ifindex:
+        if not e.used:
+            e.used = 1          # written once per refresh, not per packet: no line bouncing
+        rt.lane = LANE_L2
+        rt.dmac = e.mac
+
+
+cdef uint8_t *txq_add(txq *q, const tx_route *rt, uint8_t *head, uint32_t head_len,
                       uint8_t *body, uint32_t body_len) noexcept nogil:
-    """Queue one outer packet: head[0:head_len] then body[0:body_len]. head NULL means the
-    queue's own header slot, returned for the caller to fill."""
+    """Queue one outer packet: the outer IP header and whatever follows it in
+    head[0:head_len], then body[0:body_len]. head NULL means the lane's own header slot.
+    Returns head, for the caller to fill; on LANE_L2 the Ethernet header is written in
+    the ETH_HLEN bytes in front of it."""
+    cdef lane *l = &q.lanes[rt.lane]
+    cdef const fan_map *m = &q.t.maps[rt.map_index]
+    cdef uint8_t *f
     cdef int k
-    if q.n == q.cap:
-        txq_flush(q)
-    k = q.n
-    q.n += 1
+    if l.n == q.cap:
+        lane_flush(q, rt.lane)
+    k = l.n
+    l.n += 1
     if head == NULL:
-        head = q.hdrs + <size_t>k * SEG_HDR_MAX
-    q.addr[k].sin_addr.s_addr = htonl(dst)
-    q.map_index[k] = map_index
-    q.iov[2 * k].iov_base = head
-    q.iov[2 * k].iov_len = head_len
-    q.iov[2 * k + 1].iov_base = body
-    q.iov[2 * k + 1].iov_len = body_len
-    q.msgs[k].msg_hdr.msg_iovlen = 2 if body_len else 1
+        head = l.hdrs + <size_t>k * SEG_HDR_MAX + l.l2_len
+    if rt.lane == LANE_L2:
+        f = head - ETH_HLEN
+        memcpy(f, rt.dmac, ETH_ALEN)
+        memcpy(f + ETH_ALEN, m.mac, ETH_ALEN)
+        store16(f + 2 * ETH_ALEN, ETH_P_IP)
+        l.sll[k].sll_ifindex = m.ifindex
+    else:
+        l.sin[k].sin_addr.s_addr = htonl(rt.dst)
+    l.map_index[k] = rt.map_index
+    l.iov[2 * k].iov_base = head - l.l2_len
+    l.iov[2 * k].iov_len = head_len + l.l2_len
+    l.iov[2 * k + 1].iov_base = body
+    l.iov[2 * k + 1].iov_len = body_len
+    l.msgs[k].msg_hdr.msg_iovlen = 2 if body_len else 1
     return head
 
 
-cdef void txq_flush(txq *q) noexcept nogil:
+cdef void lane_flush(txq *q, int which) noexcept nogil:
+    cdef lane *l = &q.lanes[which]
     cdef int off = 0, sent, k
-    while off < q.n:
-        sent = sendmmsg(q.sock_fd, q.msgs + off, q.n - off, 0)
+    while off < l.n:
+        sent = sendmmsg(l.fd, l.msgs + off, l.n - off, 0)
         if sent < 0:
             if errno == EINTR:
                 continue
             # sendmmsg fails only on its first message: deal with that one, go on.
             if errno == EMSGSIZE:
-                tx_refused_too_big(q, off)
+                tx_refused_too_big(q, l, off)
             else:
                 inc(q.c, DROP_TX_SEND_ERROR)
             off += 1
             continue
         for k in range(off, off + sent):
-            add(q.c, TX_BYTES, q.iov[2 * k].iov_len + q.iov[2 * k + 1].iov_len)
+            add(q.c, TX_BYTES, l.iov[2 * k].iov_len + l.iov[2 * k + 1].iov_len - l.l2_len)
         add(q.c, TX_PACKETS, sent)
+        if which == LANE_L2:
+            add(q.c, TX_L2, sent)
         off += sent
-    q.n = 0
+    l.n = 0
 
 
-cdef void tx_refused_too_big(txq *q, int k) noexcept nogil:
+cdef void txq_flush(txq *q) noexcept nogil:
+    lane_flush(q, LANE_IP)
+    lane_flush(q, LANE_L2)
+
+
+cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
     """EMSGSIZE: the underlay device's MTU is now smaller than the one the map was built
     with (an operator lowered it). Tell the sender the MTU that fits today, as rule 5 does
     for a packet that is too big for the map's MTU."""
-    cdef const fan_map *m = &q.t.maps[q.map_index[k]]
-    cdef iovec *v = &q.iov[2 * k]
-    cdef uint32_t head = <uint32_t>v[0].iov_len - IPV4_HLEN
+    cdef const fan_map *m = &q.t.maps[l.map_index[k]]
+    cdef iovec *v = &l.iov[2 * k]
+    cdef uint32_t head = <uint32_t>v[0].iov_len - l.l2_len - IPV4_HLEN
     cdef uint32_t n, more
     cdef ifreq ifr
     inc(q.c, DROP_TX_TOO_BIG)
     # The inner packet's first bytes, from the header iovec and the payload iovec.
     n = head if head < ICMP_QUOTE_MAX else ICMP_QUOTE_MAX
-    memcpy(q.quote, <uint8_t *>v[0].iov_base + IPV4_HLEN, n)
+    memcpy(q.quote, <uint8_t *>v[0].iov_base + l.l2_len + IPV4_HLEN, n)
     more = ICMP_QUOTE_MAX - n
     if more > v[1].iov_len:
         more = <uint32_t>v[1].iov_len
@@ -377,7 +458,7 @@ cdef void tx_refused_too_big(txq *q, int k) noexcept nogil:
         return
     memset(&ifr, 0, sizeof(ifr))
     memcpy(ifr.ifr_name, m.ifname, 16)
-    if ioctl(q.sock_fd, SIOCGIFMTU, &ifr) < 0 or ifr.ifr_mtu < 68 + IPV4_HLEN:
+    if ioctl(l.fd, SIOCGIFMTU, &ifr) < 0 or ifr.ifr_mtu < 68 + IPV4_HLEN:
         return
     n = icmp_frag_needed(q.icmp + VNET_HLEN, q.quote, n, m.gateway,
                          <uint16_t>(ifr.ifr_mtu - IPV4_HLEN), q.ip_id + 1)
@@ -395,6 +476,7 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
     returns the verdict; the caller writes back VERDICT_LOCAL (pkt - VNET_HLEN, as read)
     and VERDICT_ICMP (q.icmp, VNET_HLEN + r.out_len)."""
     cdef vnet_hdr h
+    cdef tx_route rt
     cdef int v
     memcpy(&h, pkt - VNET_HLEN, VNET_HLEN)     # the outer header will overwrite it
     if h.gso_type != VNET_GSO_NONE:
@@ -403,7 +485,8 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
     if v == VERDICT_SEND:
         if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(pkt, r.out_len - IPV4_HLEN, &h):
             return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
-        txq_add(q, r.map_index, r.dst, pkt - IPV4_HLEN, r.out_len, NULL, 0)
+        tx_route_of(q, r, &rt)
+        txq_add(q, &rt, pkt - IPV4_HLEN, r.out_len, NULL, 0)
     return v
 
 
@@ -420,6 +503,7 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
     cdef uint8_t *ip
     cdef uint8_t *tcp
     cdef uint8_t flags, f
+    cdef tx_route rt
     cdef int v
     r.reason = -1
     r.map_index = -1
@@ -440,6 +524,7 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
     if v != VERDICT_SEND:
         return v
     inc(q.c, TX_TSO_SPLIT)
+    tx_route_of(q, r, &rt)
     o = pkt - IPV4_HLEN
     id_out = load16(o + IPV4_OFF_ID)
     id_in = load16(pkt + IPV4_OFF_ID)
@@ -450,7 +535,7 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
         n = len - off
         if n > mss:
             n = mss
-        b = txq_add(q, r.map_index, r.dst, NULL, IPV4_HLEN + hdrs, pkt + off, n)
+        b = txq_add(q, &rt, NULL, IPV4_HLEN + hdrs, pkt + off, n)
         memcpy(b, o, IPV4_HLEN)
         store16(b + IPV4_OFF_TOT_LEN, IPV4_HLEN + hdrs + n)
         store16(b + IPV4_OFF_ID, <uint16_t>(id_out + i))
@@ -496,7 +581,7 @@ cdef struct rx_out:
     uint32_t segs               # underlay packets in it
     uint32_t bytes              # their inner bytes
     uint32_t gso_size           # payload of the first segment
-    uint32_t thl                # TCP header length; 0: not a GRO candidate
+    uint32_t thl                # TCP header length; 0: not TCP
     bint open                   # may take more segments
     bint csum_ok                # the first segment's TCP checksum was verified
     bint kernel_gro             # merged by the underlay's GRO before we saw it
@@ -533,14 +618,15 @@ cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept
 
 cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
                    uint32_t mtu) noexcept nogil:
-    """Add a decapsulated packet to the batch's outputs: merged into its flow's newest
-    superpacket, or as a new output. mtu is the map's underlay MTU. Returns the new number
-    of outputs."""
-    cdef uint32_t thl = 0, seg_max
+    """Add a decapsulated packet to the batch's outputs: merged into its connection's
+    newest output if that can take it, else as a new output. Never into an older one: that
+    would deliver the segment ahead of the packets in between. mtu is the map's underlay
+    MTU. Returns the new number of outputs."""
+    cdef uint32_t thl = 0, seg_max = 0
     cdef uint8_t flags
     cdef rx_out *o
     cdef int k
-    cdef bint kernel_gro = False
+    cdef bint kernel_gro = False, candidate = False
     if p[0] == 0x45:
         thl = tcp_header_len(p, len)
     if thl:
@@ -554,16 +640,14 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
         else:
             # Candidates: DF, and only ACK (PSH) set: SYN, FIN, RST, URG, CWR, ECE never.
             flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
-            if not (load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) or (
-                    flags != TCP_ACK and flags != (TCP_ACK | TCP_PSH)):
-                thl = 0
-    if thl and not kernel_gro:
+            candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
+                         and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
         k = n - 1
         while k >= 0 and k >= n - GRO_SCAN:
             o = &outs[k]
-            if (o.thl == thl and o.map_index == map_index
-                    and gro_same_flow(o.pkt, p, thl)):
-                if gro_append(o, p, len, thl):
+            if o.thl and o.map_index == map_index and tcp_same_connection(o.pkt, p):
+                if (candidate and o.thl == thl and gro_same_flow(o.pkt, p, thl)
+                        and gro_append(o, p, len, thl)):
                     return n
                 break
             k -= 1
@@ -573,9 +657,9 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     o.map_index = map_index
     o.segs = 1
     o.bytes = len
-    o.thl = thl
+    o.thl = thl                 # every TCP output, so that its connection stops the scan
     o.gso_size = seg_max if kernel_gro else len - IPV4_HLEN - thl
-    o.open = thl != 0 and not kernel_gro and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)
+    o.open = candidate and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)
     o.csum_ok = False
     o.kernel_gro = kernel_gro
     return n + 1
@@ -628,13 +712,18 @@ cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int 
 # after every loop has passed a batch boundary (see Engine.retire).
 
 cdef class Engine:
-    """The active Fan table, as C structs, plus the loop-control words."""
+    """The active Fan table and neighbour table, as C structs. Each is replaced whole; the
+    one replaced stays allocated until retire()."""
     cdef fan_table *table
     cdef fan_table *retired
+    cdef neigh_table *neigh
+    cdef neigh_table *neigh_retired
 
     def __cinit__(self):
         self.table = <fan_table *>calloc(1, sizeof(fan_table))
         self.retired = NULL
+        self.neigh = NULL
+        self.neigh_retired = NULL
         if self.table == NULL:
             raise MemoryError()
         self.table.check_spoof = 1
@@ -642,14 +731,17 @@ cdef class Engine:
     def __dealloc__(self):
         free(self.table)
         free(self.retired)
+        free(self.neigh)
+        free(self.neigh_retired)
 
     def __init__(self, maps=(), check_spoof=True):
         self.load(maps, check_spoof)
 
     def load(self, maps, check_spoof=True):
         """Install a new table. maps: iterables of
-        (overlay, o, underlay, u, local, host_reserve, mtu, tun_fd, underlay interface name),
-        addresses as ints.
+        (overlay, o, underlay, u, local, host_reserve, mtu, tun_fd, underlay interface name,
+        its ifindex, its MAC), addresses as ints; ifindex 0 (and MAC b"") for an interface
+        that cannot take Ethernet frames.
         The previous table stays allocated until retire()."""
         cdef fan_table *t
         cdef fan_map *m
@@ -665,11 +757,14 @@ cdef class Engine:
         # the first match is then the longest-prefix match by construction.
         maps.sort(key=lambda spec: -spec[1])
         for spec in maps:
-            overlay, o, underlay, u, local, reserve, mtu, tun_fd, ifname = spec
+            overlay, o, underlay, u, local, reserve, mtu, tun_fd, ifname, ifindex, mac = spec
             ifname = ifname.encode()
-            if not (0 <= o < u <= 32) or len(ifname) > 15:
+            mac = bytes(mac)
+            if (not (0 <= o < u <= 32) or len(ifname) > 15
+                    or len(mac) != (ETH_ALEN if ifindex else 0)):
                 free(t)
-                raise ValueError(f"bad prefix lengths /{o} over /{u} or interface {ifname!r}")
+                raise ValueError(f"bad prefix lengths /{o} over /{u} or interface "
+                                 f"{ifname!r} ({ifindex}, MAC {mac.hex()})")
             m = &t.maps[t.n]
             m.overlay_mask = _mask(o)
             m.underlay_mask = _mask(u)
@@ -684,15 +779,66 @@ cdef class Engine:
             m.mtu = mtu
             m.tun_fd = tun_fd
             memcpy(m.ifname, <char *>ifname, len(ifname))   # calloc'd: NUL-terminated
+            m.ifindex = ifindex
+            if ifindex:
+                memcpy(m.mac, <char *>mac, ETH_ALEN)
             t.n += 1
         free(self.retired)
         self.retired = self.table
         self.table = t
 
+    def set_neighbours(self, entries):
+        """Install a new neighbour table: (underlay address as int, ifindex, 6-byte MAC)
+        for each host the kernel has resolved. The previous one stays until retire()."""
+        cdef neigh_table *nt
+        cdef neigh_entry *e
+        cdef uint32_t slots = 16, i, a
+        entries = list(entries)
+        while slots < 2 * len(entries) + 1:
+            slots *= 2
+        for a, ifindex, mac in entries:
+            if a == 0 or ifindex <= 0 or len(mac) != ETH_ALEN:
+                raise ValueError(f"bad neighbour {a:#x} on {ifindex} at {bytes(mac).hex()}")
+        nt = <neigh_table *>calloc(1, sizeof(neigh_table) + slots * sizeof(neigh_entry))
+        if nt == NULL:
+            raise MemoryError()
+        nt.mask = slots - 1
+        nt.e = <neigh_entry *>(nt + 1)
+        for a, ifindex, mac in entries:
+            mac = bytes(mac)
+            e = neigh_find(nt, a)
+            if e == NULL:
+                i = neigh_slot(nt, a)
+                while nt.e[i].addr != 0:
+                    i = (i + 1) & nt.mask
+                e = &nt.e[i]
+            e.addr = a
+            e.ifindex = ifindex
+            memcpy(e.mac, <char *>mac, ETH_ALEN)
+        free(self.neigh_retired)
+        self.neigh_retired = self.neigh
+        self.neigh = nt
+
+    def neighbours_used(self):
+        """Addresses frames went to since the last call (each entry's used mark, cleared)."""
+        cdef neigh_table *nt = self.neigh
+        cdef uint32_t i
+        used = []
+        if nt == NULL:
+            return used
+        for i in range(nt.mask + 1):
+            if nt.e[i].addr and (<volatile uint8_t *>&nt.e[i].used)[0]:
+                (<volatile uint8_t *>&nt.e[i].used)[0] = 0
+                used.append(nt.e[i].addr)
+        return used
+
     def retire(self):
-        """Free the table replaced by the last load(); call once every loop has ticked."""
+        """Free the tables replaced by the last load() and set_neighbours(); call once
+        every loop has ticked."""
         free(self.retired)
         self.retired = NULL
+        free(self.neigh_retired)
+        self.neigh_retired = NULL
 
     def dest(self, uint32_t addr):
         """(map index, underlay host, routable) for an overlay address; index -1 if none."""
@@ -780,7 +926,7 @@ def encap(Engine eng, const uint8_t[:] packet, counters, int ip_id=-1):
         memcpy(s.buf + HEADROOM, &packet[0], n)
     v = encap_one(eng.table, &s.ip_id, s.buf + HEADROOM, n, 0, &r, s.icmp, c)
     if v == VERDICT_SEND:
-        out = PyBytes_FromStringAndSize(<char *>s.buf, r.out_len)
+        out = PyBytes_FromStringAndSize(<char *>s.buf + HEADROOM - IPV4_HLEN, r.out_len)
     elif v == VERDICT_LOCAL:
         out = PyBytes_FromStringAndSize(<char *>s.buf + HEADROOM, r.out_len)
     elif v == VERDICT_ICMP:
@@ -811,12 +957,15 @@ def transmit(Engine eng, const uint8_t[:] vnet, const uint8_t[:] packet, counter
              int ip_id=-1):
     """One TUN read (virtio header + packet) through the transmit path of run_tx:
     (verdict, reason index or -1, outputs, underlay dst). outputs are the outer packets
-    for VERDICT_SEND (one per TSO segment), else the one buffer written back to the TUN,
+    for VERDICT_SEND (one per TSO segment; an Ethernet frame when sent to a resolved
+    neighbour, see Engine.set_neighbours), else the one buffer written back to the TUN,
     virtio header included; empty for a drop. ip_id >= 0 fixes the next outer ID - 1."""
     cdef _Scratch s = _scratch
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef uint32_t n = packet.shape[0]
     cdef txq q
+    cdef lane *l
+    cdef int w
     cdef result r
     cdef vnet_hdr h
     cdef int v, k, cap
@@ -826,10 +975,11 @@ def transmit(Engine eng, const uint8_t[:] vnet, const uint8_t[:] packet, counter
         raise ValueError("packet larger than any IPv4 datagram")
     memcpy(&h, &vnet[0], VNET_HLEN)
     cap = n // h.gso_size + 2 if h.gso_size else 2      # never fills, so never flushes
-    if txq_init(&q, cap, -1, -1, c) < 0:
+    if txq_init(&q, cap, -1, -1, -1, c) < 0:
         txq_release(&q)
         raise MemoryError()
     q.t = eng.table
+    q.nt = eng.neigh
     q.ip_id = s.ip_id if ip_id < 0 else ip_id
     memcpy(s.buf + HEADROOM - VNET_HLEN, &vnet[0], VNET_HLEN)
     if n:
@@ -838,11 +988,13 @@ def transmit(Engine eng, const uint8_t[:] vnet, const uint8_t[:] packet, counter
     s.ip_id = q.ip_id
     outs = []
     if v == VERDICT_SEND:
-        for k in range(q.n):
-            outs.append(PyBytes_FromStringAndSize(<char *>q.iov[2 * k].iov_base,
-                                                  q.iov[2 * k].iov_len)
-                        + PyBytes_FromStringAndSize(<char *>q.iov[2 * k + 1].iov_base,
-                                                    q.iov[2 * k + 1].iov_len))
+        for w in range(2):
+            l = &q.lanes[w]
+            for k in range(l.n):
+                outs.append(PyBytes_FromStringAndSize(<char *>l.iov[2 * k].iov_base,
+                                                      l.iov[2 * k].iov_len)
+                            + PyBytes_FromStringAndSize(<char *>l.iov[2 * k + 1].iov_base,
+                                                        l.iov[2 * k + 1].iov_len))
     elif v == VERDICT_LOCAL:
         outs.append(PyBytes_FromStringAndSize(<char *>s.buf + HEADROOM - VNET_HLEN,
                                               r.out_len + VNET_HLEN))
@@ -999,9 +1151,10 @@ cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
     return (<volatile int *>&ctl.stop)[0] != 0
 
 
-def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
+def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counters):
     """Overlay -> underlay for one TUN until loop.stop(). tun_fd is non-blocking and opened
-    with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with IP_HDRINCL."""
+    with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with IP_HDRINCL; packet_fd an
+    AF_PACKET SOCK_RAW socket for frames to resolved neighbours, or -1 for none."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
@@ -1012,7 +1165,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
     cdef uint8_t *pkt
     cdef ssize_t got
     cdef int n, i, v
-    if arena == NULL or txq_init(&q, TXQ, sock_fd, tun_fd, c) < 0:
+    if arena == NULL or txq_init(&q, TXQ, sock_fd, packet_fd, tun_fd, c) < 0:
         free(arena)
         txq_release(&q)
         raise MemoryError()
@@ -1042,6 +1195,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, counters):
                 poll(&pfd, 1, POLL_MS)
                 continue
             q.t = eng.table
+            q.nt = eng.neigh if packet_fd >= 0 else NULL
             for i in range(n):
                 pkt = arena + <size_t>SLOT * i + HEADROOM
                 v = tx_packet(&q, pkt, lens[i], &r)

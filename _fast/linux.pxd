@@ -46,6 +46,26 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         MSG_DONTWAIT
 
+cdef extern from "<linux/if_packet.h>" nogil:
+    struct sockaddr_ll:
+        unsigned short sll_family
+        unsigned short sll_protocol     # network order
+        int sll_ifindex
+        unsigned short sll_hatype
+        unsigned char sll_pkttype
+        unsigned char sll_halen
+        unsigned char sll_addr[8]
+
+cdef extern from "<linux/if_ether.h>" nogil:
+    enum:
+        ETH_ALEN
+        ETH_HLEN
+        ETH_P_IP
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        AF_PACKET
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd

@@ -9,7 +9,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 from ipv4 cimport *
-from linux cimport htons
+from linux cimport ETH_HLEN, htons
 
 cdef enum:
     VNET_HLEN = 10                  # sizeof(struct virtio_net_hdr); TUN's default
@@ -29,7 +29,7 @@ cdef enum:
     TCP_PSH = 0x08
     TCP_ACK = 0x10
     TCP_CWR = 0x80
-    SEG_HDR_MAX = IPV4_HLEN + 60 + 60   # outer + inner IPv4 + TCP header of one segment
+    SEG_HDR_MAX = ETH_HLEN + IPV4_HLEN + 60 + 60  # Ethernet, outer, inner IPv4 + TCP header
 
 # Fields in host byte order: a TUN uses the host's ("legacy virtio") endianness.
 cdef struct vnet_hdr:
@@ -97,6 +97,12 @@ cdef inline uint32_t tcp_header_len(const uint8_t *ip, uint32_t len) noexcept no
     if thl < TCP_HLEN or ihl + thl >= len:
         return 0
     return thl
+
+
+cdef inline bint tcp_same_connection(const uint8_t *a, const uint8_t *b) noexcept nogil:
+    """Same addresses and ports (both IPv4 without options, both TCP)."""
+    return (memcmp(a + IPV4_OFF_SRC, b + IPV4_OFF_SRC, 8) == 0
+            and memcmp(a + IPV4_HLEN, b + IPV4_HLEN, 4) == 0)
 
 
 cdef inline bint gro_same_flow(const uint8_t *a, const uint8_t *b, uint32_t thl) noexcept nogil:

@@ -27,7 +27,7 @@ def named(name, f):
 
 def main(overlay, underlay):
     m = FanMap.parse(overlay, underlay)
-    _, mtu = interface_of(m.host)
+    mtu = interface_of(m.host).mtu
     tun = Tun(m.device_name, mtu - 20, offload=False)
     os.set_blocking(tun.fd, True)
     plumbing.attach(FanSpec(m, underlay), tun.index, mtu - 20)

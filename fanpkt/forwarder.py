@@ -1,10 +1,11 @@
 """fanpkt-forward: brings fans up, runs the compiled loops, reloads on SIGHUP, and takes
 everything down again.
 
-Threads: one transmit loop per fan (its TUN -> the raw socket) and one receive loop (the
-raw socket -> every fan's TUN). The main thread only waits for signals. The loops read the
-engine's table once per batch; a reload installs a new table and frees the old one only
-after every loop has ticked past a batch boundary.
+Threads: one transmit loop per fan (its TUN -> the raw socket, or the packet socket for
+resolved neighbours) and one receive loop (the raw socket -> every fan's TUN). The main
+thread waits for signals and refreshes the neighbour table once a second. The loops read
+the engine's tables once per batch; a reload or a neighbour change installs a new table
+and frees the old one only after every loop has ticked past a batch boundary.
 """
 from __future__ import annotations
 
@@ -15,21 +16,23 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from . import plumbing
 from .config import FanSpec, KernelResolver, check_table, make_spec, parse_file
 from .errors import ConfigError, PrivilegeError
-from .fanmap import ip
+from .fanmap import ip, mask
 from .native import COUNTER_BLOCK, COUNTER_NAMES, engine_row, fastpath
 from .runstate import RX_BLOCK, RunState
 from .tun import Tun, check_tun_available
-from .underlay import interface_of, open_socket
+from .neighbours import NeighbourWatch
+from .underlay import Interface, interface_of, open_packet_socket, open_socket
 
 log = logging.getLogger("fanpkt")
 IPIP_OVERHEAD = 20
 MAX_FANS = 16
+NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
 
 
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
@@ -61,8 +64,7 @@ def has_net_caps() -> bool:
 class Fan:
     spec: FanSpec
     slot: int
-    underlay_if: str
-    underlay_mtu: int
+    underlay: Interface
     tun: Tun
     plumbing: dict
     loop: object = None
@@ -73,19 +75,25 @@ class Fan:
         return {"device": self.tun.name, "bridge": self.spec.bridge,
                 "overlay": str(m.overlay_net), "underlay": f"{ip(m.host)}/{m.underlay_len}",
                 "slice": f"{ip(m.local_slice)}/{m.slice_len}", "flags": self.spec.flags,
-                "mtu": self.underlay_mtu - IPIP_OVERHEAD, "plumbing": self.plumbing}
+                "mtu": self.underlay.mtu - IPIP_OVERHEAD, "plumbing": self.plumbing}
 
 
 class Forwarder:
     def __init__(self, specs: list[FanSpec], check_spoof: bool = True,
-                 run_dir: Optional[str] = None, config_path: Optional[str] = None):
+                 run_dir: Optional[str] = None, config_path: Optional[str] = None,
+                 send_frames: bool = True):
         self.specs = [s for s in specs if not s.off]
         self.check_spoof = check_spoof
+        self.send_frames = send_frames
         self.config_path = config_path
         self.run = RunState.find(run_dir)
         self.fans: dict[tuple, Fan] = {}
         self.engine = fastpath.Engine((), check_spoof)
         self.sock = None
+        self.packet_sock = None
+        self.neighbours: Optional[NeighbourWatch] = None
+        self.neigh_entries: frozenset = frozenset()
+        self.neigh_error: Optional[str] = None
         self.rx_loop = None
         self.rx_thread = None
         self.forward_before: Optional[str] = None
@@ -106,6 +114,9 @@ class Forwarder:
                 plumbing.cleanup_leftovers(leftovers)
             self.counters = self.run.create_counters(MAX_FANS + 1, COUNTER_BLOCK)
             self.sock = open_socket()
+            if self.send_frames:
+                self.packet_sock = open_packet_socket()
+                self.neighbours = NeighbourWatch()
             self.forward_before = plumbing.enable_forwarding()
             self.publish()
             for spec in self.specs:
@@ -117,6 +128,7 @@ class Forwarder:
                                          self.sock.fileno(), self._block(RX_BLOCK))
             for fan in self.fans.values():
                 self._start_tx(fan)
+            self.refresh_neighbours()
             self.publish()
         except BaseException:
             self.stop()
@@ -135,16 +147,16 @@ class Forwarder:
 
     def _add_fan(self, spec: FanSpec) -> Fan:
         m = spec.map
-        underlay_if, underlay_mtu = interface_of(m.host)
+        underlay = interface_of(m.host)
         used = {f.slot for f in self.fans.values()}
         slot = next(i for i in range(MAX_FANS) if i not in used)
-        tun = Tun(m.device_name, underlay_mtu - IPIP_OVERHEAD)
+        tun = Tun(m.device_name, underlay.mtu - IPIP_OVERHEAD)
         try:
-            rec = plumbing.attach(spec, tun.index, underlay_mtu - IPIP_OVERHEAD)
+            rec = plumbing.attach(spec, tun.index, underlay.mtu - IPIP_OVERHEAD)
         except BaseException:
             tun.close()
             raise
-        fan = Fan(spec, slot, underlay_if, underlay_mtu, tun, rec)
+        fan = Fan(spec, slot, underlay, tun, rec)
         self.fans[spec.key()] = fan
         self._block(slot + 1)[:] = 0
         if spec.dhcp:
@@ -157,15 +169,24 @@ class Forwarder:
 
     def _start_tx(self, fan: Fan) -> None:
         fan.loop = fastpath.Loop()
+        packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
         fan.thread = self._spawn(f"tx-{fan.tun.name[4:]}", fastpath.run_tx, self.engine, fan.loop,
-                                 fan.tun.fd, self.sock.fileno(), self._block(fan.slot + 1))
+                                 fan.tun.fd, self.sock.fileno(), packet_fd,
+                                 self._block(fan.slot + 1))
 
     def _install_table(self) -> None:
-        """Swap in a table of the current fans, then wait until no loop can still hold the
-        old one (each loop ticks once per wake-up, at least every 200 ms) and free it."""
-        rows = [engine_row(f.spec.map, f.underlay_mtu, f.tun.fd, f.underlay_if)
-                for f in self.fans.values()]
+        rows = []
+        for f in self.fans.values():
+            u = f.underlay
+            frames = self.packet_sock is not None and u.mac
+            rows.append(engine_row(f.spec.map, u.mtu, f.tun.fd, u.name,
+                                   u.index if frames else 0, u.mac if frames else b""))
         self.engine.load(rows, self.check_spoof)
+        self._retire()
+
+    def _retire(self) -> None:
+        """Wait until no loop can still hold a table the engine replaced (each loop ticks
+        once per wake-up, at least every 200 ms), then free it."""
         loops = [f.loop for f in self.fans.values() if f.loop is not None]
         if self.rx_loop is not None:
             loops.append(self.rx_loop)
@@ -177,6 +198,43 @@ class Forwarder:
                 log.warning("a forwarding loop is slow to pass a batch boundary; waiting")
                 deadline += 5
         self.engine.retire()
+
+    def refresh_neighbours(self) -> None:
+        """Bring the engine's neighbour table in line with the kernel's, and have the
+        kernel re-check the STALE entries frames went to (see fanpkt/neighbours.py). Also
+        follow an underlay interface whose own MAC changed (a bond's, on failover)."""
+        if self.neighbours is None or not self.fans:
+            return
+        try:
+            macs = self.neighbours.macs({f.underlay.index for f in self.fans.values()})
+            moved = [f for f in self.fans.values()
+                     if macs.get(f.underlay.index, b"") != f.underlay.mac]
+            for f in moved:
+                f.underlay = f.underlay._replace(mac=macs.get(f.underlay.index, b""))
+                log.info("%s: underlay %s now has MAC %s", f.spec.map.overlay_net,
+                         f.underlay.name, f.underlay.mac.hex(":") or "none (no frames)")
+            if moved:
+                self._install_table()
+            links: dict[int, set] = {}
+            for f in self.fans.values():
+                if f.underlay.mac:
+                    m = f.spec.map
+                    links.setdefault(f.underlay.index, set()).add(
+                        (m.underlay, mask(m.underlay_len)))
+            used = self.engine.neighbours_used()
+            entries, stale = self.neighbours.scan(links)
+            self.neighbours.confirm({a: stale[a] for a in used if a in stale})
+        except Exception as e:      # netlink trouble must not stop forwarding
+            if str(e) != self.neigh_error:
+                log.warning("neighbour table refresh failed (%s); packets to hosts not yet "
+                            "resolved go through the kernel's IP path", e)
+                self.neigh_error = str(e)
+            return
+        self.neigh_error = None
+        if entries != self.neigh_entries:
+            self.engine.set_neighbours(entries)
+            self._retire()
+            self.neigh_entries = entries
 
     def publish(self) -> None:
         blocks = {"rx": RX_BLOCK}
@@ -248,6 +306,12 @@ class Forwarder:
             plumbing.nft_remove()
             self.sock.close()
             self.sock = None
+        if self.packet_sock is not None:
+            self.packet_sock.close()
+            self.packet_sock = None
+        if self.neighbours is not None:
+            self.neighbours.close()
+            self.neighbours = None
         if self.forward_before is not None:
             plumbing.restore_forwarding(self.forward_before)
             self.forward_before = None
@@ -260,8 +324,12 @@ class Forwarder:
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_wanted.set())
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
+        next_refresh = time.monotonic() + NEIGH_REFRESH
         try:
             while not self.stop_event.wait(0.1):
+                if time.monotonic() >= next_refresh:
+                    self.refresh_neighbours()
+                    next_refresh = time.monotonic() + NEIGH_REFRESH
                 if self.reload_wanted.is_set():
                     self.reload_wanted.clear()
                     if load_config is None:
@@ -291,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spoof-check", action="store_true",
                    help="accept IPIP whose inner source is not the sender's slice "
                         "(as the original kernel does)")
+    p.add_argument("--underlay-send", choices=("frames", "ip"), default="frames",
+                   help="frames (default): packets to underlay hosts the kernel has already "
+                        "resolved go out as Ethernet frames through a packet socket, past the "
+                        "host's IP output path (its OUTPUT/POSTROUTING firewall rules and "
+                        "policy routes do not see them); ip: every packet through the "
+                        "kernel's IP output path")
     p.add_argument("--run-dir", help="state directory (default: per network namespace)")
     p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form and flags")
     p.set_defaults(func=run_forward)
@@ -319,7 +393,7 @@ def run_forward(args) -> int:
                           "or -c /etc/network/fan")
     check_table(specs)
     fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
-                    config_path=args.config)
+                    config_path=args.config, send_frames=args.underlay_send == "frames")
     fwd.start()
     fwd.serve(load)
     return 0

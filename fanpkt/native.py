@@ -12,10 +12,12 @@ COUNTER_BLOCK = fastpath.COUNTER_BLOCK
 Verdict = fastpath.Verdict
 
 
-def engine_row(m, mtu: int = 1500, tun_fd: int = -1, ifname: str = "") -> tuple:
-    """A FanMap as the row Engine.load() takes; ifname is the underlay interface."""
+def engine_row(m, mtu: int = 1500, tun_fd: int = -1, ifname: str = "", ifindex: int = 0,
+               mac: bytes = b"") -> tuple:
+    """A FanMap as the row Engine.load() takes. ifname is the underlay interface; ifindex
+    and mac, when given, let the map send frames to resolved neighbours on it."""
     return (m.overlay, m.overlay_len, m.underlay, m.underlay_len, m.host, m.host_reserve,
-            mtu, tun_fd, ifname)
+            mtu, tun_fd, ifname, ifindex, mac)
 
 
 def new_counters(blocks: int = 1):

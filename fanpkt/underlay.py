@@ -1,13 +1,19 @@
-"""The underlay side: one raw IPPROTO_IPIP socket for every fan, and facts about the
-local underlay addresses.
+"""The underlay side: one raw IPPROTO_IPIP socket and one packet socket for every fan, and
+facts about the local underlay interfaces.
 
 With no ipip module the kernel hands every protocol-4 datagram for a local address to raw
 sockets. IP_HDRINCL because the engine writes the outer header itself (TTL, DF and ECN
 follow the inner packet per spec §4, which the kernel's own header could not do per packet).
+
+The packet socket sends the same packets as Ethernet frames to underlay hosts the kernel
+has already resolved (fanpkt/neighbours.py): per packet it skips the kernel's IP output
+path, a route lookup and the neighbour lookup, which cost as much as the rest of the send.
+It is opened with protocol 0, so it never receives.
 """
 from __future__ import annotations
 
 import socket
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 
@@ -18,6 +24,14 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
 RCVBUF = 64 << 20           # a full buffer makes the kernel answer "protocol unreachable"
 SNDBUF = 8 << 20
+ARPHRD_ETHER = 1
+
+
+class Interface(NamedTuple):
+    name: str
+    index: int
+    mtu: int
+    mac: bytes              # b"" unless the link is Ethernet: then frames can be sent on it
 
 
 def open_socket() -> socket.socket:
@@ -33,12 +47,32 @@ def open_socket() -> socket.socket:
     return s
 
 
-def interface_of(addr: int) -> tuple[str, int]:
-    """(interface name, MTU) of the interface holding the local address addr."""
+def open_packet_socket() -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def frame_mac(link) -> bytes:
+    """The MAC to send frames from on a link (a pyroute2 link message); b"" if the link is
+    not Ethernet (a tun, a WireGuard or IPIP device, loopback)."""
+    mac = link.get_attr("IFLA_ADDRESS") or ""
+    if link["ifi_type"] != ARPHRD_ETHER or len(mac) != 17:
+        return b""
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def interface_of(addr: int) -> Interface:
+    """The interface holding the local address addr."""
     with IPRoute() as ipr:
         for msg in ipr.get_addr(family=socket.AF_INET):
             if msg.get_attr("IFA_LOCAL") == ip(addr):
                 link = ipr.get_links(msg["index"])[0]
-                return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
+                return Interface(link.get_attr("IFLA_IFNAME"), msg["index"],
+                                 link.get_attr("IFLA_MTU"), frame_mac(link))
     raise AddressError(f"underlay address {ip(addr)} is not configured on this host "
                        f"(check `ip -4 addr`)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.packet import Raw
@@ -28,3 +29,18 @@ def inner(src="241.3.4.9", dst="241.6.7.8", proto="udp", size=64, tos=0, ttl=64,
 def outer(payload: bytes, src="172.16.3.4", dst="172.16.6.7", tos=0, ttl=64, proto=4) -> bytes:
     """An IPIP datagram as the raw socket hands it over (outer header included)."""
     return bytes(IP(src=src, dst=dst, tos=tos, ttl=ttl, proto=proto, flags="DF") / Raw(payload))
+
+
+# TUN offloads (virtio_net_hdr)
+PAYLOAD = bytes(i * 7 & 0xFF for i in range(20000))
+
+
+def vnet(flags=0, gso_type=0, hdr_len=0, gso_size=0, start=0, offset=0) -> bytes:
+    return struct.pack("=BBHHHH", flags, gso_type, hdr_len, gso_size, start, offset)
+
+
+def superpacket(payload=PAYLOAD, flags="PA", seq=1000) -> bytes:
+    p = IP(src="241.3.4.9", dst="241.6.7.8", flags="DF", id=50) / \
+        TCP(sport=4000, dport=5201, seq=seq, ack=7, flags=flags,
+            options=[("Timestamp", (1, 2))]) / Raw(payload)
+    return bytes(p)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lab import FANPKT, FORWARD, nsx, sh
+from lab import FANPKT, FORWARD, nsx
 
 TRAFFIC = [sys.executable, os.path.join(os.path.dirname(__file__), "traffic.py")]
 FAN = ["-o", "241.0.0.0/8"]
@@ -65,6 +65,72 @@ def test_two_hosts_ping_tcp_udp(lab):
     s1, s2 = lab.stats(h1), lab.stats(h2)
     assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
     assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
+
+
+def wait_for_frames(lab, ns, dst, timeout=10):
+    """Ping until the forwarder has the peer in its neighbour table and sends it frames."""
+    deadline = time.monotonic() + timeout
+    sent = lab.stats(ns)["tx_l2"]
+    while lab.stats(ns)["tx_l2"] == sent:
+        assert time.monotonic() < deadline, "no frame sent to a resolved neighbour"
+        ping(ns, dst, count=1)
+        time.sleep(0.2)
+
+
+def test_frames_follow_the_kernels_neighbour_table(lab):
+    h1, h2, _, _ = two_hosts(lab)
+    wait_for_frames(lab, h1, "241.2.1.1")
+    before = lab.stats(h1)
+    sent, got = tcp_transfer(h1, h2, "241.2.1.1", 16 << 20)
+    assert sent == got and int(got[0]) == 16 << 20
+    after = lab.stats(h1)
+    assert after["tx_l2"] - before["tx_l2"] == after["tx_packets"] - before["tx_packets"]
+    # The peer's MAC changes and the kernel learns the new one (as from a gratuitous ARP):
+    # frames follow within a refresh.
+    nsx(h2, "ip", "link", "set", "eth0", "address", "02:00:00:00:02:22")
+    nsx(h1, "ip", "neigh", "replace", "172.16.2.1", "lladdr", "02:00:00:00:02:22", "nud",
+        "reachable", "dev", "eth0")
+    time.sleep(1.5)
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert lab.stats(h1)["tx_l2"] > after["tx_l2"]
+
+
+SNIFF_IPIP_SOURCE_MAC = """
+from scapy.all import IP, sniff
+print("listening", flush=True)
+p = sniff(iface="eth0", count=1, timeout=10,
+          lfilter=lambda p: IP in p and p[IP].proto == 4 and p[IP].src == "172.16.1.1")
+print(p[0].src if p else "nothing")
+"""
+
+
+def test_frames_follow_a_new_mac_of_the_underlay_interface(lab):
+    """A bond changes its MAC on failover: frames must leave from the new one."""
+    h1, h2, _, _ = two_hosts(lab)
+    wait_for_frames(lab, h1, "241.2.1.1")
+    # The kernel flushes the interface's neighbours; within a refresh the forwarder has the
+    # new MAC and an empty table, and frames resume once the kernel has re-resolved h2.
+    nsx(h1, "ip", "link", "set", "eth0", "address", "02:00:00:00:01:11")
+    time.sleep(1.5)
+    wait_for_frames(lab, h1, "241.2.1.1")
+    sniffer = start(h2, sys.executable, "-c", SNIFF_IPIP_SOURCE_MAC)
+    try:
+        before = lab.stats(h1)["tx_l2"]
+        ping(h1, "241.2.1.1", count=2)
+        out = sniffer.communicate(timeout=30)[0].split()
+    finally:
+        sniffer.kill()
+    assert out == ["02:00:00:00:01:11"] and lab.stats(h1)["tx_l2"] > before
+
+
+def test_underlay_send_ip_uses_no_frames(lab):
+    h1, h2, _, _ = two_hosts(lab, "--underlay-send", "ip")
+    assert ping(h1, "241.2.1.1").returncode == 0
+    time.sleep(1.5)
+    sent, got = tcp_transfer(h1, h2, "241.2.1.1", 4 << 20)
+    assert sent == got
+    s1 = lab.stats(h1)
+    assert s1["tx_packets"] > 2000 and s1["tx_l2"] == 0
 
 
 def test_eight_hosts_full_mesh_one_route(lab):
@@ -167,6 +233,37 @@ def test_path_mtu(lab):
     r = ping(h1, "241.2.1.1", "-M", "do", "-s", "1453", count=1)
     assert "Frag needed and DF set (mtu = 1480)" in r.stdout, r.stdout + r.stderr
     assert lab.stats(h1)["tx_icmp_frag_needed"] >= 1
+
+
+@pytest.mark.parametrize("send", ["frames", "ip"])
+def test_underlay_mtu_lowered_under_a_running_forwarder(lab, send):
+    """The underlay socket refuses the packet (EMSGSIZE): fanpkt answers with the MTU that
+    fits today, and the sender's next packets of that size pass."""
+    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
+    if send == "frames":
+        wait_for_frames(lab, h1, "241.2.1.1")
+    else:
+        assert ping(h1, "241.2.1.1").returncode == 0
+    nsx(h1, "ip", "link", "set", "eth0", "mtu", "1400")
+    r = ping(h1, "241.2.1.1", "-M", "do", "-s", "1400", count=1)
+    assert "Frag needed and DF set (mtu = 1380)" in r.stdout, r.stdout + r.stderr
+    s = lab.stats(h1)
+    assert s["drop_tx_too_big"] >= 1 and s["tx_icmp_frag_needed"] >= 1
+    assert s["drop_tx_send_error"] == 0
+    assert ping(h1, "241.2.1.1", "-M", "do", "-s", "1352", count=2).returncode == 0
+
+
+def test_underlay_gro_superpackets_are_delivered(lab):
+    """With GRO on the receiver's underlay NIC the kernel merges IPIP segments before the
+    raw socket sees them (its IPIP GRO is built in even without the ipip module)."""
+    h1, h2, _, _ = two_hosts(lab)
+    nsx(h2, "ethtool", "-K", "eth0", "gro", "on", "rx-udp-gro-forwarding", "on")
+    nsx(h2, "sh", "-c", "echo 1 > /sys/class/net/eth0/threaded")
+    assert ping(h1, "241.2.1.1").returncode == 0
+    sent, got = tcp_transfer(h1, h2, "241.2.1.1", 32 << 20)
+    assert sent == got and int(got[0]) == 32 << 20
+    s2 = lab.stats(h2)
+    assert s2["rx_kernel_gro"] > 0 and s2["drop_rx_bad_inner"] == 0
 
 
 def test_kill9_restart_resumes(lab):

@@ -9,21 +9,10 @@ from scapy.packet import Raw
 
 from fanpkt.fanmap import FanMap
 from fanpkt.native import engine_row, fastpath, new_counters
+from packets import PAYLOAD, superpacket, vnet
 
 TX = FanMap.parse("241.0.0.0/8", "172.16.3.4/16")
 RX = FanMap.parse("241.0.0.0/8", "172.16.6.7/16")
-PAYLOAD = bytes(i * 7 & 0xFF for i in range(20000))
-
-
-def vnet(flags=0, gso_type=0, hdr_len=0, gso_size=0, start=0, offset=0) -> bytes:
-    return struct.pack("=BBHHHH", flags, gso_type, hdr_len, gso_size, start, offset)
-
-
-def superpacket(payload=PAYLOAD, flags="PA", seq=1000) -> bytes:
-    p = IP(src="241.3.4.9", dst="241.6.7.8", flags="DF", id=50) / \
-        TCP(sport=4000, dport=5201, seq=seq, ack=7, flags=flags,
-            options=[("Timestamp", (1, 2))]) / Raw(payload)
-    return bytes(p)
 
 
 def test_tso_split_segments_are_valid_tcp():
@@ -108,3 +97,24 @@ def test_gro_keeps_a_corrupt_segment_apart():
     written = fastpath.receive(rx, outs, c)
     assert [w[1] for w in written][:2] == [3, 1]          # the bad one is written alone
     assert sum(w[1] for w in written) == len(outs)
+
+
+def test_gro_never_merges_past_a_later_packet_of_the_connection():
+    """A segment that continues an older superpacket of its connection, with another packet
+    of that connection written in between, starts a new one: merging it would deliver it
+    ahead of the packet in between."""
+    tx = fastpath.Engine([engine_row(TX)])
+    rx = fastpath.Engine([engine_row(RX)])
+    c = new_counters()
+    _, _, outs, _ = fastpath.transmit(tx, vnet(1, 1, 52, 1428, 20, 16),
+                                      superpacket(PAYLOAD[:2856], flags="A"), c)
+    # a packet of the same connection with other TCP options (so another header length),
+    # e.g. a window probe, sent between the two segments
+    probe = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") /
+                  TCP(sport=4000, dport=5201, seq=999, ack=7, flags="A",
+                      options=[("Timestamp", (1, 2)), ("NOP", None), ("NOP", None),
+                               ("SAck", (1, 2))]) / Raw(b"z"))
+    _, _, (outer_probe,), _ = fastpath.transmit(tx, vnet(), probe, c)
+    written = fastpath.receive(rx, [outs[0], outer_probe, outs[1]], c)
+    assert [w[1] for w in written] == [1, 1, 1]
+    assert [IP(w[2][10:])[TCP].seq for w in written] == [1000, 999, 1000 + 1428]

@@ -1,0 +1,85 @@
+"""Which underlay hosts the transmit loops may send Ethernet frames to directly: the
+engine's neighbour table, kept from the kernel's.
+
+A packet whose underlay host is in the table goes out as a frame through the packet
+socket; any other goes through the raw IP socket, and the kernel routes it and resolves
+the host (ARP) as usual - which is also how a host gets into the table. An entry is used
+only as the kernel itself would use it:
+  - the kernel holds a MAC for it on the map's underlay interface, in a state it sends to
+    (REACHABLE, STALE, DELAY, PROBE or PERMANENT; never INCOMPLETE or FAILED);
+  - the kernel's route to it leaves by that interface without a gateway.
+Frames sent this way are invisible to the kernel's neighbour state machine, so an entry
+going STALE while fanpkt sends to it would never be checked again. For those, the refresher
+does what a sending kernel does: it marks the entry used (NTF_USE), and the kernel probes
+the host and either confirms it or fails it - and a failed entry leaves the table.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from ipaddress import IPv4Address
+
+from pyroute2 import IPRoute
+
+from .underlay import frame_mac
+
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08, 0x10, 0x80
+USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
+NTF_USE = 0x01
+RTN_UNICAST = 1
+ROUTE_TTL = 30.0            # how long a route verdict is trusted before it is asked again
+
+
+class NeighbourWatch:
+    def __init__(self, ipr=None):
+        """ipr: a pyroute2 IPRoute (or NetNS) to use; by default this namespace's."""
+        self.ipr = ipr if ipr is not None else IPRoute()
+        self.routes: dict[int, tuple[bool, float]] = {}
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def scan(self, links: dict[int, set[tuple[int, int]]]) -> tuple[frozenset, dict]:
+        """The entries the engine may use, as (address, ifindex, MAC), and the STALE ones
+        among them as {address: ifindex}. links: ifindex -> underlay networks
+        (network, mask) of the maps on that interface."""
+        entries, stale = set(), {}
+        now = time.monotonic()
+        known, self.routes = self.routes, {}    # forget hosts the kernel has forgotten
+        for msg in self.ipr.get_neighbours(family=socket.AF_INET):
+            idx, state = msg["ifindex"], msg["state"]
+            nets = links.get(idx)
+            lladdr = msg.get_attr("NDA_LLADDR")
+            if not nets or not state & USABLE or not lladdr or len(lladdr) != 17:
+                continue
+            a = int(IPv4Address(msg.get_attr("NDA_DST")))
+            if not any(a & mask == net for net, mask in nets):
+                continue
+            if not self._direct(a, idx, now, known):
+                continue
+            entries.add((a, idx, bytes.fromhex(lladdr.replace(":", ""))))
+            if state & NUD_STALE:
+                stale[a] = idx
+        return frozenset(entries), stale
+
+    def _direct(self, a: int, idx: int, now: float, known: dict) -> bool:
+        """Does the kernel's route to a leave by interface idx, on-link?"""
+        verdict, until = known.get(a, (False, 0.0))
+        if until > now:
+            self.routes[a] = (verdict, until)
+            return verdict
+        routes = self.ipr.route("get", dst=str(IPv4Address(a)))
+        verdict = bool(routes) and routes[0]["type"] == RTN_UNICAST and \
+            routes[0].get_attr("RTA_OIF") == idx and routes[0].get_attr("RTA_GATEWAY") is None
+        self.routes[a] = (verdict, now + ROUTE_TTL)
+        return verdict
+
+    def macs(self, indexes) -> dict[int, bytes]:
+        """The current frame MAC of each interface (a bond's changes on failover)."""
+        return {link["index"]: frame_mac(link) for link in self.ipr.get_links(*indexes)}
+
+    def confirm(self, hosts: dict[int, int]) -> None:
+        """Have the kernel re-check these STALE entries ({address: ifindex}), as it would
+        on sending to them itself."""
+        for a, idx in hosts.items():
+            self.ipr.neigh("set", dst=str(IPv4Address(a)), ifindex=idx, flags=NTF_USE)

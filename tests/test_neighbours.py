@@ -1,0 +1,142 @@
+"""Sending underlay packets as Ethernet frames to resolved neighbours: the engine's
+neighbour table (Engine.set_neighbours, the transmit path) and fanpkt/neighbours.py, which
+keeps it from the kernel's."""
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address
+
+import pytest
+from pyroute2 import NetNS
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from fanpkt.fanmap import FanMap
+from fanpkt.native import engine_row, fastpath, new_counters
+from fanpkt.neighbours import NeighbourWatch
+from lab import nsx
+from packets import PAYLOAD, superpacket, vnet
+
+TX = FanMap.parse("241.0.0.0/8", "172.16.3.4/16")
+PEER = int(IPv4Address("172.16.6.7"))
+MY_MAC, PEER_MAC = bytes.fromhex("02aabbccdd01"), bytes.fromhex("02aabbccdd02")
+PLAIN = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") / UDP(sport=1, dport=2) /
+              Raw(b"x" * 300))
+NO_OFFLOAD = vnet()
+
+
+def engine(ifindex=7, neighbours=((PEER, 7, PEER_MAC),)):
+    eng = fastpath.Engine([engine_row(TX, 1500, -1, "eth0", ifindex,
+                                      MY_MAC if ifindex else b"")])
+    eng.set_neighbours(neighbours)
+    return eng
+
+
+def test_resolved_neighbour_gets_a_frame_around_the_same_packet():
+    c, plain = new_counters(), new_counters()
+    v, _, outs, dst = fastpath.transmit(engine(), NO_OFFLOAD, PLAIN, c, ip_id=9)
+    _, _, ref, _ = fastpath.transmit(engine(neighbours=()), NO_OFFLOAD, PLAIN, plain, ip_id=9)
+    assert v.name == "VERDICT_SEND" and dst == PEER and len(outs) == 1
+    frame = Ether(outs[0])
+    assert (frame.dst, frame.src, frame.type) == ("02:aa:bb:cc:dd:02", "02:aa:bb:cc:dd:01",
+                                                   0x0800)
+    assert bytes(frame.payload) == ref[0]       # the IP packet is the raw socket's, bit for bit
+    outer = frame[IP]
+    assert (outer.src, outer.dst, outer.proto) == ("172.16.3.4", "172.16.6.7", 4)
+    assert IP(bytes(outer)).chksum == outer.chksum     # the kernel will not fill it in
+
+
+def test_tso_segments_all_go_as_frames():
+    c = new_counters()
+    v, _, outs, _ = fastpath.transmit(engine(), vnet(1, 1, 52, 1428, 20, 16),
+                                      superpacket(), c)
+    assert v.name == "VERDICT_SEND" and len(outs) == -(-len(PAYLOAD) // 1428)
+    data = b""
+    for o in outs:
+        frame = Ether(o)
+        assert frame.dst == "02:aa:bb:cc:dd:02" and frame[IP].len == len(o) - 14
+        inner = IP(bytes(frame[IP].payload))
+        assert TCP(bytes(inner[TCP])).chksum == inner[TCP].chksum
+        data += bytes(inner[TCP].payload)
+    assert data == PAYLOAD
+
+
+@pytest.mark.parametrize("ifindex,neighbours", [
+    (7, ()),                                    # not resolved
+    (7, ((PEER, 8, PEER_MAC),)),                # resolved on another interface
+    (0, ((PEER, 7, PEER_MAC),)),                # the map's interface takes no frames
+    (7, ((PEER + 1, 7, PEER_MAC),)),            # another host resolved
+])
+def test_otherwise_the_raw_socket_gets_the_ip_packet(ifindex, neighbours):
+    v, _, outs, _ = fastpath.transmit(engine(ifindex, neighbours), NO_OFFLOAD, PLAIN,
+                                      new_counters())
+    assert v.name == "VERDICT_SEND" and IP(outs[0]).dst == "172.16.6.7"
+    assert len(outs[0]) == len(PLAIN) + 20
+
+
+def test_used_marks_report_where_frames_went_and_reset():
+    eng = engine(neighbours=((PEER, 7, PEER_MAC), (PEER + 1, 7, PEER_MAC)))
+    assert eng.neighbours_used() == []
+    fastpath.transmit(eng, NO_OFFLOAD, PLAIN, new_counters())
+    assert eng.neighbours_used() == [PEER]
+    assert eng.neighbours_used() == []
+
+
+def test_large_table_finds_every_entry():
+    rng = random.Random(5)
+    base = int(IPv4Address("172.16.0.0"))
+    hosts = rng.sample(range(base + 1, base + 0xFFFF), 5000)       # the whole underlay
+    macs = {h: rng.randbytes(6) for h in hosts}
+    eng = engine(neighbours=[(h, 7, macs[h]) for h in hosts])
+    for h in rng.sample(hosts, 50):
+        a = IPv4Address(h)
+        pkt = bytes(IP(src="241.3.4.9", dst=f"241.{a.packed[2]}.{a.packed[3]}.5") /
+                    UDP() / Raw(b"y"))
+        v, _, outs, dst = fastpath.transmit(eng, NO_OFFLOAD, pkt, new_counters())
+        if v.name == "VERDICT_SEND":            # not this host's own slice
+            assert dst == h and Ether(outs[0]).dst == ":".join(f"{b:02x}" for b in macs[h])
+
+
+@pytest.mark.parametrize("bad", [(0, 7, PEER_MAC), (PEER, 0, PEER_MAC), (PEER, 7, b"\x01")])
+def test_bad_entries_are_refused(bad):
+    with pytest.raises(ValueError):
+        fastpath.Engine().set_neighbours([bad])
+
+
+# -- fanpkt/neighbours.py against a real kernel neighbour table ----------------------------
+
+def test_watch_follows_the_kernel(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    nsx(h1, "ping", "-c", "1", "-W", "2", "172.16.2.1")
+    nsx(h1, "ip", "neigh", "add", "172.16.9.9", "lladdr", "02:00:00:00:09:09", "nud",
+        "permanent", "dev", "eth0")
+    nsx(h1, "ip", "neigh", "add", "172.16.8.8", "lladdr", "02:00:00:00:08:08", "nud",
+        "permanent", "dev", "eth0")
+    nsx(h1, "ip", "route", "add", "172.16.8.8/32", "via", "172.16.2.1")   # not on-link
+    nsx(h1, "ip", "neigh", "add", "10.1.1.1", "lladdr", "02:00:00:00:01:01", "nud",
+        "permanent", "dev", "eth0")                                        # outside
+    nsx(h1, "ping", "-c", "1", "-W", "1", "172.16.7.7", check=False)     # FAILED
+    mac2 = bytes.fromhex(nsx(h2, "cat", "/sys/class/net/eth0/address").stdout.strip()
+                         .replace(":", ""))
+    idx = int(nsx(h1, "cat", "/sys/class/net/eth0/ifindex").stdout)
+    links = {idx: {(int(IPv4Address("172.16.0.0")), 0xFFFF0000)}}
+    w = NeighbourWatch(NetNS(h1))
+    try:
+        entries, stale = w.scan(links)
+        assert entries == {(int(IPv4Address("172.16.2.1")), idx, mac2),
+                           (int(IPv4Address("172.16.9.9")), idx, bytes.fromhex("020000000909"))}
+        assert stale == {}
+        # STALE, as after reachable_time without confirmation (set here so as not to race
+        # the kernel's own timers)
+        nsx(h1, "ip", "neigh", "change", "172.16.2.1", "lladdr", mac2.hex(":"), "nud",
+            "stale", "dev", "eth0")
+        entries, stale = w.scan(links)
+        a2 = int(IPv4Address("172.16.2.1"))
+        assert stale == {a2: idx} and (a2, idx, mac2) in entries     # STALE is still sent to
+        w.confirm(stale)                            # the kernel probes and confirms it
+        state = nsx(h1, "ip", "neigh", "show", "172.16.2.1", "dev", "eth0").stdout
+        assert "DELAY" in state or "PROBE" in state or "REACHABLE" in state, state
+    finally:
+        w.close()
