@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import plumbing
+from . import dhcp, plumbing
 from .config import FanSpec, KernelResolver, check_table, make_spec, parse_file
 from .errors import ConfigError, PrivilegeError
 from .fanmap import ip, mask
@@ -112,6 +112,7 @@ class Forwarder:
         try:
             if leftovers:
                 plumbing.cleanup_leftovers(leftovers)
+                self.run.forget_leftovers()
             self.counters = self.run.create_counters(MAX_FANS + 1, COUNTER_BLOCK)
             self.sock = open_socket()
             if self.send_frames:
@@ -156,12 +157,20 @@ class Forwarder:
         except BaseException:
             tun.close()
             raise
+        if spec.dhcp and not spec.bridge:
+            log.warning("%s: flag dhcp ignored: DHCP needs the fan on a bridge (add "
+                        "'bridge NAME')", m.overlay_net)
+        elif spec.dhcp:
+            try:
+                rec["dhcp"] = dhcp.start(spec, underlay.mtu - IPIP_OVERHEAD, self.run.path)
+            except BaseException:
+                plumbing.detach(rec)
+                tun.close()
+                raise
         fan = Fan(spec, slot, underlay, tun, rec)
         self.fans[spec.key()] = fan
         self._block(slot + 1)[:] = 0
-        if spec.dhcp:
-            log.info("%s: flag dhcp recorded; fanpkt runs no DHCP server (run dnsmasq on "
-                     "%s)", m.overlay_net, spec.bridge or tun.name)
+        self.publish()          # a crash from here on leaves a record of what to clean up
         log.info("up: %s over %s, host %s, slice %s/%d, device %s%s", m.overlay_net,
                  m.underlay_net, ip(m.host), ip(m.local_slice), m.slice_len, tun.name,
                  f", bridge {spec.bridge}" if spec.bridge else "")

@@ -12,6 +12,7 @@ import subprocess
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from . import dhcp
 from .config import FanSpec
 from .errors import DeviceError, FanError
 from .fanmap import ip
@@ -54,7 +55,10 @@ def attach(spec: FanSpec, tun_index: int, overlay_mtu: int) -> dict:
 
 
 def detach(rec: dict) -> None:
-    """Undo attach(). The route and a TUN address vanish with the TUN itself."""
+    """Undo attach() and the fan's dnsmasq. The route and a TUN address vanish with the
+    TUN itself."""
+    if rec.get("dhcp"):
+        dhcp.stop(rec["dhcp"])
     with IPRoute() as ipr:
         bridge = rec.get("bridge")
         idx = _index(ipr, bridge) if bridge else None

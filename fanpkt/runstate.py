@@ -52,7 +52,20 @@ class RunState:
             raise AlreadyRunning(f"fanpkt-forward is already running in this network "
                                  f"namespace (pid {pid})") from None
         self.lock_fd = fd
-        return self._read_json("state.json", None)
+        # Set a crashed run's state aside at once: `fanpkt show` must not list its fans as
+        # running while they are being cleaned up. It stays until forget_leftovers().
+        try:
+            os.replace(self.file("state.json"), self.file("leftover.json"))
+        except FileNotFoundError:
+            pass
+        return self._read_json("leftover.json", None)
+
+    def forget_leftovers(self) -> None:
+        """A crashed run's leftovers are cleaned up: drop its state."""
+        try:
+            os.unlink(self.file("leftover.json"))
+        except FileNotFoundError:
+            pass
 
     def create_counters(self, blocks: int, block_len: int) -> np.ndarray:
         size = blocks * block_len * 8

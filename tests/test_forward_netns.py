@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lab import FANPKT, FORWARD, nsx
+from lab import FANPKT, FORWARD, nsx, sh
 
 TRAFFIC = [sys.executable, os.path.join(os.path.dirname(__file__), "traffic.py")]
 FAN = ["-o", "241.0.0.0/8"]
@@ -158,6 +158,59 @@ def test_containers_across_hosts(lab):
     assert ping(c1, "241.2.1.20").returncode == 0
     sent, got = tcp_transfer(c1, c2, "241.2.1.20", 8 << 20)
     assert sent == got
+
+
+DHCP_DISCOVER = """
+from scapy.all import BOOTP, DHCP, IP, UDP, Ether, conf, get_if_hwaddr, mac2str, srp1
+conf.checkIPaddr = False
+mac = get_if_hwaddr("eth0")
+ask = (Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / IP(src="0.0.0.0", dst="255.255.255.255") /
+       UDP(sport=68, dport=67) / BOOTP(chaddr=mac2str(mac), xid=0x4242) /
+       DHCP(options=[("message-type", "discover"), "end"]))
+print("listening", flush=True)
+ans = srp1(ask, iface="eth0", timeout=10, verbose=0)
+if ans is None:
+    print("no answer")
+else:
+    opts = {o[0]: o[1] for o in ans[DHCP].options if isinstance(o, tuple)}
+    print(ans[BOOTP].yiaddr, opts.get("router"), opts.get("interface-mtu"),
+          opts.get("subnet_mask"), opts.get("message-type"))
+"""
+
+
+def test_dhcp_serves_the_slice_on_the_bridge(lab):
+    """`dhcp` (spec §5): a DHCPDISCOVER from a container on the fan bridge is offered an
+    address above the host reserve, the slice gateway as router and the overlay MTU; the
+    dnsmasq goes when the forwarder stops, or at the next start after a crash."""
+    h1 = lab.host("h1", "172.16.1.1")
+    p1 = lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "bridge", "fanbr", "dhcp",
+                     "host-reserve", "9")
+    cns = f"{lab.prefix}c1"
+    lab._add_ns(cns)
+    sh("ip", "link", "add", "eth0", "netns", cns, "type", "veth", "peer", "name", "vc1",
+       "netns", h1)
+    nsx(h1, "ip", "link", "set", "vc1", "master", "fanbr", "up")
+    nsx(cns, "ip", "link", "set", "eth0", "up")
+    client = start(cns, sys.executable, "-c", DHCP_DISCOVER)
+    out = client.communicate(timeout=60)[0].split()
+    assert out[1:] == ["241.1.1.1", "1480", "255.255.255.0", "2"], out    # 2: OFFER
+    assert out[0].startswith("241.1.1.") and 10 <= int(out[0].rsplit(".", 1)[1]) <= 254
+    first = dnsmasq_in(h1)
+    assert len(first) == 1
+    # a crash leaves the dnsmasq running; the next start ends it and starts its own
+    lab.stop(p1, signal.SIGKILL)
+    assert dnsmasq_in(h1) == first
+    p2 = lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "bridge", "fanbr", "dhcp",
+                     "host-reserve", "9")
+    second = dnsmasq_in(h1)
+    assert len(second) == 1 and second != first
+    assert lab.stop(p2) == 0
+    assert dnsmasq_in(h1) == []
+
+
+def dnsmasq_in(ns):
+    return [p for p in sh("ip", "netns", "pids", ns).stdout.split()
+            if sh("cat", f"/proc/{p}/comm", check=False).stdout.strip() == "dnsmasq"]
 
 
 def test_multiple_fans_one_process(lab, tmp_path):

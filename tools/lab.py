@@ -115,6 +115,13 @@ class Lab:
         for p in self.procs:
             self.stop(p, timeout=5)
         for ns in reversed(self.namespaces):
+            # whatever still runs in our namespaces was started by us (e.g. the dnsmasq of
+            # a forwarder killed with -9)
+            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
             try:    # a forwarder killed with -9 leaves its state dir (keyed by netns inode)
                 ino = os.stat(f"/run/netns/{ns}").st_ino
                 shutil.rmtree(f"/run/fanpkt/net-{ino}", ignore_errors=True)

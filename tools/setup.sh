@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then echo "tools/setup.sh: run as root (apt-get, netns)" >&2; exit 3; fi
 missing=""
-for cmd in ip nft iperf3 ping ethtool gcc; do command -v "$cmd" >/dev/null || missing=1; done
+for cmd in ip nft iperf3 ping ethtool dnsmasq gcc; do command -v "$cmd" >/dev/null || missing=1; done
 if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool procps gcc python3-dev \
+  apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool dnsmasq-base procps gcc python3-dev \
     >/dev/null
 fi
 log=$(mktemp)

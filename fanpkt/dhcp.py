@@ -1,0 +1,100 @@
+"""The `dhcp` flag (spec §5): a dnsmasq per fan bridge, serving slice.(K+1) up to the
+slice's last address before broadcast (slice.254 for a /24; K = host-reserve), with the
+slice gateway as router and the overlay MTU, and no DNS.
+
+fanpkt starts dnsmasq as a child and ends it by PID when the fan goes down. Its PID and
+pid file are in the fan's plumbing record, so a crashed run's dnsmasq is ended by the next
+start; the pid file's path in the process's command line tells it from an unrelated
+process that got the same PID later. Leases live in the run directory and go with the
+fan: after a restart dnsmasq answers renewals authoritatively and pings an address before
+it offers it, so an address still in use is not handed out twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from .config import FanSpec
+from .errors import FanError
+from .fanmap import ip, mask
+
+log = logging.getLogger("fanpkt")
+LEASE_TIME = "12h"
+
+
+def pool(spec: FanSpec) -> tuple[int, int]:
+    """First and last address dnsmasq may hand out."""
+    m = spec.map
+    last = m.local_slice | (~mask(m.slice_len) & 0xFFFFFFFF)       # the slice's broadcast
+    return m.local_slice + m.host_reserve + 1, last - 1
+
+
+def command(spec: FanSpec, overlay_mtu: int, run_dir: str) -> list[str]:
+    m, (first, last) = spec.map, pool(spec)
+    base = os.path.join(run_dir, f"dhcp-{spec.bridge}")
+    return ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+            "--log-facility=-", "--quiet-dhcp",
+            f"--interface={spec.bridge}", "--bind-dynamic", "--except-interface=lo",
+            f"--dhcp-range={ip(first)},{ip(last)},{ip(mask(m.slice_len))},{LEASE_TIME}",
+            f"--dhcp-option=option:router,{ip(m.gateway)}",
+            f"--dhcp-option=option:mtu,{overlay_mtu}",
+            "--dhcp-authoritative",
+            f"--dhcp-leasefile={base}.leases", f"--pid-file={base}.pid"]
+
+
+def start(spec: FanSpec, overlay_mtu: int, run_dir: str) -> dict:
+    """Start the bridge's dnsmasq; returns the record stop() needs."""
+    if shutil.which("dnsmasq") is None:
+        raise FanError("the dhcp flag needs dnsmasq (`apt-get install dnsmasq-base`)")
+    cmd = command(spec, overlay_mtu, run_dir)
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    rec = {"pid": p.pid, "pid_file": cmd[-1].split("=", 1)[1],
+           "lease_file": cmd[-2].split("=", 1)[1]}
+    time.sleep(0.2)             # a bad option or a busy port ends it at once
+    if p.poll() is not None:
+        stop(rec)
+        raise FanError(f"dnsmasq for bridge {spec.bridge} exited with status {p.returncode} "
+                       f"(its message is above)")
+    first, last = pool(spec)
+    log.info("%s: dhcp on %s, %s - %s, leases in %s", spec.map.overlay_net, spec.bridge,
+             ip(first), ip(last), rec["lease_file"])
+    return rec
+
+
+def _ours(pid: int, pid_file: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"--pid-file={pid_file}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid        # our child: reaped
+    except ChildProcessError:
+        return not os.path.exists(f"/proc/{pid}")           # a crashed run's
+
+
+def stop(rec: dict) -> None:
+    """End the dnsmasq of a record (this run's or a crashed one's) and remove its files."""
+    pid = rec.get("pid")
+    if pid and _ours(pid, rec["pid_file"]):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while not _gone(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline += 2
+            time.sleep(0.02)
+    elif pid:
+        _gone(pid)              # exited by itself: reap it if it was our child
+    for name in ("pid_file", "lease_file"):
+        try:
+            os.unlink(rec[name])
+        except (KeyError, FileNotFoundError):
+            pass

@@ -1,0 +1,39 @@
+"""The dhcp flag's dnsmasq (fanpkt/dhcp.py): the pool and the command line. Serving a real
+DHCPDISCOVER is in test_forward_netns.py."""
+from __future__ import annotations
+
+from fanpkt.config import make_spec
+from fanpkt.dhcp import command, pool
+from fanpkt.fanmap import ip
+
+
+class Resolver:
+    def interface_address(self, name):
+        raise AssertionError(name)
+
+    def default_interface(self):
+        raise AssertionError
+
+
+def spec(overlay, underlay, *flags):
+    return make_spec(overlay, underlay, ["bridge", "fanbr0", "dhcp", *flags], Resolver())
+
+
+def test_pool_is_the_slice_above_the_host_reserve():
+    assert [ip(a) for a in pool(spec("241.0.0.0/8", "172.16.3.4/16"))] == \
+        ["241.3.4.2", "241.3.4.254"]
+    assert [ip(a) for a in pool(spec("241.0.0.0/8", "172.16.3.4/16", "host-reserve", "9"))] \
+        == ["241.3.4.10", "241.3.4.254"]
+    # 100.64.0.0/10 over /20: slices are /22, the last usable address before broadcast
+    assert [ip(a) for a in pool(spec("100.64.0.0/10", "172.16.3.4/20"))] == \
+        ["100.76.16.2", "100.76.19.254"]
+
+
+def test_command_serves_only_the_bridge_without_dns():
+    cmd = command(spec("241.0.0.0/8", "172.16.3.4/16"), 1480, "/run/x")
+    assert cmd[0] == "dnsmasq" and "--port=0" in cmd and "--conf-file=/dev/null" in cmd
+    assert "--interface=fanbr0" in cmd and "--bind-dynamic" in cmd
+    assert "--dhcp-range=241.3.4.2,241.3.4.254,255.255.255.0,12h" in cmd
+    assert "--dhcp-option=option:router,241.3.4.1" in cmd
+    assert "--dhcp-option=option:mtu,1480" in cmd
+    assert cmd[-1] == "--pid-file=/run/x/dhcp-fanbr0.pid"
