@@ -24,9 +24,9 @@ from .config import FanSpec, KernelResolver, check_table, make_spec, parse_file
 from .errors import ConfigError, PrivilegeError
 from .fanmap import ip, mask
 from .native import COUNTER_BLOCK, COUNTER_NAMES, engine_row, fastpath
+from .neighbours import NeighbourWatch
 from .runstate import RX_BLOCK, RunState
 from .tun import Tun, check_tun_available
-from .neighbours import NeighbourWatch
 from .underlay import Interface, interface_of, open_packet_socket, open_socket
 
 log = logging.getLogger("fanpkt")
