@@ -43,6 +43,8 @@ cpdef enum Counter:
     TX_ICMP_FRAG_NEEDED         # rule 5: ICMP "fragmentation needed" written to the TUN
     TX_TSO_SPLIT                # TCP superpackets read from the TUN and split into segments
     TX_L2                       # of TX_PACKETS, sent as frames through the packet socket
+    TX_FRAGMENTED               # rule 5 without DF: too big for the underlay, sent as outer
+                                # fragments (the receiver's kernel reassembles them)
     DROP_TX_NOT_IPV4            # rule 1
     DROP_TX_MALFORMED           # rule 1: an IPv4 header that does not hold together
     DROP_TX_NO_MAP              # rule 2
@@ -155,18 +157,24 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     if wire == 0:
         wire = len
     if wire + IPV4_HLEN > m.mtu:
-        # Without DF the sender allowed fragmentation, but a raw IP_HDRINCL socket will not
-        # fragment for us; the TUN's MTU (underlay - 20) keeps such packets from arriving.
-        inc(c, DROP_TX_TOO_BIG)
-        r.reason = DROP_TX_TOO_BIG
         if frag & IPV4_FLAG_DF:
+            inc(c, DROP_TX_TOO_BIG)
+            r.reason = DROP_TX_TOO_BIG
             r.out_len = icmp_frag_needed(icmp_out, pkt, len, m.gateway,
                                          <uint16_t>(m.mtu - IPV4_HLEN), ip_id[0] + 1)
             if r.out_len:
                 ip_id[0] += 1
                 inc(c, TX_ICMP_FRAG_NEEDED)
                 return VERDICT_ICMP
-        return VERDICT_DROP
+            return VERDICT_DROP
+        if wire != len:
+            # A TSO superpacket without DF whose segments do not fit: no sane TCP sends one
+            # (the TUN's MTU is underlay - 20), and splitting segments into fragments too
+            # is not worth the code.
+            return drop(c, r, DROP_TX_TOO_BIG)
+        # Without DF the sender allows fragmentation: the outer packet is built whole here
+        # and sent as fragments (tx_fragments), as the kernel's ipip would.
+        inc(c, TX_FRAGMENTED)
     # RFC 6040 §4.1 normal mode, as the Linux kernel does: copy ECN, but never send CE
     # outside (a CE inner is encapsulated as ECT(0)). DSCP is not copied (spec: DSCP 0).
     ecn = pkt[IPV4_OFF_TOS] & 3
@@ -486,8 +494,28 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
         if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(pkt, r.out_len - IPV4_HLEN, &h):
             return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
         tx_route_of(q, r, &rt)
-        txq_add(q, &rt, pkt - IPV4_HLEN, r.out_len, NULL, 0)
+        if r.out_len > q.t.maps[r.map_index].mtu:
+            tx_fragments(q, &rt, pkt - IPV4_HLEN, r.out_len, q.t.maps[r.map_index].mtu)
+        else:
+            txq_add(q, &rt, pkt - IPV4_HLEN, r.out_len, NULL, 0)
     return v
+
+
+cdef void tx_fragments(txq *q, const tx_route *rt, uint8_t *o, uint32_t len,
+                       uint32_t mtu) noexcept nogil:
+    """Queue the outer packet o[0:len] (DF clear) as IPv4 fragments of at most mtu bytes.
+    Each is a header in the queue and a slice of the packet: the payload is not copied."""
+    cdef uint32_t chunk = ((mtu - IPV4_HLEN) // 8) * 8
+    cdef uint32_t pay = len - IPV4_HLEN, off = 0, n
+    cdef uint8_t *h
+    while off < pay:
+        n = pay - off if pay - off < chunk else chunk
+        h = txq_add(q, rt, NULL, IPV4_HLEN, o + IPV4_HLEN + off, n)
+        memcpy(h, o, IPV4_HLEN)
+        store16(h + IPV4_OFF_TOT_LEN, IPV4_HLEN + n)
+        store16(h + IPV4_OFF_FRAG, (off >> 3) | (IPV4_FLAG_MF if off + n < pay else 0))
+        ipv4_set_header_csum(h, IPV4_HLEN)
+        off += n
 
 
 cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
@@ -974,7 +1002,8 @@ def transmit(Engine eng, const uint8_t[:] vnet, const uint8_t[:] packet, counter
     if n > SLOT - HEADROOM:
         raise ValueError("packet larger than any IPv4 datagram")
     memcpy(&h, &vnet[0], VNET_HLEN)
-    cap = n // h.gso_size + 2 if h.gso_size else 2      # never fills, so never flushes
+    # room for every segment or fragment, so the queue never fills and never flushes
+    cap = n // (h.gso_size if 0 < h.gso_size < 48 else 48) + 2
     if txq_init(&q, cap, -1, -1, -1, c) < 0:
         txq_release(&q)
         raise MemoryError()

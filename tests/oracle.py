@@ -70,12 +70,12 @@ class Oracle:
                 return "VERDICT_LOCAL", None, pkt, 0
             return "VERDICT_DROP", "DROP_TX_LOCAL_UNUSED", b"", 0
         frag = struct.unpack_from("!H", pkt, 6)[0]
-        if len(pkt) + 20 > self.mtu:
-            if frag & DF:
-                icmp = self._frag_needed(pkt, m)
-                if icmp:
-                    return "VERDICT_ICMP", "DROP_TX_TOO_BIG", icmp, 0
+        if len(pkt) + 20 > self.mtu and frag & DF:
+            icmp = self._frag_needed(pkt, m)
+            if icmp:
+                return "VERDICT_ICMP", "DROP_TX_TOO_BIG", icmp, 0
             return "VERDICT_DROP", "DROP_TX_TOO_BIG", b"", 0
+        # without DF a packet too big is sent all the same, in outer fragments
         ecn = pkt[1] & 3
         if ecn == 3:            # CE is encapsulated as ECT(0)
             ecn = 2

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import ICMP, IP, IPerror
+from scapy.layers.inet import ICMP, IP, IPerror, defragment
 
 from fanpkt.fanmap import FanMap
+from fanpkt.native import COUNTER_NAMES, engine_row, fastpath, new_counters
 
 from conftest import classic_maps
-from packets import inner
+from packets import a, inner
+
+MAP = FanMap.parse("241.0.0.0/8", "172.16.3.4/16")
 
 ECN = [0, 1, 2, 3]
 
@@ -92,9 +95,30 @@ def test_too_big_with_df_answers_frag_needed(impl):
     assert len(out) <= 576
 
 
-def test_too_big_without_df_is_dropped(impl):
-    verdict, reason, out, _ = impl.encap(inner(size=1481, df=False))
-    assert (verdict, reason, out) == ("VERDICT_DROP", "DROP_TX_TOO_BIG", b"")
+def test_too_big_without_df_is_encapsulated_whole(impl):
+    pkt = inner(size=1481, df=False)
+    verdict, reason, out, _ = impl.encap(pkt)
+    assert (verdict, reason) == ("VERDICT_SEND", None)
+    assert IP(out).flags == 0 and bytes(IP(out).payload) == pkt
+
+
+@pytest.mark.parametrize("size,mtu", [(1481, 1500), (9000, 1500), (65515, 1500), (3000, 576)])
+def test_too_big_without_df_leaves_as_fragments_that_reassemble(size, mtu):
+    """What the transmit loop sends: fragments of at most the underlay MTU, the payload in
+    multiples of 8, one ID, MF on all but the last; together the whole outer packet."""
+    eng = fastpath.Engine([engine_row(MAP, mtu)])
+    c = new_counters()
+    pkt = inner(size=size, df=False)
+    v, reason, frags, dst = fastpath.transmit(eng, bytes(10), pkt, c)
+    assert v.name == "VERDICT_SEND" and dst == a("172.16.6.7")
+    parts = [IP(f) for f in frags]
+    assert len(parts) == -(-(size) // ((mtu - 20) // 8 * 8)) > 1
+    assert all(len(f) <= mtu and IP(bytes(p)).chksum == p.chksum for f, p in zip(frags, parts))
+    assert len({p.id for p in parts}) == 1 and [p.flags.MF for p in parts] == \
+        [1] * (len(parts) - 1) + [0]
+    whole = defragment(parts)
+    assert len(whole) == 1 and bytes(whole[0].payload) == pkt
+    assert c[COUNTER_NAMES.index("tx_fragmented")] == 1
 
 
 def test_no_icmp_about_icmp_errors(impl):

@@ -289,6 +289,20 @@ def test_path_mtu(lab):
 
 
 @pytest.mark.parametrize("send", ["frames", "ip"])
+def test_too_big_without_df_crosses_in_fragments(lab, send):
+    """With the TUN MTU raised past underlay - 20, a packet without DF no longer fits one
+    IPIP packet: it leaves in outer fragments and the far kernel reassembles them."""
+    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
+    if send == "frames":
+        wait_for_frames(lab, h1, "241.2.1.1")
+    nsx(h1, "ip", "link", "set", "fan-241", "mtu", "1500")
+    assert ping(h1, "241.2.1.1", "-M", "dont", "-s", "1472", count=2).returncode == 0
+    s1 = lab.stats(h1)
+    assert s1["tx_fragmented"] >= 2 and s1["drop_tx_too_big"] == 0
+    assert (s1["tx_l2"] > 0) == (send == "frames")
+
+
+@pytest.mark.parametrize("send", ["frames", "ip"])
 def test_underlay_mtu_lowered_under_a_running_forwarder(lab, send):
     """The underlay socket refuses the packet (EMSGSIZE): fanpkt answers with the MTU that
     fits today, and the sender's next packets of that size pass."""
