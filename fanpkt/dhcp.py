@@ -84,13 +84,17 @@ def stop(rec: dict) -> None:
     """End the dnsmasq of a record (this run's or a crashed one's) and remove its files."""
     pid = rec.get("pid")
     if pid and _ours(pid, rec["pid_file"]):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 2
-        while not _gone(pid):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline += 2
-            time.sleep(0.02)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 2
+            while not _gone(pid):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    deadline += 2
+                time.sleep(0.02)
+        except PermissionError:     # it runs as 'nobody': ending it takes CAP_KILL
+            log.error("cannot end dnsmasq (pid %d): no CAP_KILL; end it by hand", pid)
+            return
     elif pid:
         _gone(pid)              # exited by itself: reap it if it was our child
     for name in ("pid_file", "lease_file"):
