@@ -3,7 +3,8 @@ everything down again.
 
 Threads: one transmit loop per fan (its TUN -> the raw socket, or the packet socket for
 resolved neighbours) and one receive loop (the raw socket -> every fan's TUN). The main
-thread waits for signals and refreshes the neighbour table once a second. The loops read
+thread waits for signals and refreshes the neighbour table once a second and soon after
+the kernel announces a neighbour, link or route change. The loops read
 the engine's tables once per batch; a reload or a neighbour change installs a new table
 and frees the old one only after every loop has ticked past a batch boundary.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -33,6 +35,8 @@ log = logging.getLogger("fanpkt")
 IPIP_OVERHEAD = 20
 MAX_FANS = 16
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
+NEIGH_EVENT_GAP = 0.2       # least time between refreshes the kernel's announcements cause
+TICK = 0.1                  # how long the main thread sleeps between looks at its events
 
 
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
@@ -327,18 +331,43 @@ class Forwarder:
         self.run.release()
 
     # -- the foreground process --------------------------------------------------------
+    def _listen(self) -> list:
+        """Doorbells for the kernel's neighbour, link and route announcements."""
+        if self.neighbours is None:
+            return []
+        try:
+            return self.neighbours.subscribe()
+        except OSError as e:
+            return self._deaf(e)
+
+    @staticmethod
+    def _deaf(e: OSError) -> list:
+        log.warning("kernel change announcements unavailable (%s); the neighbour table is "
+                    "refreshed once a second only", e)
+        return []
+
     def serve(self, load_config=None) -> None:
         """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration file."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_wanted.set())
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
-        next_refresh = time.monotonic() + NEIGH_REFRESH
+        last_refresh, dirty = time.monotonic(), False
         try:
-            while not self.stop_event.wait(0.1):
-                if time.monotonic() >= next_refresh:
+            bells = self._listen()
+            while not self.stop_event.is_set():
+                # A signal handler only sets an event: select() resumes after it, so a
+                # stop is seen within TICK.
+                ready = select.select(bells, [], [], TICK)[0]
+                if ready:
+                    try:
+                        dirty |= self.neighbours.changed(ready)
+                    except OSError as e:
+                        bells, dirty = self._deaf(e), True
+                since = time.monotonic() - last_refresh
+                if since >= NEIGH_REFRESH or (dirty and since >= NEIGH_EVENT_GAP):
                     self.refresh_neighbours()
-                    next_refresh = time.monotonic() + NEIGH_REFRESH
+                    last_refresh, dirty = time.monotonic(), False
                 if self.reload_wanted.is_set():
                     self.reload_wanted.clear()
                     if load_config is None:

@@ -12,9 +12,15 @@ Frames sent this way are invisible to the kernel's neighbour state machine, so a
 going STALE while fanpkt sends to it would never be checked again. For those, the refresher
 does what a sending kernel does: it marks the entry used (NTF_USE), and the kernel probes
 the host and either confirms it or fails it - and a failed entry leaves the table.
+
+The forwarder refreshes the table once a second, and within NEIGH_EVENT_GAP of the kernel
+announcing a change of neighbours, links or routes (Doorbell): a flushed or failed entry,
+or a route that now sends the host through a gateway, ends frames to it at once rather
+than at the next poll or when a cached route verdict expires.
 """
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from ipaddress import IPv4Address
@@ -27,7 +33,39 @@ NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08
 USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
 NTF_USE = 0x01
 RTN_UNICAST = 1
-ROUTE_TTL = 30.0            # how long a route verdict is trusted before it is asked again
+ROUTE_TTL = 30.0            # how long a route verdict is trusted without a route change
+RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE = 0x01, 0x04, 0x40
+
+
+class Doorbell:
+    """A netlink socket subscribed to rtnetlink groups, read only to learn *that* something
+    changed: the refresh then reads the state itself through pyroute2, so nothing here
+    parses netlink, and a burst of announcements costs one refresh."""
+
+    def __init__(self, groups: int):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.sock.bind((0, groups))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def rang(self) -> bool:
+        """Empty the socket; True if anything arrived. An overflow (ENOBUFS: announcements
+        were lost) counts as a ring, since a refresh reads everything anyway."""
+        rang = False
+        while True:
+            try:
+                self.sock.recv(65536)
+            except BlockingIOError:
+                return rang
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+            rang = True
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class NeighbourWatch:
@@ -35,9 +73,28 @@ class NeighbourWatch:
         """ipr: a pyroute2 IPRoute (or NetNS) to use; by default this namespace's."""
         self.ipr = ipr if ipr is not None else IPRoute()
         self.routes: dict[int, tuple[bool, float]] = {}
+        self.bells: list[Doorbell] = []
 
     def close(self) -> None:
+        for bell in self.bells:
+            bell.close()
         self.ipr.close()
+
+    def subscribe(self) -> list[Doorbell]:
+        """Doorbells (select()-able) for the kernel's announcements that can change the
+        table: neighbours and links, and routes. Only for this process's namespace."""
+        self.bells = [Doorbell(RTMGRP_NEIGH | RTMGRP_LINK), Doorbell(RTMGRP_IPV4_ROUTE)]
+        return self.bells
+
+    def changed(self, ready) -> bool:
+        """Empty the ready doorbells; True if the table should be refreshed. A route change
+        also drops every cached route verdict."""
+        neigh, route = self.bells
+        rang = neigh in ready and neigh.rang()
+        if route in ready and route.rang():
+            self.routes.clear()
+            rang = True
+        return rang
 
     def scan(self, links: dict[int, set[tuple[int, int]]]) -> tuple[frozenset, dict]:
         """The entries the engine may use, as (address, ifindex, MAC), and the STALE ones

@@ -95,6 +95,24 @@ def test_frames_follow_the_kernels_neighbour_table(lab):
     assert lab.stats(h1)["tx_l2"] > after["tx_l2"]
 
 
+def test_frames_stop_when_a_route_sends_the_peer_through_a_gateway(lab):
+    """The kernel would now send h2's packets to a gateway: frames straight to h2 must end
+    on the route change, not when the cached route verdict expires (30 s), and resume when
+    the route goes."""
+    h1, _, _, _ = two_hosts(lab)
+    wait_for_frames(lab, h1, "241.2.1.1")
+    # 172.16.9.9 does not exist: through the kernel's path the pings go unanswered.
+    nsx(h1, "ip", "route", "add", "172.16.2.1/32", "via", "172.16.9.9", "dev", "eth0")
+    time.sleep(1.5)
+    before = lab.stats(h1)
+    assert ping(h1, "241.2.1.1").returncode != 0
+    after = lab.stats(h1)
+    assert after["tx_packets"] - before["tx_packets"] == 3
+    assert after["tx_l2"] == before["tx_l2"]
+    nsx(h1, "ip", "route", "del", "172.16.2.1/32")
+    wait_for_frames(lab, h1, "241.2.1.1")
+
+
 SNIFF_IPIP_SOURCE_MAC = """
 from scapy.all import IP, sniff
 print("listening", flush=True)

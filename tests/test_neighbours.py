@@ -4,10 +4,12 @@ keeps it from the kernel's."""
 from __future__ import annotations
 
 import random
+import select
 from ipaddress import IPv4Address
 
 import pytest
 from pyroute2 import NetNS
+from pyroute2.netns import popns, pushns
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -138,5 +140,31 @@ def test_watch_follows_the_kernel(lab):
         w.confirm(stale)                            # the kernel probes and confirms it
         state = nsx(h1, "ip", "neigh", "show", "172.16.2.1", "dev", "eth0").stdout
         assert "DELAY" in state or "PROBE" in state or "REACHABLE" in state, state
+    finally:
+        w.close()
+
+
+def test_doorbells_ring_on_neighbour_and_route_changes(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    w = NeighbourWatch(NetNS(h1))
+    pushns(h1)              # the doorbells listen in the namespace they are made in
+    try:
+        bells = w.subscribe()
+    finally:
+        popns()
+    neigh, route = bells
+    try:
+        w.changed(select.select(bells, [], [], 0.2)[0])    # whatever the lab announced
+        w.routes[1] = (True, float("inf"))
+        nsx(h1, "ip", "neigh", "add", "172.16.9.9", "lladdr", "02:00:00:00:09:09", "nud",
+            "permanent", "dev", "eth0")
+        ready = select.select(bells, [], [], 5)[0]
+        assert ready == [neigh] and w.changed(ready)
+        assert w.routes                     # a neighbour change keeps the route verdicts
+        assert not w.changed(bells)         # and the doorbell is empty again
+        nsx(h1, "ip", "route", "add", "172.16.200.0/24", "via", "172.16.9.9")
+        ready = select.select(bells, [], [], 5)[0]
+        assert route in ready and w.changed(ready)
+        assert not w.routes                 # a route change drops them all
     finally:
         w.close()
