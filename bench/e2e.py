@@ -8,12 +8,18 @@ Metrics: single-stream TCP (iperf3, 5 s), 64-byte UDP delivered per second (iper
 ping RTT, and for the forwarders CPU time per packet of the sending host's transmit
 thread and the receiving host's receive thread (during the TCP test).
 
-    sudo python3 bench/e2e.py [--seconds 5] [--out bench/results]
+The machine is shared and its speed drifts, so the modes are measured in rounds, every
+mode once per round, back to back. The table gives each metric's median over the rounds
+and the TCP range; the ratios are taken within each round (same minute, same machine
+state) and given as median and range. e2e.json keeps every round.
+
+    sudo python3 bench/e2e.py [--rounds 5] [--seconds 5] [--out bench/results]
 Writes e2e.json, e2e.md and e2e.png.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -134,26 +140,56 @@ def run_mode(lab, h1, h2, mode, seconds):
     raise ValueError(mode)
 
 
+def summarise(rounds: list[dict]) -> dict:
+    """Per mode, each metric's median over the rounds, and the TCP range."""
+    modes = {}
+    for mode in rounds[0]:
+        runs = [r[mode] for r in rounds]
+        med = {}
+        for key in runs[0]:
+            vals = [x[key] for x in runs if x.get(key) is not None]
+            med[key] = statistics.median(vals) if vals else None
+        tcp = [x["tcp_gbit"] for x in runs]
+        med["tcp_gbit_min"], med["tcp_gbit_max"] = min(tcp), max(tcp)
+        modes[mode] = med
+    return modes
+
+
+def ratios(rounds: list[dict]) -> list[str]:
+    """fanpkt's TCP rate over each reference's, taken within each round."""
+    out = []
+    for ref in ("python", "vxlan"):
+        if "fanpkt" not in rounds[0] or ref not in rounds[0]:
+            continue
+        rs = [r["fanpkt"]["tcp_gbit"] / r[ref]["tcp_gbit"] for r in rounds]
+        out.append(f"fanpkt / {ref} TCP: {statistics.median(rs):.2f}x "
+                   f"(rounds {min(rs):.2f}-{max(rs):.2f})")
+    return out
+
+
 def write_outputs(results, out):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "e2e.json"), "w") as f:
         json.dump(results, f, indent=1)
+    n = len(results["rounds"])
     cols = [("tcp_gbit", "TCP Gbit/s", "{:.2f}"), ("udp64_delivered_pps", "UDP 64 B pkt/s",
             "{:,.0f}"), ("ping_avg_ms", "ping ms", "{:.3f}"),
             ("tx_ns_per_packet", "tx CPU ns/pkt", "{:.0f}"),
             ("rx_ns_per_packet", "rx CPU ns/pkt", "{:.0f}"),
-            ("tun_tx_dropped", "TUN tx drops", "{}"),
+            ("tun_tx_dropped", "TUN tx drops", "{:.0f}"),
             ("tx_frames_share", "sent as frames", "{:.0%}")]
-    lines = ["| mode | " + " | ".join(c[1] for c in cols) + " |",
+    lines = [f"Median of {n} round(s); TCP range over the rounds in brackets.", "",
+             "| mode | " + " | ".join(c[1] for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
-    for mode, r in results["modes"].items():
-        lines.append(f"| {mode} | " + " | ".join(
-            c[2].format(r[c[0]]) if r.get(c[0]) is not None else "–" for c in cols) + " |")
     m = results["modes"]
-    ratios = [f"fanpkt / {ref} TCP: {m['fanpkt']['tcp_gbit'] / m[ref]['tcp_gbit']:.2f}x"
-              for ref in ("python", "vxlan") if "fanpkt" in m and ref in m]
-    if ratios:
-        lines += ["", "; ".join(ratios)]
+    for mode, r in m.items():
+        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "–" for c in cols]
+        cells[0] += f" ({r['tcp_gbit_min']:.2f}–{r['tcp_gbit_max']:.2f})"
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if "tun_tx_dropped" in m.get("fanpkt", {}):
+        lines += ["", "TUN tx drops (fanpkt), every round: " + ", ".join(
+            str(r["fanpkt"]["tun_tx_dropped"]) for r in results["rounds"])]
+    lines += [""] + ratios(results["rounds"])
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out, "e2e.md"), "w") as f:
         f.write(md)
@@ -178,21 +214,29 @@ def write_outputs(results, out):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--modes", default="veth,vxlan,fanpkt,fanpkt-ip,python")
     args = ap.parse_args()
     lab = Lab(f"fpbench{os.getpid() % 10000}-")
-    results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "modes": {}}
+    results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+               "rounds": []}
     try:
         h1 = lab.host("h1", "172.16.1.1")
         h2 = lab.host("h2", "172.16.2.1")
-        for mode in args.modes.split(","):
-            print(f"measuring {mode} ...", flush=True)
-            results["modes"][mode] = run_mode(lab, h1, h2, mode, args.seconds)
-            print(f"  {results['modes'][mode]}", flush=True)
+        for k in range(args.rounds):
+            this = {}
+            for mode in args.modes.split(","):
+                print(f"round {k + 1}/{args.rounds}: {mode} ...", flush=True)
+                this[mode] = run_mode(lab, h1, h2, mode, args.seconds)
+                print(f"  {this[mode]}", flush=True)
+            results["rounds"].append(this)
     finally:
         lab.close()
+    if not results["rounds"]:
+        sys.exit("no round completed")
+    results["modes"] = summarise(results["rounds"])
     write_outputs(results, args.out)
 
 
