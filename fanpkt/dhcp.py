@@ -24,6 +24,7 @@ from .fanmap import ip, mask
 
 log = logging.getLogger("fanpkt")
 LEASE_TIME = "12h"
+READY_TIMEOUT = 5.0         # seconds dnsmasq may take to bind its DHCP socket
 
 
 def pool(spec: FanSpec) -> tuple[int, int]:
@@ -51,14 +52,25 @@ def start(spec: FanSpec, overlay_mtu: int, run_dir: str) -> dict:
     if shutil.which("dnsmasq") is None:
         raise FanError("the dhcp flag needs dnsmasq (`apt-get install dnsmasq-base`)")
     cmd = command(spec, overlay_mtu, run_dir)
+    rec = {"pid_file": cmd[-1].split("=", 1)[1], "lease_file": cmd[-2].split("=", 1)[1]}
+    try:
+        os.unlink(rec["pid_file"])
+    except FileNotFoundError:
+        pass
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    rec = {"pid": p.pid, "pid_file": cmd[-1].split("=", 1)[1],
-           "lease_file": cmd[-2].split("=", 1)[1]}
-    time.sleep(0.2)             # a bad option or a busy port ends it at once
-    if p.poll() is not None:
-        stop(rec)
-        raise FanError(f"dnsmasq for bridge {spec.bridge} exited with status {p.returncode} "
-                       f"(its message is above)")
+    rec["pid"] = p.pid
+    # dnsmasq writes its pid file once its DHCP socket is bound: until then a DISCOVER
+    # would go unanswered, so the fan is not reported up before it. A bad option or a
+    # busy port ends it instead.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not os.path.exists(rec["pid_file"]):
+        if p.poll() is not None or time.monotonic() > deadline:
+            stop(rec)
+            why = (f"exited with status {p.returncode} (its message is above)"
+                   if p.returncode is not None else
+                   f"was not serving after {READY_TIMEOUT:.0f} s")
+            raise FanError(f"dnsmasq for bridge {spec.bridge} {why}")
+        time.sleep(0.02)
     first, last = pool(spec)
     log.info("%s: dhcp on %s, %s - %s, leases in %s", spec.map.overlay_net, spec.bridge,
              ip(first), ip(last), rec["lease_file"])

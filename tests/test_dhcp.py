@@ -1,9 +1,16 @@
-"""The dhcp flag's dnsmasq (fanpkt/dhcp.py): the pool and the command line. Serving a real
-DHCPDISCOVER is in test_forward_netns.py."""
+"""The dhcp flag's dnsmasq (fanpkt/dhcp.py): the pool, the command line, and a dnsmasq that
+fails to come up. Serving a real DHCPDISCOVER is in test_forward_netns.py."""
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
+
+from fanpkt import dhcp
 from fanpkt.config import make_spec
 from fanpkt.dhcp import command, pool
+from fanpkt.errors import FanError
 from fanpkt.fanmap import ip
 
 
@@ -37,3 +44,31 @@ def test_command_serves_only_the_bridge_without_dns():
     assert "--dhcp-option=option:router,241.3.4.1" in cmd
     assert "--dhcp-option=option:mtu,1480" in cmd
     assert cmd[-1] == "--pid-file=/run/x/dhcp-fanbr0.pid"
+
+
+def test_a_dnsmasq_that_exits_at_once_is_one_clear_error(monkeypatch, tmp_path):
+    real = dhcp.command
+    monkeypatch.setattr(dhcp, "command", lambda *a: [real(*a)[0], "--no-such-option",
+                                                     *real(*a)[1:]])
+    with pytest.raises(FanError, match="dnsmasq for bridge fanbr0 exited with status"):
+        dhcp.start(spec("241.0.0.0/8", "172.16.3.4/16"), 1480, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dnsmasq_that_never_serves_is_ended_and_an_error(monkeypatch, tmp_path):
+    """No pid file, so its DHCP socket was never bound: the fan must not be reported up."""
+    files = command(spec("241.0.0.0/8", "172.16.3.4/16"), 1480, str(tmp_path))[-2:]
+    monkeypatch.setattr(dhcp, "command", lambda *a: [
+        sys.executable, "-c", "import time; time.sleep(60)", *files])
+    monkeypatch.setattr(dhcp, "READY_TIMEOUT", 0.5)
+    with pytest.raises(FanError, match="was not serving after"):
+        dhcp.start(spec("241.0.0.0/8", "172.16.3.4/16"), 1480, str(tmp_path))
+    assert [p for p in os.listdir("/proc") if files[-1].encode() in cmdline(p)] == []
+
+
+def cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:         # not a process, or one that has just ended
+        return b""

@@ -186,7 +186,8 @@ ask = (Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / IP(src="0.0.0.0", dst="255.255.
        UDP(sport=68, dport=67) / BOOTP(chaddr=mac2str(mac), xid=0x4242) /
        DHCP(options=[("message-type", "discover"), "end"]))
 print("listening", flush=True)
-ans = srp1(ask, iface="eth0", timeout=10, verbose=0)
+# retry as DHCP clients do: the container's link may still be coming up
+ans = srp1(ask, iface="eth0", timeout=3, retry=3, verbose=0)
 if ans is None:
     print("no answer")
 else:
@@ -203,6 +204,8 @@ def test_dhcp_serves_the_slice_on_the_bridge(lab):
     h1 = lab.host("h1", "172.16.1.1")
     p1 = lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "bridge", "fanbr", "dhcp",
                      "host-reserve", "9")
+    # up means serving: dnsmasq holds the DHCP port before the forwarder says so
+    assert "dnsmasq" in nsx(h1, "ss", "-ulpn", "sport = :67").stdout
     cns = f"{lab.prefix}c1"
     lab._add_ns(cns)
     sh("ip", "link", "add", "eth0", "netns", cns, "type", "veth", "peer", "name", "vc1",
