@@ -215,17 +215,23 @@ class Forwarder:
     def refresh_neighbours(self) -> None:
         """Bring the engine's neighbour table in line with the kernel's, and have the
         kernel re-check the STALE entries frames went to (see fanpkt/neighbours.py). Also
-        follow an underlay interface whose own MAC changed (a bond's, on failover)."""
+        follow each fan's underlay address to the interface that holds it now: its MAC
+        changes on a bond's failover, its index when the interface is re-created, and
+        while no interface holds it no frames are sent."""
         if self.neighbours is None or not self.fans:
             return
         try:
-            macs = self.neighbours.macs({f.underlay.index for f in self.fans.values()})
-            moved = [f for f in self.fans.values()
-                     if macs.get(f.underlay.index, b"") != f.underlay.mac]
-            for f in moved:
-                f.underlay = f.underlay._replace(mac=macs.get(f.underlay.index, b""))
-                log.info("%s: underlay %s now has MAC %s", f.spec.map.overlay_net,
-                         f.underlay.name, f.underlay.mac.hex(":") or "none (no frames)")
+            now = self.neighbours.underlays({f.spec.map.host for f in self.fans.values()})
+            moved = False
+            for f in self.fans.values():
+                u = f.underlay
+                name, index, mac = now.get(f.spec.map.host, (u.name, u.index, b""))
+                if (name, index, mac) != (u.name, u.index, u.mac):
+                    f.underlay = u._replace(name=name, index=index, mac=mac)
+                    log.info("%s: underlay now %s (index %d), frames %s",
+                             f.spec.map.overlay_net, name, index,
+                             f"from {mac.hex(':')}" if mac else "off")
+                    moved = True
             if moved:
                 self._install_table()
             links: dict[int, set] = {}

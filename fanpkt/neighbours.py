@@ -131,9 +131,20 @@ class NeighbourWatch:
         self.routes[a] = (verdict, now + ROUTE_TTL)
         return verdict
 
-    def macs(self, indexes) -> dict[int, bytes]:
-        """The current frame MAC of each interface (a bond's changes on failover)."""
-        return {link["index"]: frame_mac(link) for link in self.ipr.get_links(*indexes)}
+    def underlays(self, addrs: set[int]) -> dict[int, tuple[str, int, bytes]]:
+        """Where each local underlay address is now: {address: (interface name, ifindex,
+        frame MAC)}; an address no interface holds is absent. A bond's MAC changes on
+        failover, and a re-created interface (a NIC replugged) has a new index."""
+        where = {}
+        for msg in self.ipr.get_addr(family=socket.AF_INET):
+            a = msg.get_attr("IFA_LOCAL")
+            if a is not None and int(IPv4Address(a)) in addrs:
+                where[int(IPv4Address(a))] = msg["index"]
+        out = {}
+        for a, idx in where.items():
+            link = self.ipr.get_links(idx)[0]
+            out[a] = (link.get_attr("IFLA_IFNAME"), idx, frame_mac(link))
+        return out
 
     def confirm(self, hosts: dict[int, int]) -> None:
         """Have the kernel re-check these STALE entries ({address: ifindex}), as it would

@@ -141,6 +141,21 @@ def test_frames_follow_a_new_mac_of_the_underlay_interface(lab):
     assert out == ["02:00:00:00:01:11"] and lab.stats(h1)["tx_l2"] > before
 
 
+def test_frames_follow_a_recreated_underlay_interface(lab):
+    """A NIC unplugged and plugged back is a new interface with a new index: frames must
+    stop while it is gone and leave by the new one once the kernel has resolved h2."""
+    h1, _, _, _ = two_hosts(lab)
+    wait_for_frames(lab, h1, "241.2.1.1")
+    nsx(h1, "ip", "link", "del", "eth0")
+    lab.plug(h1, "172.16.1.1")
+    wait_for_frames(lab, h1, "241.2.1.1")
+    before = lab.stats(h1)
+    assert ping(h1, "241.2.1.1").returncode == 0
+    after = lab.stats(h1)
+    assert after["tx_l2"] - before["tx_l2"] == 3
+    assert after["drop_tx_send_error"] == before["drop_tx_send_error"]
+
+
 def test_underlay_send_ip_uses_no_frames(lab):
     h1, h2, _, _ = two_hosts(lab, "--underlay-send", "ip")
     assert ping(h1, "241.2.1.1").returncode == 0

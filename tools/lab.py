@@ -33,6 +33,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, str] = {}
+        self.ports = 0
         self._add_ns(self.switch)
         # The switch stands for an L2 switch: if br_netfilter is loaded on this machine,
         # keep it from running the IP hooks on every bridged frame (it is on by default in
@@ -51,14 +52,20 @@ class Lab:
     def host(self, name: str, addr: str, mtu: int = 1500) -> str:
         ns = f"{self.prefix}{name}"
         self._add_ns(ns)
-        port = f"p{len(self.namespaces)}"
+        self.plug(ns, addr, mtu)
+        nsx(ns, "ip", "link", "set", "lo", "up")
+        return ns
+
+    def plug(self, ns: str, addr: str, mtu: int = 1500) -> None:
+        """Give host ns an eth0 on the switch, holding addr/16 (again, after `ip link del
+        eth0`: a replugged NIC, a new interface)."""
+        self.ports += 1
+        port = f"p{self.ports}"
         sh("ip", "link", "add", "eth0", "netns", ns, "mtu", str(mtu), "type", "veth",
            "peer", "name", port, "netns", self.switch, "mtu", str(mtu))
         nsx(self.switch, "ip", "link", "set", port, "master", "br0", "up")
         nsx(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
         nsx(ns, "ip", "link", "set", "eth0", "up")
-        nsx(ns, "ip", "link", "set", "lo", "up")
-        return ns
 
     def forward(self, ns: str, *args, wait=True) -> subprocess.Popen:
         log = f"/tmp/{ns}-fwd.log"        # kept for a failing test to show
