@@ -224,13 +224,15 @@ class Forwarder:
             now = self.neighbours.underlays({f.spec.map.host for f in self.fans.values()})
             moved = False
             for f in self.fans.values():
-                u = f.underlay
-                name, index, mac = now.get(f.spec.map.host, (u.name, u.index, b""))
-                if (name, index, mac) != (u.name, u.index, u.mac):
-                    f.underlay = u._replace(name=name, index=index, mac=mac)
+                # The MTU stays the one the fan came up with: a lowered one is learnt from
+                # EMSGSIZE, and the TUN's does not change under a running forwarder.
+                u, n = f.underlay, now.get(f.spec.map.host)
+                cur = u._replace(mac=b"") if n is None else n._replace(mtu=u.mtu)
+                if cur != u:
+                    f.underlay = cur
                     log.info("%s: underlay now %s (index %d), frames %s",
-                             f.spec.map.overlay_net, name, index,
-                             f"from {mac.hex(':')}" if mac else "off")
+                             f.spec.map.overlay_net, cur.name, cur.index,
+                             f"from {cur.mac.hex(':')}" if cur.mac else "off")
                     moved = True
             if moved:
                 self._install_table()

@@ -27,7 +27,7 @@ from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 
-from .underlay import frame_mac
+from .underlay import Interface, interfaces_holding
 
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08, 0x10, 0x80
 USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
@@ -131,20 +131,11 @@ class NeighbourWatch:
         self.routes[a] = (verdict, now + ROUTE_TTL)
         return verdict
 
-    def underlays(self, addrs: set[int]) -> dict[int, tuple[str, int, bytes]]:
-        """Where each local underlay address is now: {address: (interface name, ifindex,
-        frame MAC)}; an address no interface holds is absent. A bond's MAC changes on
-        failover, and a re-created interface (a NIC replugged) has a new index."""
-        where = {}
-        for msg in self.ipr.get_addr(family=socket.AF_INET):
-            a = msg.get_attr("IFA_LOCAL")
-            if a is not None and int(IPv4Address(a)) in addrs:
-                where[int(IPv4Address(a))] = msg["index"]
-        out = {}
-        for a, idx in where.items():
-            link = self.ipr.get_links(idx)[0]
-            out[a] = (link.get_attr("IFLA_IFNAME"), idx, frame_mac(link))
-        return out
+    def underlays(self, addrs: set[int]) -> dict[int, Interface]:
+        """Where each local underlay address is now (absent if no interface holds it): a
+        bond's MAC changes on failover, a re-created interface (a NIC replugged) has a new
+        index."""
+        return interfaces_holding(self.ipr, addrs)
 
     def confirm(self, hosts: dict[int, int]) -> None:
         """Have the kernel re-check these STALE entries ({address: ifindex}), as it would

@@ -13,6 +13,7 @@ It is opened with protocol 0, so it never receives.
 from __future__ import annotations
 
 import socket
+from ipaddress import IPv4Address
 from typing import NamedTuple
 
 from pyroute2 import IPRoute
@@ -66,13 +67,27 @@ def frame_mac(link) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
+def interfaces_holding(ipr, addrs: set[int]) -> dict[int, Interface]:
+    """The interface holding each local address of addrs, read through ipr (a pyroute2
+    IPRoute or NetNS); an address no interface holds is absent."""
+    where = {}
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        a = msg.get_attr("IFA_LOCAL")
+        if a is not None and int(IPv4Address(a)) in addrs:
+            where[int(IPv4Address(a))] = msg["index"]
+    out = {}
+    for a, idx in where.items():
+        link = ipr.get_links(idx)[0]
+        out[a] = Interface(link.get_attr("IFLA_IFNAME"), idx, link.get_attr("IFLA_MTU"),
+                           frame_mac(link))
+    return out
+
+
 def interface_of(addr: int) -> Interface:
     """The interface holding the local address addr."""
     with IPRoute() as ipr:
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            if msg.get_attr("IFA_LOCAL") == ip(addr):
-                link = ipr.get_links(msg["index"])[0]
-                return Interface(link.get_attr("IFLA_IFNAME"), msg["index"],
-                                 link.get_attr("IFLA_MTU"), frame_mac(link))
-    raise AddressError(f"underlay address {ip(addr)} is not configured on this host "
-                       f"(check `ip -4 addr`)")
+        found = interfaces_holding(ipr, {addr})
+    if addr not in found:
+        raise AddressError(f"underlay address {ip(addr)} is not configured on this host "
+                           f"(check `ip -4 addr`)")
+    return found[addr]

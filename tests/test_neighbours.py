@@ -129,7 +129,10 @@ def test_watch_follows_the_kernel(lab):
         mac1 = bytes.fromhex(nsx(h1, "cat", "/sys/class/net/eth0/address").stdout.strip()
                              .replace(":", ""))
         a1 = int(IPv4Address("172.16.1.1"))
-        assert w.underlays({a1, int(IPv4Address("172.16.5.5"))}) == {a1: ("eth0", idx, mac1)}
+        found = w.underlays({a1, int(IPv4Address("172.16.5.5"))})
+        assert list(found) == [a1]
+        assert (found[a1].name, found[a1].index, found[a1].mtu, found[a1].mac) == \
+            ("eth0", idx, 1500, mac1)
         entries, stale = w.scan(links)
         assert entries == {(int(IPv4Address("172.16.2.1")), idx, mac2),
                            (int(IPv4Address("172.16.9.9")), idx, bytes.fromhex("020000000909"))}
