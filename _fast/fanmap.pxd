@@ -27,6 +27,10 @@ cdef struct fan_table:
     int check_spoof             # spec §4 receive rule 5, on by default
     fan_map maps[MAX_MAPS]
 
+cdef inline uint32_t fan_mask(int n) noexcept nogil:
+    """mask(n): n leading ones."""
+    return 0 if n == 0 else <uint32_t>(0xffffffffUL << (32 - n))
+
 cdef inline uint32_t fan_dest(const fan_map *m, uint32_t d) noexcept nogil:
     """dest(D) = U | ((D & ~mask(o)) >> (u - o)): drops the container bits."""
     return m.underlay | ((d & ~m.overlay_mask) >> m.shift)

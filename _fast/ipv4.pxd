@@ -21,12 +21,14 @@ cdef enum:
     IPV4_FLAG_DF = 0x4000
     IPV4_FLAG_MF = 0x2000
     IPV4_FRAG_OFFSET_MASK = 0x1fff
-    IPPROTO_ICMP_ = 1
-    IPPROTO_IPIP_ = 4
     ECN_NOT_ECT = 0
     ECN_ECT1 = 1
     ECN_ECT0 = 2
     ECN_CE = 3
+
+cdef inline uint32_t ipv4_ihl(const uint8_t *ip) noexcept nogil:
+    """Header length in bytes, from the IHL field (the caller checks the version)."""
+    return (ip[0] & 15) * 4
 
 cdef inline uint16_t load16(const uint8_t *p) noexcept nogil:
     cdef uint16_t v

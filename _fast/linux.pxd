@@ -4,12 +4,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 cdef extern from "<errno.h>" nogil:
     int errno
     enum:
-        EAGAIN
-        EWOULDBLOCK
         EINTR
         EMSGSIZE
-        EIO
-        ENOBUFS
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -26,7 +22,10 @@ cdef extern from "<netinet/in.h>" nogil:
         in_addr sin_addr
     enum:
         AF_INET
+        IPPROTO_ICMP
         IPPROTO_IPIP
+        IPPROTO_TCP
+        IPPROTO_UDP
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -44,6 +43,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
     enum:
+        AF_PACKET
         MSG_DONTWAIT
 
 cdef extern from "<linux/if_packet.h>" nogil:
@@ -62,10 +62,6 @@ cdef extern from "<linux/if_ether.h>" nogil:
         ETH_HLEN
         ETH_P_IP
 
-cdef extern from "<sys/socket.h>" nogil:
-    enum:
-        AF_PACKET
-
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -74,7 +70,6 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum:
         POLLIN
-        POLLERR
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
@@ -90,8 +85,6 @@ cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
 cdef extern from "<net/if.h>" nogil:
-    enum:
-        IFNAMSIZ
     struct ifreq:
         char ifr_name[16]       # IFNAMSIZ
         int ifr_mtu

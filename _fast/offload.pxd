@@ -8,8 +8,10 @@
 # for IPIP).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
-from ipv4 cimport *
-from linux cimport ETH_HLEN, htons
+from linux cimport ETH_HLEN, IPPROTO_TCP, htons
+from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_FRAG, IPV4_OFF_PROTO, IPV4_OFF_SRC,
+                   IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ipv4_ihl, load16, csum_add,
+                   csum_fold, checksum)
 
 cdef enum:
     VNET_HLEN = 10                  # sizeof(struct virtio_net_hdr); TUN's default
@@ -17,7 +19,6 @@ cdef enum:
     VNET_GSO_NONE = 0
     VNET_GSO_TCPV4 = 1
     VNET_GSO_ECN = 0x80             # CWR set in the superpacket: keep it on the first segment
-    IPPROTO_TCP_ = 6
     TCP_HLEN = 20
     TCP_OFF_SEQ = 4
     TCP_OFF_ACK = 8
@@ -71,14 +72,14 @@ cdef inline bint csum_complete(uint8_t *pkt, uint32_t len, const vnet_hdr *h) no
 
 cdef inline bint tcp_csum_ok(const uint8_t *ip, uint32_t ihl, uint32_t len) noexcept nogil:
     """Verify the TCP checksum of a whole IPv4/TCP packet."""
-    return csum_fold(acc_add(pseudo_header(ip, IPPROTO_TCP_, len - ihl),
+    return csum_fold(acc_add(pseudo_header(ip, IPPROTO_TCP, len - ihl),
                              csum_add(ip + ihl, len - ihl, 0))) == 0
 
 
 cdef inline bint tcp_csum_is_partial(const uint8_t *ip, uint32_t len) noexcept nogil:
     """Does the TCP checksum field hold just the pseudo-header sum (what the kernel leaves
     in a superpacket it coalesced, for the checksum to be completed later)?"""
-    cdef uint16_t want = ~csum_fold(pseudo_header(ip, IPPROTO_TCP_, len - IPV4_HLEN))
+    cdef uint16_t want = ~csum_fold(pseudo_header(ip, IPPROTO_TCP, len - IPV4_HLEN))
     cdef uint16_t have
     memcpy(&have, ip + IPV4_HLEN + TCP_OFF_CSUM, 2)
     return have == want
@@ -87,9 +88,9 @@ cdef inline bint tcp_csum_is_partial(const uint8_t *ip, uint32_t len) noexcept n
 cdef inline uint32_t tcp_header_len(const uint8_t *ip, uint32_t len) noexcept nogil:
     """Length of the TCP header of an IPv4 packet whose IHL was checked, or 0 if it is not a
     whole, unfragmented IPv4/TCP packet with at least one payload byte."""
-    cdef uint32_t ihl = (ip[0] & 15) * 4
+    cdef uint32_t ihl = ipv4_ihl(ip)
     cdef uint32_t thl
-    if ip[IPV4_OFF_PROTO] != IPPROTO_TCP_ or ihl + TCP_HLEN > len:
+    if ip[IPV4_OFF_PROTO] != IPPROTO_TCP or ihl + TCP_HLEN > len:
         return 0
     if load16(ip + IPV4_OFF_FRAG) & (IPV4_FLAG_MF | IPV4_FRAG_OFFSET_MASK):
         return 0

@@ -25,7 +25,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))     # the lab helpers
 from lab import Lab, nsx  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")

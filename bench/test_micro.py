@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fanpkt.fanmap import FanMap
-from fanpkt.native import engine_row, fastpath, new_counters
+from fanpkt.engine import MapRow, fastpath, new_counters
 
 from oracle import Oracle, checksum
 from packets import inner, outer
@@ -29,7 +29,7 @@ def packets(size):
 @pytest.mark.benchmark(group="encap")
 def test_encap_engine(benchmark, size):
     batch = fastpath.PacketBatch(packets(size))
-    eng, c = fastpath.Engine([engine_row(m) for m in TX]), new_counters()
+    eng, c = fastpath.Engine([MapRow.of(m) for m in TX]), new_counters()
     assert benchmark(batch.encap_all, eng, c) == BATCH
     benchmark.extra_info.update(packets=BATCH, size=size)
 
@@ -51,7 +51,7 @@ def ipip(size):
 @pytest.mark.benchmark(group="decap")
 def test_decap_engine(benchmark, size):
     batch = fastpath.PacketBatch(ipip(size))
-    eng, c = fastpath.Engine([engine_row(m) for m in RX]), new_counters()
+    eng, c = fastpath.Engine([MapRow.of(m) for m in RX]), new_counters()
     assert benchmark(batch.decap_all, eng, c) == BATCH
     benchmark.extra_info.update(packets=BATCH, size=size)
 
@@ -101,7 +101,7 @@ def test_map_numpy(benchmark):
 
 @pytest.mark.benchmark(group="map")
 def test_map_engine(benchmark):
-    eng = fastpath.Engine([engine_row(CLASSIC)])
+    eng = fastpath.Engine([MapRow.of(CLASSIC)])
     out, ok = np.empty_like(ALL), np.empty(ALL.shape, np.uint8)
     benchmark.pedantic(eng.map_batch, (ALL, out, ok), rounds=5, iterations=1)
     benchmark.extra_info.update(packets=ALL.size)

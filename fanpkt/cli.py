@@ -1,17 +1,23 @@
 """Command-line entry points: `fanpkt map|show|stats` and `fanpkt-forward`.
 
 Errors are FanError subclasses: printed as one line, `fanpkt: <message>`, with the class's
-exit status. Anything else escaping is a bug and keeps its traceback.
+exit status. Modules that need the compiled core (the forwarder) are imported inside that
+handling, so a missing build is exit status 8, not a traceback. Anything else escaping is
+a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import json
+import logging
 import sys
 
+from .config import KernelResolver, check_table, make_spec, parse_file, resolve_underlay
 from .errors import ConfigError, FanError
 from .fanmap import FanMap, ip
+
+FLAGS_HELP = "Flags: dhcp, host-reserve N, bridge NAME, nat, off."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,19 +27,10 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def _resolver():
-    from .config import KernelResolver
-    return KernelResolver()
-
-
-def _map_from_args(overlay: str, underlay: str) -> FanMap:
-    from .config import parse_overlay, resolve_underlay
-    return FanMap.parse(parse_overlay(overlay), resolve_underlay(underlay, _resolver()))
-
-
+# -- fanpkt map ------------------------------------------------------------------------
 def cmd_map(args) -> int:
     """Underlay host of overlay addresses, slice of underlay hosts; one answer a line."""
-    m = _map_from_args(args.overlay, args.underlay)
+    m = FanMap.parse(args.overlay, resolve_underlay(args.underlay, KernelResolver()))
     addrs = []
     for text in args.addresses:
         try:
@@ -46,60 +43,59 @@ def cmd_map(args) -> int:
         addrs.append(a)
     status = 0
     for a in addrs:
-        if m.in_overlay(a):
-            host = m.dest(a)
-            ok = m.routable(host)
-            info = {"address": ip(a), "kind": "overlay", "underlay_host": ip(host),
-                    "routable": ok}
-            if ok:
-                info.update(m.slice_info(host))
-            answer = ip(host)
+        overlay = m.in_overlay(a)
+        host = m.dest(a) if overlay else a
+        info = {"address": ip(a), "kind": "overlay" if overlay else "underlay"}
+        if overlay:
+            info["underlay_host"] = ip(host)
+        info["routable"] = m.routable(host)
+        if info["routable"]:
+            info.update(m.slice_info(host))
+            answer = ip(host) if overlay else info["slice"]
         else:
-            host = a
-            ok = m.routable(host)
-            info = {"address": ip(a), "kind": "underlay", "routable": ok}
-            if ok:
-                info.update(m.slice_info(host))
-            answer = info.get("slice")
-        info.update({"overlay": str(m.overlay_net), "underlay": str(m.underlay_net),
-                     "device": m.device_name})
-        if not ok:
-            what = "network" if host == m.underlay else "broadcast"
-            print(f"fanpkt: {ip(a)}: underlay host {ip(host)} is the underlay {what} "
-                  f"address: unroutable", file=sys.stderr)
+            print(f"fanpkt: {m.unroutable(a)}", file=sys.stderr)
             status = 1
             answer = "unroutable"
+        info.update({"overlay": str(m.overlay_net), "underlay": str(m.underlay_net),
+                     "device": m.device_name})
         print(json.dumps(info) if args.json else answer)
     return status
 
 
+# -- fanpkt show / stats ---------------------------------------------------------------
 def cmd_show(args) -> int:
     from .runstate import RunState
     state = RunState.find(args.run_dir).read_state()
-    rows = [("Bridge", "Underlay", "Overlay", "Flags")]
-    for fan in state["fans"]:
-        rows.append((fan["bridge"] or fan["device"], fan["underlay"], fan["overlay"],
-                     " ".join(fan["flags"]) or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(format_show(state))
     return 0
+
+
+def format_show(state) -> str:
+    """fanctl show's table: Bridge Underlay Overlay Flags."""
+    rows = [("Bridge", "Underlay", "Overlay", "Flags")]
+    for fan in state.fans:
+        rows.append((fan.bridge or fan.device, fan.underlay, fan.overlay,
+                     " ".join(fan.flags) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def cmd_stats(args) -> int:
     from .runstate import RunState
-    run = RunState.find(args.run_dir)
-    snap = run.read_counters()
-    if args.json:
-        print(json.dumps(snap, indent=2))
-        return 0
-    print(f"fanpkt-forward pid {snap['pid']}")
+    snap = RunState.find(args.run_dir).read_counters()
+    print(json.dumps(snap, indent=2) if args.json else format_stats(snap))
+    return 0
+
+
+def format_stats(snap: dict) -> str:
+    """Totals by direction: transmit counters and drops, then receive."""
+    lines = [f"fanpkt-forward pid {snap['pid']}"]
     for direction in ("tx", "rx"):
-        print(f"{direction}:")
+        lines.append(f"{direction}:")
         for name, value in snap["total"].items():
             if name.startswith(direction) or name.startswith(f"drop_{direction}"):
-                print(f"  {name:28} {value}")
-    return 0
+                lines.append(f"  {name:28} {value}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +118,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# -- fanpkt-forward --------------------------------------------------------------------
+def build_forward_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fanpkt-forward",
+                description="Forward Fan overlay traffic over IPIP, in userspace.",
+                epilog="Forms: fanpkt-forward -o 241.0.0.0/8 -u 172.16.3.4/16 [flags]; "
+                       "fanpkt-forward 241.0.0.0/8 172.16.3.4/16 [flags]; "
+                       f"fanpkt-forward -c /etc/network/fan. {FLAGS_HELP}")
+    p.add_argument("-o", "--overlay")
+    p.add_argument("-u", "--underlay")
+    p.add_argument("-c", "--config", help="a file in /etc/network/fan format")
+    p.add_argument("--no-spoof-check", action="store_true",
+                   help="accept IPIP whose inner source is not the sender's slice "
+                        "(as the original kernel does)")
+    p.add_argument("--underlay-send", choices=("frames", "ip"), default="frames",
+                   help="frames (default): packets to underlay hosts the kernel has already "
+                        "resolved go out as Ethernet frames through a packet socket, past the "
+                        "host's IP output path (its OUTPUT/POSTROUTING firewall rules and "
+                        "policy routes do not see them); ip: every packet through the "
+                        "kernel's IP output path")
+    p.add_argument("--run-dir", help="state directory (default: per network namespace)")
+    p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form and flags")
+    p.set_defaults(func=run_forward)
+    return p
+
+
+def run_forward(args) -> int:
+    from .forwarder import Forwarder          # needs the compiled core: BuildError if not
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="fanpkt-forward: %(message)s")
+    resolver = KernelResolver()
+    load = None
+    if args.config:
+        if args.overlay or args.underlay or args.words:
+            raise ConfigError("-c takes no map on the command line as well")
+        path = args.config
+        load = lambda: parse_file(path, resolver)  # noqa: E731
+        specs = load()
+    elif args.overlay or args.underlay:
+        if not (args.overlay and args.underlay):
+            raise ConfigError("give both -o OVERLAY and -u UNDERLAY")
+        specs = [make_spec(args.overlay, args.underlay, args.words, resolver)]
+    elif len(args.words) >= 2:
+        specs = [make_spec(args.words[0], args.words[1], args.words[2:], resolver)]
+    else:
+        raise ConfigError("no fan given: use -o OVERLAY -u UNDERLAY, OVERLAY UNDERLAY, "
+                          "or -c /etc/network/fan")
+    check_table(specs)
+    fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
+                    config_path=args.config, send_frames=args.underlay_send == "frames")
+    fwd.start()
+    fwd.serve(load)
+    return 0
+
+
 def run(argv, parser_factory) -> int:
     try:
         args = parser_factory().parse_args(argv)
@@ -138,8 +188,7 @@ def main(argv=None) -> int:
 
 
 def forward_main(argv=None) -> int:
-    from .forwarder import build_parser as forward_parser
-    return run(argv, forward_parser)
+    return run(argv, build_forward_parser)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The configuration users already have: /etc/network/fan lines and fanctl arguments
-(spec §3), resolved to FanSpec objects.
+(docs/design.md §3), resolved to FanSpec objects.
 
 Interface names and the default route are looked up through a Resolver; the kernel one
 uses pyroute2, tests pass their own.
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol
 
 from .errors import ConfigError
-from .fanmap import FanMap, FanTable, IFNAMSIZ
+from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
+MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
 
 
 class Resolver(Protocol):
@@ -56,7 +57,6 @@ class KernelResolver:
 class FanSpec:
     """One fan: a map plus the flags of its config line or fanctl command."""
     map: FanMap
-    underlay_text: str              # as the user wrote it, for `fanpkt show`
     dhcp: bool = False
     bridge: Optional[str] = None
     off: bool = False
@@ -83,33 +83,21 @@ class FanSpec:
         return (self.map, self.bridge, self.nat, self.dhcp)
 
 
-def parse_overlay(text: str) -> str:
-    """fanctl shorthand: '241' is 241.0.0.0/8."""
-    if text.isdigit():
-        if not 0 <= int(text) <= 255:
-            raise ConfigError(f"overlay {text!r} is not an octet (0..255)")
-        return f"{text}.0.0.0/8"
-    return text
-
-
 def resolve_underlay(text: str, resolver: Resolver) -> str:
     """Any fanctl underlay form -> 'A.B.C.D/W' naming this host and the underlay prefix."""
     left, sep, width = text.partition("/")
-    if sep:
-        if not width.isdigit() or not 0 < int(width) <= 32:
-            raise ConfigError(f"underlay {text!r}: prefix length must be 1..32")
-    else:
-        width = str(DEFAULT_UNDERLAY_LEN)
+    plen = (decimal(width, f"underlay {text!r}: prefix length", 1, 32) if sep
+            else DEFAULT_UNDERLAY_LEN)
     try:
         host = int(ipaddress.IPv4Address(left))
     except ValueError:
         if left == "default":
             left = resolver.default_interface()
-        elif not left or len(left) > IFNAMSIZ or all(ch.isdigit() or ch == "." for ch in left):
+        elif not left or len(left) > IFNAMSIZ or all(ch in "0123456789." for ch in left):
             raise ConfigError(f"underlay {text!r} is neither an IPv4 address nor an "
                               f"interface name") from None
         host = resolver.interface_address(left)
-    return f"{ipaddress.IPv4Address(host)}/{width}"
+    return f"{ipaddress.IPv4Address(host)}/{plen}"
 
 
 def parse_flags(tokens: list[str]) -> dict:
@@ -124,9 +112,7 @@ def parse_flags(tokens: list[str]) -> dict:
             if val is None:
                 raise ConfigError(f"flag {tok!r} needs a value")
             if tok == "host-reserve":
-                if not val.isdigit():
-                    raise ConfigError(f"host-reserve {val!r} is not a number")
-                out["host_reserve"] = int(val)
+                out["host_reserve"] = decimal(val, "host-reserve")
             elif tok == "bridge":
                 if len(val) > IFNAMSIZ or "/" in val or val in (".", ".."):
                     raise ConfigError(f"bridge name {val!r} is not a valid interface name")
@@ -143,10 +129,10 @@ def parse_flags(tokens: list[str]) -> dict:
 def make_spec(overlay: str, underlay: str, flag_tokens: list[str], resolver: Resolver,
               origin: str = "command line") -> FanSpec:
     flags = parse_flags(flag_tokens)
-    m = FanMap.parse(parse_overlay(overlay), resolve_underlay(underlay, resolver),
+    m = FanMap.parse(overlay, resolve_underlay(underlay, resolver),
                      flags.get("host_reserve", 1))
     m.local_slice                   # a fan to bring up needs a host: fail here if none
-    return FanSpec(m, underlay, dhcp=flags.get("dhcp", False), bridge=flags.get("bridge"),
+    return FanSpec(m, dhcp=flags.get("dhcp", False), bridge=flags.get("bridge"),
                    off=flags.get("off", False), nat=flags.get("nat", False), origin=origin)
 
 
@@ -180,7 +166,11 @@ def parse_file(path: str, resolver: Resolver) -> list[FanSpec]:
 
 
 def check_table(specs: list[FanSpec]) -> FanTable:
-    """Overlapping overlays (and duplicate bridges) are configuration errors."""
+    """Overlapping overlays, duplicate bridges and too many fans are configuration
+    errors."""
+    active = [s for s in specs if not s.off]
+    if len(active) > MAX_FANS:
+        raise ConfigError(f"{len(active)} fans: one forwarder runs at most {MAX_FANS}")
     table = FanTable()
     bridges: dict[str, str] = {}
     for s in specs:

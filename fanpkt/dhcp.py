@@ -1,4 +1,4 @@
-"""The `dhcp` flag (spec §5): a dnsmasq per fan bridge, serving slice.(K+1) up to the
+"""The `dhcp` flag (docs/design.md §11): a dnsmasq per fan bridge, serving slice.(K+1) up to the
 slice's last address before broadcast (slice.254 for a /24; K = host-reserve), with the
 slice gateway as router and the overlay MTU, and no DNS.
 
@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import asdict, dataclass
 
 from .config import FanSpec
 from .errors import FanError
@@ -27,11 +28,24 @@ LEASE_TIME = "12h"
 READY_TIMEOUT = 5.0         # seconds dnsmasq may take to bind its DHCP socket
 
 
+@dataclass
+class Dnsmasq:
+    """A running dnsmasq, as the fan's plumbing record keeps it."""
+    pid: int
+    pid_file: str
+    lease_file: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Dnsmasq":
+        return cls(int(d["pid"]), str(d["pid_file"]), str(d["lease_file"]))
+
+
 def pool(spec: FanSpec) -> tuple[int, int]:
-    """First and last address dnsmasq may hand out."""
-    m = spec.map
-    last = m.local_slice | (~mask(m.slice_len) & 0xFFFFFFFF)       # the slice's broadcast
-    return m.local_slice + m.host_reserve + 1, last - 1
+    """First and last address dnsmasq may hand out: the slice's container addresses."""
+    return spec.map.usable_range(spec.map.host)
 
 
 def command(spec: FanSpec, overlay_mtu: int, run_dir: str) -> list[str]:
@@ -47,23 +61,23 @@ def command(spec: FanSpec, overlay_mtu: int, run_dir: str) -> list[str]:
             f"--dhcp-leasefile={base}.leases", f"--pid-file={base}.pid"]
 
 
-def start(spec: FanSpec, overlay_mtu: int, run_dir: str) -> dict:
+def start(spec: FanSpec, overlay_mtu: int, run_dir: str) -> Dnsmasq:
     """Start the bridge's dnsmasq; returns the record stop() needs."""
     if shutil.which("dnsmasq") is None:
         raise FanError("the dhcp flag needs dnsmasq (`apt-get install dnsmasq-base`)")
     cmd = command(spec, overlay_mtu, run_dir)
-    rec = {"pid_file": cmd[-1].split("=", 1)[1], "lease_file": cmd[-2].split("=", 1)[1]}
+    pid_file, lease_file = cmd[-1].split("=", 1)[1], cmd[-2].split("=", 1)[1]
     try:
-        os.unlink(rec["pid_file"])
+        os.unlink(pid_file)
     except FileNotFoundError:
         pass
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    rec["pid"] = p.pid
+    rec = Dnsmasq(p.pid, pid_file, lease_file)
     # dnsmasq writes its pid file once its DHCP socket is bound: until then a DISCOVER
     # would go unanswered, so the fan is not reported up before it. A bad option or a
     # busy port ends it instead.
     deadline = time.monotonic() + READY_TIMEOUT
-    while not os.path.exists(rec["pid_file"]):
+    while not os.path.exists(rec.pid_file):
         if p.poll() is not None or time.monotonic() > deadline:
             stop(rec)
             why = (f"exited with status {p.returncode} (its message is above)"
@@ -73,7 +87,7 @@ def start(spec: FanSpec, overlay_mtu: int, run_dir: str) -> dict:
         time.sleep(0.02)
     first, last = pool(spec)
     log.info("%s: dhcp on %s, %s - %s, leases in %s", spec.map.overlay_net, spec.bridge,
-             ip(first), ip(last), rec["lease_file"])
+             ip(first), ip(last), rec.lease_file)
     return rec
 
 
@@ -92,10 +106,10 @@ def _gone(pid: int) -> bool:
         return not os.path.exists(f"/proc/{pid}")           # a crashed run's
 
 
-def stop(rec: dict) -> None:
+def stop(rec: Dnsmasq) -> None:
     """End the dnsmasq of a record (this run's or a crashed one's) and remove its files."""
-    pid = rec.get("pid")
-    if pid and _ours(pid, rec["pid_file"]):
+    pid = rec.pid
+    if pid and _ours(pid, rec.pid_file):
         try:
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 2
@@ -109,8 +123,8 @@ def stop(rec: dict) -> None:
             return
     elif pid:
         _gone(pid)              # exited by itself: reap it if it was our child
-    for name in ("pid_file", "lease_file"):
+    for path in (rec.pid_file, rec.lease_file):
         try:
-            os.unlink(rec[name])
-        except (KeyError, FileNotFoundError):
+            os.unlink(path)
+        except FileNotFoundError:
             pass

@@ -48,3 +48,8 @@ class AlreadyRunning(FanError):
 class BuildError(FanError):
     """The compiled core is missing."""
     exit_status = 8
+
+
+class LoopError(FanError):
+    """A forwarding loop died: the process stops, so that its supervisor restarts it."""
+    exit_status = 9

@@ -1,16 +1,15 @@
-"""The Fan address map (spec §1-2): validation, slice and destination math, reserved
-addresses, device names, a table of maps, and a numpy batch form.
+"""The Fan address map (docs/design.md §1-2): validation, slice and destination math,
+reserved addresses, device names, a table of maps, and a numpy batch form.
 
 Control-plane code: plain Python integers. The data path has its own C form of the same
-arithmetic in _fast/fanmap.pxd; tests hold the two to the same answers.
+arithmetic in _fast/fanmap.pxd; tests hold the two to the same answers. numpy is imported
+only by the batch form, so a forwarder never loads it.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from .errors import ConfigError, Unroutable
 
@@ -20,14 +19,42 @@ FORBIDDEN_OVERLAYS = tuple(ipaddress.IPv4Network(n) for n in
 MAX_SLICE_LEN = 30          # network, gateway, one container, broadcast
 IFNAMSIZ = 15               # Linux interface names, without the NUL
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 def mask(n: int) -> int:
     """The 32-bit mask with n leading ones."""
     return (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF if n else 0
 
 
+def hostmask(n: int) -> int:
+    """The 32-bit mask of the bits below an n-bit prefix: ~mask(n)."""
+    return ~mask(n) & 0xFFFFFFFF
+
+
 def ip(a: int) -> str:
     return str(ipaddress.IPv4Address(a))
+
+
+def decimal(text: str, what: str, lo: int = 0, hi: Optional[int] = None) -> int:
+    """A number written in ASCII digits, lo..hi; a clear error naming `what` otherwise.
+    (str.isdigit() also takes '²' and Arabic-Indic digits, which int() then rejects or
+    reads as numbers nobody meant.)"""
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"{what} {text!r} is not a number")
+    n = int(text)
+    if n < lo or (hi is not None and n > hi):
+        raise ConfigError(f"{what} {n} must be {lo}..{hi}" if hi is not None else
+                          f"{what} {n} must be at least {lo}")
+    return n
+
+
+def expand_overlay(text: str) -> str:
+    """fanctl's shorthand: '241' is 241.0.0.0/8; any other text is returned as it is."""
+    if text.isascii() and text.isdigit():
+        return f"{decimal(text, 'overlay', 0, 255)}.0.0.0/8"
+    return text
 
 
 def parse_prefix(text: str, what: str) -> tuple[int, int]:
@@ -39,9 +66,7 @@ def parse_prefix(text: str, what: str) -> tuple[int, int]:
         raise ConfigError(f"{what} {text!r} is not an IPv4 address") from None
     if not sep:
         raise ConfigError(f"{what} {text!r} needs a prefix length, e.g. {addr}/16")
-    if not width.isdigit() or not 0 <= int(width) <= 32:
-        raise ConfigError(f"{what} {text!r}: prefix length must be 0..32")
-    return a, int(width)
+    return a, decimal(width, f"{what} {text!r}: prefix length", 0, 32)
 
 
 @dataclass(frozen=True)
@@ -58,10 +83,10 @@ class FanMap:
         o, u = self.overlay_len, self.underlay_len
         onet = f"{ip(self.overlay)}/{o}"
         unet = f"{ip(self.underlay)}/{u}"
-        if self.overlay & ~mask(o) & 0xFFFFFFFF:
+        if self.overlay & hostmask(o):
             raise ConfigError(f"overlay {onet} is not a network address "
                               f"(did you mean {ip(self.overlay & mask(o))}/{o}?)")
-        if self.underlay & ~mask(u) & 0xFFFFFFFF:
+        if self.underlay & hostmask(u):
             raise ConfigError(f"underlay {unet} is not a network address "
                               f"(did you mean {ip(self.underlay & mask(u))}/{u}?)")
         if u <= o:
@@ -84,21 +109,18 @@ class FanMap:
             h = self.host
             if h & mask(u) != self.underlay:
                 raise ConfigError(f"host {ip(h)} is not inside underlay {unet}")
-            hb = h & ~mask(u) & 0xFFFFFFFF
-            if hb == 0 or hb == ~mask(u) & 0xFFFFFFFF:
-                raise ConfigError(f"host {ip(h)} is the {'network' if hb == 0 else 'broadcast'} "
-                                  f"address of underlay {unet}: it owns no usable slice")
+            why = self.why_unroutable(h)
+            if why:
+                raise ConfigError(f"host {why}: it owns no usable slice")
 
     # -- construction ------------------------------------------------------------------
     @classmethod
     def parse(cls, overlay: str, underlay: str, host_reserve: int = 1) -> "FanMap":
         """From 'O/o' (or fanctl's 'N' for N.0.0.0/8) and 'U/u' or fanctl's 'H/u'."""
-        if overlay.isdigit():
-            overlay = f"{overlay}.0.0.0/8"
-        oa, o = parse_prefix(overlay, "overlay")
+        oa, o = parse_prefix(expand_overlay(overlay), "overlay")
         ua, u = parse_prefix(underlay, "underlay")
         # fanctl's '172.16.3.4/16' names this host and the underlay 172.16.0.0/16 at once.
-        host = ua if ua & ~mask(u) & 0xFFFFFFFF else None
+        host = ua if ua & hostmask(u) else None
         return cls(oa, o, ua & mask(u), u, host, host_reserve)
 
     # -- derived values ----------------------------------------------------------------
@@ -136,31 +158,52 @@ class FanMap:
         """slice(H) = O | ((H & ~mask(u)) << (u - o)): the network address of H's slice."""
         if not self.in_underlay(h):
             raise ConfigError(f"{ip(h)} is not inside underlay {self.underlay_net}")
-        return self.overlay | ((h & ~mask(self.underlay_len) & 0xFFFFFFFF) << self.shift)
+        return self.overlay | ((h & hostmask(self.underlay_len)) << self.shift)
 
     def dest(self, d: int) -> int:
         """dest(D) = U | ((D & ~mask(o)) >> (u - o)): the underlay host of overlay address D."""
         if not self.in_overlay(d):
             raise ConfigError(f"{ip(d)} is not inside overlay {self.overlay_net}")
-        return self.underlay | ((d & ~mask(self.overlay_len) & 0xFFFFFFFF) >> self.shift)
+        return self.underlay | ((d & hostmask(self.overlay_len)) >> self.shift)
+
+    def why_unroutable(self, underlay_host: int) -> Optional[str]:
+        """None for a host that owns a slice; else why not, as a phrase naming it."""
+        hb = underlay_host & hostmask(self.underlay_len)
+        if hb == 0 or hb == hostmask(self.underlay_len):
+            what = "network" if hb == 0 else "broadcast"
+            return f"{ip(underlay_host)} is the {what} address of underlay {self.underlay_net}"
+        return None
 
     def routable(self, underlay_host: int) -> bool:
-        hb = underlay_host & ~mask(self.underlay_len) & 0xFFFFFFFF
-        return hb != 0 and hb != ~mask(self.underlay_len) & 0xFFFFFFFF
+        return self.why_unroutable(underlay_host) is None
+
+    def unroutable(self, a: int) -> Optional[str]:
+        """None if address a (overlay, or underlay host) leads to a slice; else the one
+        message that says why not."""
+        overlay = self.in_overlay(a)
+        why = self.why_unroutable(self.dest(a) if overlay else a)
+        if why is None:
+            return None
+        return f"{ip(a)} maps to underlay host {why}: unroutable" if overlay else \
+            f"{why}: unroutable"
 
     def dest_checked(self, d: int) -> int:
-        u = self.dest(d)
-        if not self.routable(u):
-            what = "network" if u == self.underlay else "broadcast"
-            raise Unroutable(f"{ip(d)} maps to {ip(u)}, the underlay {what} address: unroutable")
-        return u
+        why = self.unroutable(d)
+        if why:
+            raise Unroutable(why)
+        return self.dest(d)
+
+    def usable_range(self, h: int) -> tuple[int, int]:
+        """First and last container address of host h's slice: past the host reserve,
+        before the broadcast (design §2). dhcp hands out exactly these."""
+        net = self.slice_of(h)
+        return net + self.host_reserve + 1, net + self.slice_size - 2
 
     def slice_info(self, h: int) -> dict:
-        """Everything derived from host h's slice (spec §2)."""
+        """Everything derived from host h's slice (design §2)."""
         net = self.slice_of(h)
         size = self.slice_size
-        first = net + self.host_reserve + 1
-        last = net + size - 2
+        first, last = self.usable_range(h)
         return {
             "slice": f"{ip(net)}/{self.slice_len}",
             "gateway": ip(net + 1),
@@ -197,24 +240,26 @@ class FanMap:
         return f"{self.overlay_net} {under}"
 
     # -- batch form --------------------------------------------------------------------
-    def dest_batch(self, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def dest_batch(self, addrs: "np.ndarray") -> "tuple[np.ndarray, np.ndarray]":
         """Map a uint32 array of overlay addresses to underlay hosts, no Python loop.
 
         Returns (hosts, ok): ok is False where the address is outside the overlay or maps to
         the underlay network or broadcast (unroutable); hosts is 0 there.
         """
+        import numpy as np
         a = np.asarray(addrs, dtype=np.uint32)
         omask = np.uint32(mask(self.overlay_len))
-        hmask = np.uint32(~mask(self.underlay_len) & 0xFFFFFFFF)
+        hmask = np.uint32(hostmask(self.underlay_len))
         hb = (a & ~omask) >> np.uint32(self.shift)
         ok = ((a & omask) == np.uint32(self.overlay)) & (hb != 0) & (hb != hmask)
         hosts = np.where(ok, hb | np.uint32(self.underlay), np.uint32(0))
         return hosts, ok
 
-    def slice_batch(self, hosts: np.ndarray) -> np.ndarray:
+    def slice_batch(self, hosts: "np.ndarray") -> "np.ndarray":
         """slice(H) for a uint32 array of underlay hosts (no range check)."""
+        import numpy as np
         h = np.asarray(hosts, dtype=np.uint32)
-        hmask = np.uint32(~mask(self.underlay_len) & 0xFFFFFFFF)
+        hmask = np.uint32(hostmask(self.underlay_len))
         return (h & hmask) << np.uint32(self.shift) | np.uint32(self.overlay)
 
 

@@ -1,56 +1,40 @@
-"""fanpkt-forward: brings fans up, runs the compiled loops, reloads on SIGHUP, and takes
-everything down again.
+"""fanpkt-forward's lifecycle: bring fans up, serve (signals, neighbour refreshes, loop
+health), reload on SIGHUP, and take everything down again.
 
-Threads: one transmit loop per fan (its TUN -> the raw socket, or the packet socket for
-resolved neighbours) and one receive loop (the raw socket -> every fan's TUN). The main
-thread waits for signals and refreshes the neighbour table once a second and soon after
-the kernel announces a neighbour, link or route change. The loops read
-the engine's tables once per batch; a reload or a neighbour change installs a new table
-and frees the old one only after every loop has ticked past a batch boundary.
+Threads (docs/design.md §7): one transmit loop per fan (its TUN -> the raw socket, or the
+packet socket for resolved neighbours) and one receive loop (the raw socket -> every fan's
+TUN), all in fanpkt/engine.py. The main thread waits for signals and the kernel's
+announcements, refreshes the neighbour table, and watches the loops: if one dies, the
+process stops with an error, so that its supervisor restarts it.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import select
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
-from . import dhcp, plumbing
-from .config import FanSpec, KernelResolver, check_table, make_spec, parse_file
+from . import plumbing
+from .config import MAX_FANS, FanSpec, check_table
+from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
 from .errors import ConfigError, PrivilegeError
-from .fanmap import ip, mask
-from .native import COUNTER_BLOCK, COUNTER_NAMES, engine_row, fastpath
+from .fanmap import ip
 from .neighbours import NeighbourWatch
-from .runstate import RX_BLOCK, RunState
+from .plumbing import Plumbing
+from .runstate import RX_BLOCK, FanState, RunState, State, tx_block
 from .tun import Tun, check_tun_available
 from .underlay import Interface, interface_of, open_packet_socket, open_socket
 
 log = logging.getLogger("fanpkt")
 IPIP_OVERHEAD = 20
-MAX_FANS = 16
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
 NEIGH_EVENT_GAP = 0.2       # least time between refreshes the kernel's announcements cause
 TICK = 0.1                  # how long the main thread sleeps between looks at its events
-
-
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-PR_SET_NAME = 15
-
-
-def _set_thread_name(name: str) -> None:
-    """The kernel's name for this thread (15 chars), so `top -H` and the benchmark can
-    tell the transmit and receive loops apart."""
-    import ctypes
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_NAME, name[:15].encode(), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def has_net_caps() -> bool:
@@ -70,16 +54,22 @@ class Fan:
     slot: int
     underlay: Interface
     tun: Tun
-    plumbing: dict
-    loop: object = None
-    thread: Optional[threading.Thread] = None
+    plumbing: Plumbing
 
-    def describe(self) -> dict:
+    @property
+    def loop_name(self) -> str:
+        return f"tx-{self.tun.name[4:]}"
+
+    @property
+    def overlay_mtu(self) -> int:
+        return self.underlay.mtu - IPIP_OVERHEAD
+
+    def state(self) -> FanState:
         m = self.spec.map
-        return {"device": self.tun.name, "bridge": self.spec.bridge,
-                "overlay": str(m.overlay_net), "underlay": f"{ip(m.host)}/{m.underlay_len}",
-                "slice": f"{ip(m.local_slice)}/{m.slice_len}", "flags": self.spec.flags,
-                "mtu": self.underlay.mtu - IPIP_OVERHEAD, "plumbing": self.plumbing}
+        return FanState(device=self.tun.name, bridge=self.spec.bridge,
+                        overlay=str(m.overlay_net), underlay=f"{ip(m.host)}/{m.underlay_len}",
+                        slice=f"{ip(m.local_slice)}/{m.slice_len}", flags=self.spec.flags,
+                        mtu=self.overlay_mtu, plumbing=self.plumbing.to_json())
 
 
 class Forwarder:
@@ -92,14 +82,13 @@ class Forwarder:
         self.config_path = config_path
         self.run = RunState.find(run_dir)
         self.fans: dict[tuple, Fan] = {}
-        self.engine = fastpath.Engine((), check_spoof)
+        self.dp = Dataplane(check_spoof)
+        self.counters = None
         self.sock = None
         self.packet_sock = None
         self.neighbours: Optional[NeighbourWatch] = None
         self.neigh_entries: frozenset = frozenset()
         self.neigh_error: Optional[str] = None
-        self.rx_loop = None
-        self.rx_thread = None
         self.forward_before: Optional[str] = None
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
@@ -115,9 +104,11 @@ class Forwarder:
         leftovers = self.run.acquire()
         try:
             if leftovers:
-                plumbing.cleanup_leftovers(leftovers)
+                plumbing.cleanup_leftovers(
+                    [Plumbing.from_json(f.plumbing) for f in leftovers.fans],
+                    leftovers.ip_forward_before, leftovers.pid)
                 self.run.forget_leftovers()
-            self.counters = self.run.create_counters(MAX_FANS + 1, COUNTER_BLOCK)
+            self.counters = self.run.create_counters(tx_block(MAX_FANS), COUNTER_BLOCK)
             self.sock = open_socket()
             if self.send_frames:
                 self.packet_sock = open_packet_socket()
@@ -128,9 +119,7 @@ class Forwarder:
                 self._add_fan(spec)
             self._install_table()
             plumbing.nft_apply(self.specs)
-            self.rx_loop = fastpath.Loop()
-            self.rx_thread = self._spawn("rx", fastpath.run_rx, self.engine, self.rx_loop,
-                                         self.sock.fileno(), self._block(RX_BLOCK))
+            self.dp.start_rx(self.sock.fileno(), self.counters.block(RX_BLOCK))
             for fan in self.fans.values():
                 self._start_tx(fan)
             self.refresh_neighbours()
@@ -139,41 +128,21 @@ class Forwarder:
             self.stop()
             raise
 
-    def _block(self, idx: int):
-        return self.counters[idx * COUNTER_BLOCK:(idx + 1) * COUNTER_BLOCK]
-
-    def _spawn(self, name, target, *args) -> threading.Thread:
-        def run():
-            _set_thread_name(f"fanpkt-{name}")
-            target(*args)
-        t = threading.Thread(target=run, name=name, daemon=True)
-        t.start()
-        return t
-
     def _add_fan(self, spec: FanSpec) -> Fan:
         m = spec.map
         underlay = interface_of(m.host)
         used = {f.slot for f in self.fans.values()}
-        slot = next(i for i in range(MAX_FANS) if i not in used)
+        slot = min(set(range(MAX_FANS)) - used)     # check_table keeps fans <= MAX_FANS
         tun = Tun(m.device_name, underlay.mtu - IPIP_OVERHEAD)
         try:
-            rec = plumbing.attach(spec, tun.index, underlay.mtu - IPIP_OVERHEAD)
+            rec = plumbing.attach(spec, tun.index, underlay.mtu - IPIP_OVERHEAD,
+                                  self.run.path)
         except BaseException:
             tun.close()
             raise
-        if spec.dhcp and not spec.bridge:
-            log.warning("%s: flag dhcp ignored: DHCP needs the fan on a bridge (add "
-                        "'bridge NAME')", m.overlay_net)
-        elif spec.dhcp:
-            try:
-                rec["dhcp"] = dhcp.start(spec, underlay.mtu - IPIP_OVERHEAD, self.run.path)
-            except BaseException:
-                plumbing.detach(rec)
-                tun.close()
-                raise
         fan = Fan(spec, slot, underlay, tun, rec)
         self.fans[spec.key()] = fan
-        self._block(slot + 1)[:] = 0
+        self.counters.zero(tx_block(slot))
         self.publish()          # a crash from here on leaves a record of what to clean up
         log.info("up: %s over %s, host %s, slice %s/%d, device %s%s", m.overlay_net,
                  m.underlay_net, ip(m.host), ip(m.local_slice), m.slice_len, tun.name,
@@ -181,70 +150,33 @@ class Forwarder:
         return fan
 
     def _start_tx(self, fan: Fan) -> None:
-        fan.loop = fastpath.Loop()
         packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
-        fan.thread = self._spawn(f"tx-{fan.tun.name[4:]}", fastpath.run_tx, self.engine, fan.loop,
-                                 fan.tun.fd, self.sock.fileno(), packet_fd,
-                                 self._block(fan.slot + 1))
+        self.dp.start_tx(fan.tun.name[4:], fan.tun.fd, self.sock.fileno(), packet_fd,
+                         self.counters.block(tx_block(fan.slot)))
 
     def _install_table(self) -> None:
         rows = []
         for f in self.fans.values():
             u = f.underlay
             frames = self.packet_sock is not None and u.mac
-            rows.append(engine_row(f.spec.map, u.mtu, f.tun.fd, u.name,
-                                   u.index if frames else 0, u.mac if frames else b""))
-        self.engine.load(rows, self.check_spoof)
-        self._retire()
-
-    def _retire(self) -> None:
-        """Wait until no loop can still hold a table the engine replaced (each loop ticks
-        once per wake-up, at least every 200 ms), then free it."""
-        loops = [f.loop for f in self.fans.values() if f.loop is not None]
-        if self.rx_loop is not None:
-            loops.append(self.rx_loop)
-        marks = [(lp, lp.ticks) for lp in loops]
-        deadline = time.monotonic() + 5
-        while any(lp.ticks < t + 2 for lp, t in marks):
-            time.sleep(0.01)
-            if time.monotonic() > deadline:
-                log.warning("a forwarding loop is slow to pass a batch boundary; waiting")
-                deadline += 5
-        self.engine.retire()
+            rows.append(MapRow.of(f.spec.map, u.mtu, f.tun.fd, u.name,
+                                  u.index if frames else 0, u.mac if frames else b""))
+        self.dp.install(rows)
 
     def refresh_neighbours(self) -> None:
-        """Bring the engine's neighbour table in line with the kernel's, and have the
-        kernel re-check the STALE entries frames went to (see fanpkt/neighbours.py). Also
-        follow each fan's underlay address to the interface that holds it now: its MAC
-        changes on a bond's failover, its index when the interface is re-created, and
-        while no interface holds it no frames are sent."""
+        """Follow each fan's underlay address to its interface, and bring the engine's
+        neighbour table in line with the kernel's (fanpkt/neighbours.py)."""
         if self.neighbours is None or not self.fans:
             return
+        fans = list(self.fans.values())
         try:
-            now = self.neighbours.underlays({f.spec.map.host for f in self.fans.values()})
-            moved = False
-            for f in self.fans.values():
-                # The MTU stays the one the fan came up with: a lowered one is learnt from
-                # EMSGSIZE, and the TUN's does not change under a running forwarder.
-                u, n = f.underlay, now.get(f.spec.map.host)
-                cur = u._replace(mac=b"") if n is None else n._replace(mtu=u.mtu)
-                if cur != u:
-                    f.underlay = cur
-                    log.info("%s: underlay now %s (index %d), frames %s",
-                             f.spec.map.overlay_net, cur.name, cur.index,
-                             f"from {cur.mac.hex(':')}" if cur.mac else "off")
-                    moved = True
+            moved = self.neighbours.follow({f.spec.map.host: f.underlay for f in fans})
+            for f in fans:
+                f.underlay = moved.get(f.spec.map.host, f.underlay)
             if moved:
                 self._install_table()
-            links: dict[int, set] = {}
-            for f in self.fans.values():
-                if f.underlay.mac:
-                    m = f.spec.map
-                    links.setdefault(f.underlay.index, set()).add(
-                        (m.underlay, mask(m.underlay_len)))
-            used = self.engine.neighbours_used()
-            entries, stale = self.neighbours.scan(links)
-            self.neighbours.confirm({a: stale[a] for a in used if a in stale})
+            entries = self.neighbours.table([(f.spec.map, f.underlay) for f in fans],
+                                            self.dp.neighbours_used())
         except Exception as e:      # netlink trouble must not stop forwarding
             if str(e) != self.neigh_error:
                 log.warning("neighbour table refresh failed (%s); packets to hosts not yet "
@@ -253,19 +185,17 @@ class Forwarder:
             return
         self.neigh_error = None
         if entries != self.neigh_entries:
-            self.engine.set_neighbours(entries)
-            self._retire()
+            self.dp.set_neighbours(entries)
             self.neigh_entries = entries
 
     def publish(self) -> None:
         blocks = {"rx": RX_BLOCK}
-        blocks.update({f"tx:{f.tun.name}": f.slot + 1 for f in self.fans.values()})
-        self.run.write_state({
-            "pid": os.getpid(), "config": self.config_path, "check_spoof": self.check_spoof,
-            "fans": [f.describe() for f in self.fans.values()],
-            "ip_forward_before": self.forward_before,
-            "counter_names": COUNTER_NAMES, "counter_block": COUNTER_BLOCK,
-            "counter_blocks": blocks})
+        blocks.update({f"tx:{f.tun.name}": tx_block(f.slot) for f in self.fans.values()})
+        self.run.write_state(State(
+            pid=os.getpid(), config=self.config_path, check_spoof=self.check_spoof,
+            ip_forward_before=self.forward_before, counter_names=COUNTER_NAMES,
+            counter_block=COUNTER_BLOCK, counter_blocks=blocks,
+            fans=[f.state() for f in self.fans.values()]))
 
     # -- reload ------------------------------------------------------------------------
     def reload(self, specs: list[FanSpec]) -> None:
@@ -275,7 +205,7 @@ class Forwarder:
         wanted = {s.key(): s for s in specs}
         gone = [k for k in self.fans if k not in wanted]
         for k in gone:
-            self._stop_tx(self.fans[k])
+            self.dp.stop_loop(self.fans[k].loop_name)
         removed = [self.fans.pop(k) for k in gone]
         if removed:
             self._install_table()
@@ -297,11 +227,6 @@ class Forwarder:
         log.info("reloaded: %d fan(s) up, %d added, %d removed", len(self.fans), len(added),
                  len(removed))
 
-    def _stop_tx(self, fan: Fan) -> None:
-        if fan.loop is not None:
-            fan.loop.stop()
-            fan.thread.join()
-
     def _remove_fan(self, fan: Fan) -> None:
         fan.tun.close()
         plumbing.detach(fan.plumbing)
@@ -310,16 +235,7 @@ class Forwarder:
     # -- take down ---------------------------------------------------------------------
     def stop(self) -> None:
         """Stop every loop and remove everything this run created. Safe to call twice."""
-        for fan in self.fans.values():
-            if fan.loop is not None:
-                fan.loop.stop()
-        if self.rx_loop is not None:
-            self.rx_loop.stop()
-        for fan in self.fans.values():
-            if fan.thread is not None:
-                fan.thread.join()
-        if self.rx_thread is not None:
-            self.rx_thread.join()
+        self.dp.stop()
         for fan in list(self.fans.values()):
             self._remove_fan(fan)
         self.fans.clear()
@@ -354,8 +270,9 @@ class Forwarder:
                     "refreshed once a second only", e)
         return []
 
-    def serve(self, load_config=None) -> None:
-        """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration file."""
+    def serve(self, load_config: Optional[Callable[[], list[FanSpec]]] = None) -> None:
+        """Run until SIGTERM/SIGINT (or a loop dies: LoopError); SIGHUP re-reads the
+        configuration file."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_wanted.set())
@@ -367,6 +284,7 @@ class Forwarder:
                 # A signal handler only sets an event: select() resumes after it, so a
                 # stop is seen within TICK.
                 ready = select.select(bells, [], [], TICK)[0]
+                self.dp.check()
                 if ready:
                     try:
                         dirty |= self.neighbours.changed(ready)
@@ -383,63 +301,9 @@ class Forwarder:
                         continue
                     try:
                         self.reload(load_config())
-                    except ConfigError as e:
+                    except Exception as e:  # a bad file must not take the fans down
                         log.error("reload refused, keeping the running fans: %s", e)
         finally:
             log.info("stopping")
             self.stop()
             log.info("stopped; everything fanpkt created is removed")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
-    p = _Parser(prog="fanpkt-forward",
-                description="Forward Fan overlay traffic over IPIP, in userspace.",
-                epilog="Forms: fanpkt-forward -o 241.0.0.0/8 -u 172.16.3.4/16 [flags]; "
-                       "fanpkt-forward 241.0.0.0/8 172.16.3.4/16 [flags]; "
-                       "fanpkt-forward -c /etc/network/fan. Flags: dhcp, host-reserve N, "
-                       "bridge NAME, nat, off.")
-    p.add_argument("-o", "--overlay")
-    p.add_argument("-u", "--underlay")
-    p.add_argument("-c", "--config", help="a file in /etc/network/fan format")
-    p.add_argument("--no-spoof-check", action="store_true",
-                   help="accept IPIP whose inner source is not the sender's slice "
-                        "(as the original kernel does)")
-    p.add_argument("--underlay-send", choices=("frames", "ip"), default="frames",
-                   help="frames (default): packets to underlay hosts the kernel has already "
-                        "resolved go out as Ethernet frames through a packet socket, past the "
-                        "host's IP output path (its OUTPUT/POSTROUTING firewall rules and "
-                        "policy routes do not see them); ip: every packet through the "
-                        "kernel's IP output path")
-    p.add_argument("--run-dir", help="state directory (default: per network namespace)")
-    p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form and flags")
-    p.set_defaults(func=run_forward)
-    return p
-
-
-def run_forward(args) -> int:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="fanpkt-forward: %(message)s")
-    resolver = KernelResolver()
-    load = None
-    if args.config:
-        if args.overlay or args.underlay or args.words:
-            raise ConfigError("-c takes no map on the command line as well")
-        path = args.config
-        load = lambda: parse_file(path, resolver)  # noqa: E731
-        specs = load()
-    elif args.overlay or args.underlay:
-        if not (args.overlay and args.underlay):
-            raise ConfigError("give both -o OVERLAY and -u UNDERLAY")
-        specs = [make_spec(args.overlay, args.underlay, args.words, resolver)]
-    elif len(args.words) >= 2:
-        specs = [make_spec(args.words[0], args.words[1], args.words[2:], resolver)]
-    else:
-        raise ConfigError("no fan given: use -o OVERLAY -u UNDERLAY, OVERLAY UNDERLAY, "
-                          "or -c /etc/network/fan")
-    check_table(specs)
-    fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
-                    config_path=args.config, send_frames=args.underlay_send == "frames")
-    fwd.start()
-    fwd.serve(load)
-    return 0

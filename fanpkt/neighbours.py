@@ -21,14 +21,18 @@ than at the next poll or when a cached route verdict expires.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import time
 from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 
+from .fanmap import FanMap, ip, mask
+from .netlink import mac_bytes
 from .underlay import Interface, interfaces_holding
 
+log = logging.getLogger("fanpkt")
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08, 0x10, 0x80
 USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
 NTF_USE = 0x01
@@ -106,15 +110,15 @@ class NeighbourWatch:
         for msg in self.ipr.get_neighbours(family=socket.AF_INET):
             idx, state = msg["ifindex"], msg["state"]
             nets = links.get(idx)
-            lladdr = msg.get_attr("NDA_LLADDR")
-            if not nets or not state & USABLE or not lladdr or len(lladdr) != 17:
+            mac = mac_bytes(msg.get_attr("NDA_LLADDR"))
+            if not nets or not state & USABLE or not mac:
                 continue
             a = int(IPv4Address(msg.get_attr("NDA_DST")))
             if not any(a & mask == net for net, mask in nets):
                 continue
             if not self._direct(a, idx, now, known):
                 continue
-            entries.add((a, idx, bytes.fromhex(lladdr.replace(":", ""))))
+            entries.add((a, idx, mac))
             if state & NUD_STALE:
                 stale[a] = idx
         return frozenset(entries), stale
@@ -131,11 +135,35 @@ class NeighbourWatch:
         self.routes[a] = (verdict, now + ROUTE_TTL)
         return verdict
 
-    def underlays(self, addrs: set[int]) -> dict[int, Interface]:
-        """Where each local underlay address is now (absent if no interface holds it): a
-        bond's MAC changes on failover, a re-created interface (a NIC replugged) has a new
-        index."""
-        return interfaces_holding(self.ipr, addrs)
+    def follow(self, underlays: dict[int, Interface]) -> dict[int, Interface]:
+        """Follow each fan's underlay address (address -> the Interface it was on) to the
+        interface that holds it now: a bond's MAC changes on failover, a re-created
+        interface (a NIC replugged) has a new index, and while no interface holds it, it
+        gets no MAC, so no frames. Returns the changed ones only. The MTU stays the one
+        the fan came up with: a lowered one is learnt from EMSGSIZE, and the TUN's does
+        not change under a running forwarder."""
+        now = interfaces_holding(self.ipr, set(underlays))
+        moved = {}
+        for a, was in underlays.items():
+            n = now.get(a)
+            cur = was._replace(mac=b"") if n is None else n._replace(mtu=was.mtu)
+            if cur != was:
+                log.info("underlay address %s now on %s (index %d), frames %s", ip(a),
+                         cur.name, cur.index, f"from {cur.mac.hex(':')}" if cur.mac else "off")
+                moved[a] = cur
+        return moved
+
+    def table(self, fans: list[tuple[FanMap, Interface]], used: list[int]) -> frozenset:
+        """The engine's neighbour entries for these fans (map, its underlay interface),
+        as (address, ifindex, MAC); the STALE ones that frames went to (`used`, from the
+        engine's marks) are handed to the kernel to re-check."""
+        links: dict[int, set] = {}
+        for m, u in fans:
+            if u.mac:
+                links.setdefault(u.index, set()).add((m.underlay, mask(m.underlay_len)))
+        entries, stale = self.scan(links)
+        self.confirm({a: stale[a] for a in used if a in stale})
+        return entries
 
     def confirm(self, hosts: dict[int, int]) -> None:
         """Have the kernel re-check these STALE entries ({address: ifindex}), as it would

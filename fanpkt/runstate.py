@@ -1,9 +1,13 @@
-"""What a running forwarder publishes: a lock, state.json and the live counters.
+"""What a running forwarder publishes, and its layout: a lock, state.json and the live
+counters. This module owns both formats; writers and readers go through it.
 
 One forwarder per network namespace, so the state directory is keyed by the namespace's
-inode: `ip netns exec NS fanpkt stats` finds the forwarder of NS and no other. The
-counters are a file the loops' uint64 blocks are mapped onto: readers see them live, and
-the loops pay nothing to publish them.
+inode: `ip netns exec NS fanpkt stats` finds the forwarder of NS and no other.
+
+The counter file is an array of uint64 blocks of `counter_block` entries, one block per
+loop: block RX_BLOCK for the receive loop, tx_block(slot) for the transmit loop of the
+fan in that slot. The loops increment their block in place through the mapping, so
+readers see the counters live and the loops pay nothing to publish them.
 """
 from __future__ import annotations
 
@@ -11,26 +15,99 @@ import fcntl
 import json
 import mmap
 import os
+from dataclasses import asdict, dataclass, field
 from typing import Optional
-
-import numpy as np
 
 from .errors import AlreadyRunning, NotRunning
 
 RUN_ROOT = "/run/fanpkt"
-RX_BLOCK = 0                # block 0 is the receive loop; fan slot k transmits in block k + 1
+RX_BLOCK = 0
+
+
+def tx_block(slot: int) -> int:
+    """The counter block of the transmit loop of the fan in slot `slot`."""
+    return slot + 1
 
 
 def netns_dir(root: str = RUN_ROOT) -> str:
     return os.path.join(root, f"net-{os.stat('/proc/self/ns/net').st_ino}")
 
 
+@dataclass
+class FanState:
+    """One running fan, as `fanpkt show` lists it and crash cleanup undoes it."""
+    device: str
+    bridge: Optional[str]
+    overlay: str
+    underlay: str               # this host's address with the underlay prefix
+    slice: str
+    flags: list[str]
+    mtu: int                    # overlay MTU
+    plumbing: dict              # plumbing.Plumbing.to_json()
+
+
+@dataclass
+class State:
+    """state.json."""
+    pid: int
+    config: Optional[str]
+    check_spoof: bool
+    ip_forward_before: Optional[str]
+    counter_names: list[str]
+    counter_block: int
+    counter_blocks: dict[str, int] = field(default_factory=dict)   # loop name -> block
+    fans: list[FanState] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "State":
+        d = dict(d)
+        d["fans"] = [FanState(**f) for f in d.get("fans", [])]
+        return cls(**d)
+
+
+class Counters:
+    """The mapped counter file: block(i) is a live uint64 view of loop block i."""
+
+    def __init__(self, mm: mmap.mmap, block_len: int):
+        self._mm = mm
+        self.block_len = block_len
+        self._view = memoryview(mm).cast("Q")
+
+    def block(self, idx: int) -> memoryview:
+        return self._view[idx * self.block_len:(idx + 1) * self.block_len]
+
+    def zero(self, idx: int) -> None:
+        start = idx * self.block_len * 8
+        self._mm[start:start + self.block_len * 8] = bytes(self.block_len * 8)
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mm.close()
+        except BufferError:         # a loop's view is still alive; the map goes with it
+            pass
+
+
+def totals(state: State, raw: bytes) -> dict:
+    """Counters per loop and in total, from the counter file's bytes."""
+    vals = memoryview(raw).cast("Q")
+    names, block = state.counter_names, state.counter_block
+    loops = {}
+    for loop, idx in state.counter_blocks.items():
+        loops[loop] = {n: int(vals[idx * block + k]) for k, n in enumerate(names)
+                       if idx * block + k < len(vals)}
+    total = {n: sum(loop.get(n, 0) for loop in loops.values()) for n in names}
+    return {"pid": state.pid, "total": total, "loops": loops}
+
+
 class RunState:
     def __init__(self, path: str):
         self.path = path
         self.lock_fd: Optional[int] = None
-        self.counters: Optional[np.ndarray] = None
-        self._mm: Optional[mmap.mmap] = None
+        self.counters: Optional[Counters] = None
 
     @classmethod
     def find(cls, run_dir: Optional[str] = None) -> "RunState":
@@ -40,7 +117,7 @@ class RunState:
         return os.path.join(self.path, name)
 
     # -- the forwarder's side ----------------------------------------------------------
-    def acquire(self) -> Optional[dict]:
+    def acquire(self) -> Optional[State]:
         """Take the lock; return the state a crashed predecessor left, if any."""
         os.makedirs(self.path, mode=0o755, exist_ok=True)
         fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -48,9 +125,9 @@ class RunState:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            pid = self._read_json("state.json", {}).get("pid", "?")
+            state = self._read_state("state.json")
             raise AlreadyRunning(f"fanpkt-forward is already running in this network "
-                                 f"namespace (pid {pid})") from None
+                                 f"namespace (pid {state.pid if state else '?'})") from None
         self.lock_fd = fd
         # Set a crashed run's state aside at once: `fanpkt show` must not list its fans as
         # running while they are being cleaned up. It stays until forget_leftovers().
@@ -58,7 +135,7 @@ class RunState:
             os.replace(self.file("state.json"), self.file("leftover.json"))
         except FileNotFoundError:
             pass
-        return self._read_json("leftover.json", None)
+        return self._read_state("leftover.json")
 
     def forget_leftovers(self) -> None:
         """A crashed run's leftovers are cleaned up: drop its state."""
@@ -67,21 +144,21 @@ class RunState:
         except FileNotFoundError:
             pass
 
-    def create_counters(self, blocks: int, block_len: int) -> np.ndarray:
+    def create_counters(self, blocks: int, block_len: int) -> Counters:
         size = blocks * block_len * 8
         fd = os.open(self.file("counters"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, size)
-            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self.counters = np.frombuffer(self._mm, dtype=np.uint64)
+        self.counters = Counters(mm, block_len)
         return self.counters
 
-    def write_state(self, state: dict) -> None:
+    def write_state(self, state: State) -> None:
         tmp = self.file("state.json.tmp")
         with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
+            json.dump(state.to_json(), f, indent=1)
         os.replace(tmp, self.file("state.json"))
 
     def release(self) -> None:
@@ -93,12 +170,9 @@ class RunState:
                 os.unlink(self.file(name))
             except FileNotFoundError:
                 pass
-        self.counters = None            # the loops are gone; drop the view before the map
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass
+        if self.counters is not None:   # the loops are gone by now
+            self.counters.close()
+            self.counters = None
         os.close(self.lock_fd)
         self.lock_fd = None
         try:
@@ -107,12 +181,12 @@ class RunState:
             pass
 
     # -- the readers' side -------------------------------------------------------------
-    def _read_json(self, name: str, default):
+    def _read_state(self, name: str) -> Optional[State]:
         try:
             with open(self.file(name)) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return default
+                return State.from_json(json.load(f))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError, KeyError):
+            return None
 
     def is_running(self) -> bool:
         try:
@@ -127,20 +201,14 @@ class RunState:
             os.close(fd)
         return False
 
-    def read_state(self) -> dict:
-        state = self._read_json("state.json", None)
+    def read_state(self) -> State:
+        state = self._read_state("state.json")
         if state is None or not self.is_running():
             raise NotRunning("no fanpkt-forward is running in this network namespace")
         return state
 
     def read_counters(self) -> dict:
         state = self.read_state()
-        names, block = state["counter_names"], state["counter_block"]
         with open(self.file("counters"), "rb") as f:
-            raw = np.frombuffer(f.read(), dtype=np.uint64)
-        loops = {}
-        for loop, idx in state["counter_blocks"].items():
-            vals = raw[idx * block: idx * block + len(names)]
-            loops[loop] = {n: int(v) for n, v in zip(names, vals)}
-        total = {n: sum(loop[n] for loop in loops.values()) for n in names}
-        return {"pid": state["pid"], "total": total, "loops": loops}
+            raw = f.read()
+        return totals(state, raw[:len(raw) - len(raw) % 8])

@@ -9,8 +9,9 @@ import pytun
 from pyroute2 import IPRoute
 
 from .errors import DeviceError
+from .netlink import link_index
 
-TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (FIELD-NOTES)
+TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (design §8)
 
 # <linux/if_tun.h>: let the kernel hand us TCP superpackets and partial checksums, which
 # the compiled loops split and complete (_fast/offload.pxd).
@@ -23,11 +24,6 @@ def check_tun_available() -> None:
     if not os.path.exists("/dev/net/tun"):
         raise DeviceError("/dev/net/tun does not exist: load the tun module or give the "
                           "container access to /dev/net/tun")
-
-
-def link_index(ipr: IPRoute, name: str) -> int | None:
-    idx = ipr.link_lookup(ifname=name)
-    return idx[0] if idx else None
 
 
 def _sysctl(path: str, value: str) -> None:

@@ -3,7 +3,7 @@ facts about the local underlay interfaces.
 
 With no ipip module the kernel hands every protocol-4 datagram for a local address to raw
 sockets. IP_HDRINCL because the engine writes the outer header itself (TTL, DF and ECN
-follow the inner packet per spec §4, which the kernel's own header could not do per packet).
+follow the inner packet (design §4 T3), which the kernel's own header could not do per packet).
 
 The packet socket sends the same packets as Ethernet frames to underlay hosts the kernel
 has already resolved (fanpkt/neighbours.py): per packet it skips the kernel's IP output
@@ -20,6 +20,7 @@ from pyroute2 import IPRoute
 
 from .errors import AddressError
 from .fanmap import ip
+from .netlink import mac_bytes
 
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
@@ -61,10 +62,9 @@ def open_packet_socket() -> socket.socket:
 def frame_mac(link) -> bytes:
     """The MAC to send frames from on a link (a pyroute2 link message); b"" if the link is
     not Ethernet (a tun, a WireGuard or IPIP device, loopback)."""
-    mac = link.get_attr("IFLA_ADDRESS") or ""
-    if link["ifi_type"] != ARPHRD_ETHER or len(mac) != 17:
+    if link["ifi_type"] != ARPHRD_ETHER:
         return b""
-    return bytes.fromhex(mac.replace(":", ""))
+    return mac_bytes(link.get_attr("IFLA_ADDRESS"))
 
 
 def interfaces_holding(ipr, addrs: set[int]) -> dict[int, Interface]:

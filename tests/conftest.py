@@ -1,12 +1,9 @@
-"""Shared fixtures. Kernel-resource fixtures (namespaces, veth, TUN) live in netns.py."""
+"""Shared fixtures. The helper modules beside this file (lab, traffic, oracle, packets,
+vectors, engine_impl) are importable by name: pyproject.toml puts tests/ on pytest's
+pythonpath."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 
 from fanpkt.fanmap import FanMap
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from fanpkt.native import fastpath
+from fanpkt.engine import fastpath
 
 from oracle import checksum
 

@@ -5,7 +5,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, IPerror, defragment
 
 from fanpkt.fanmap import FanMap
-from fanpkt.native import COUNTER_NAMES, engine_row, fastpath, new_counters
+from fanpkt.engine import COUNTER_NAMES, MapRow, fastpath, new_counters
 
 from conftest import classic_maps
 from packets import a, inner
@@ -106,10 +106,10 @@ def test_too_big_without_df_is_encapsulated_whole(impl):
 def test_too_big_without_df_leaves_as_fragments_that_reassemble(size, mtu):
     """What the transmit loop sends: fragments of at most the underlay MTU, the payload in
     multiples of 8, one ID, MF on all but the last; together the whole outer packet."""
-    eng = fastpath.Engine([engine_row(MAP, mtu)])
+    eng = fastpath.Engine([MapRow.of(MAP, mtu)])
     c = new_counters()
     pkt = inner(size=size, df=False)
-    v, reason, frags, dst = fastpath.transmit(eng, bytes(10), pkt, c)
+    v, reason, frags, dst = fastpath.Harness(eng, c).transmit(bytes(10), pkt)
     assert v.name == "VERDICT_SEND" and dst == a("172.16.6.7")
     parts = [IP(f) for f in frags]
     assert len(parts) == -(-(size) // ((mtu - 20) // 8 * 8)) > 1

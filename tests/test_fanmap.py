@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fanpkt.errors import ConfigError, Unroutable
 from fanpkt.fanmap import FanMap, FanTable, ip, mask
-from fanpkt.native import engine_row, fastpath
+from fanpkt.engine import MapRow, fastpath
 
 from packets import a
 from vectors import UNROUTABLE_TARGET, VECTORS
@@ -33,7 +33,7 @@ def test_vectors(overlay, underlay, host, slc, dst, under):
 @pytest.mark.parametrize("overlay,underlay,host,slc,dst,under", VECTORS)
 def test_vectors_engine_and_numpy(overlay, underlay, host, slc, dst, under):
     m = FanMap.parse(overlay, f"{host}/{underlay.split('/')[1]}")
-    eng = fastpath.Engine([engine_row(m)])
+    eng = fastpath.Engine([MapRow.of(m)])
     idx, got, ok = eng.dest(a(dst))
     hosts, oks = m.dest_batch(np.array([a(dst)], dtype=np.uint32))
     assert idx == 0 and ok == oks[0] == (under is not None)
@@ -124,7 +124,7 @@ def test_slice_maps_back_to_host(m, hbits, cbits):
     net = m.slice_of(h)
     d = net | (cbits & ~mask(m.slice_len) & 0xFFFFFFFF)    # any address in the slice
     assert m.dest(d) == h
-    eng = fastpath.Engine([engine_row(FanMap(m.overlay, m.overlay_len, m.underlay,
+    eng = fastpath.Engine([MapRow.of(FanMap(m.overlay, m.overlay_len, m.underlay,
                                              m.underlay_len, h))])
     assert eng.dest(d)[1:] == (h, True)
     hosts, ok = m.dest_batch(np.array([d, net], dtype=np.uint32))
@@ -172,6 +172,6 @@ def test_whole_classic_overlay_round_trips():
     assert np.array_equal(back, addrs[ok] & np.uint32(0xFFFFFF00))
     eng_out = np.empty_like(addrs)
     eng_ok = np.empty(addrs.shape, dtype=np.uint8)
-    fastpath.Engine([engine_row(FanMap.parse("241.0.0.0/8", "172.16.3.4/16"))]).map_batch(
+    fastpath.Engine([MapRow.of(FanMap.parse("241.0.0.0/8", "172.16.3.4/16"))]).map_batch(
         addrs, eng_out, eng_ok)
     assert np.array_equal(eng_ok.astype(bool), ok) and np.array_equal(eng_out, hosts)

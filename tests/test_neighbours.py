@@ -15,8 +15,9 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from fanpkt.fanmap import FanMap
-from fanpkt.native import engine_row, fastpath, new_counters
+from fanpkt.engine import MapRow, fastpath, new_counters
 from fanpkt.neighbours import NeighbourWatch
+from fanpkt.underlay import Interface
 from lab import nsx
 from packets import PAYLOAD, superpacket, vnet
 
@@ -29,7 +30,7 @@ NO_OFFLOAD = vnet()
 
 
 def engine(ifindex=7, neighbours=((PEER, 7, PEER_MAC),)):
-    eng = fastpath.Engine([engine_row(TX, 1500, -1, "eth0", ifindex,
+    eng = fastpath.Engine([MapRow.of(TX, 1500, -1, "eth0", ifindex,
                                       MY_MAC if ifindex else b"")])
     eng.set_neighbours(neighbours)
     return eng
@@ -37,8 +38,8 @@ def engine(ifindex=7, neighbours=((PEER, 7, PEER_MAC),)):
 
 def test_resolved_neighbour_gets_a_frame_around_the_same_packet():
     c, plain = new_counters(), new_counters()
-    v, _, outs, dst = fastpath.transmit(engine(), NO_OFFLOAD, PLAIN, c, ip_id=9)
-    _, _, ref, _ = fastpath.transmit(engine(neighbours=()), NO_OFFLOAD, PLAIN, plain, ip_id=9)
+    v, _, outs, dst = fastpath.Harness(engine(), c).transmit(NO_OFFLOAD, PLAIN)
+    _, _, ref, _ = fastpath.Harness(engine(neighbours=()), plain).transmit(NO_OFFLOAD, PLAIN)
     assert v.name == "VERDICT_SEND" and dst == PEER and len(outs) == 1
     frame = Ether(outs[0])
     assert (frame.dst, frame.src, frame.type) == ("02:aa:bb:cc:dd:02", "02:aa:bb:cc:dd:01",
@@ -51,8 +52,7 @@ def test_resolved_neighbour_gets_a_frame_around_the_same_packet():
 
 def test_tso_segments_all_go_as_frames():
     c = new_counters()
-    v, _, outs, _ = fastpath.transmit(engine(), vnet(1, 1, 52, 1428, 20, 16),
-                                      superpacket(), c)
+    v, _, outs, _ = fastpath.Harness(engine(), c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket())
     assert v.name == "VERDICT_SEND" and len(outs) == -(-len(PAYLOAD) // 1428)
     data = b""
     for o in outs:
@@ -71,8 +71,7 @@ def test_tso_segments_all_go_as_frames():
     (7, ((PEER + 1, 7, PEER_MAC),)),            # another host resolved
 ])
 def test_otherwise_the_raw_socket_gets_the_ip_packet(ifindex, neighbours):
-    v, _, outs, _ = fastpath.transmit(engine(ifindex, neighbours), NO_OFFLOAD, PLAIN,
-                                      new_counters())
+    v, _, outs, _ = fastpath.Harness(engine(ifindex, neighbours), new_counters()).transmit(NO_OFFLOAD, PLAIN)
     assert v.name == "VERDICT_SEND" and IP(outs[0]).dst == "172.16.6.7"
     assert len(outs[0]) == len(PLAIN) + 20
 
@@ -80,7 +79,7 @@ def test_otherwise_the_raw_socket_gets_the_ip_packet(ifindex, neighbours):
 def test_used_marks_report_where_frames_went_and_reset():
     eng = engine(neighbours=((PEER, 7, PEER_MAC), (PEER + 1, 7, PEER_MAC)))
     assert eng.neighbours_used() == []
-    fastpath.transmit(eng, NO_OFFLOAD, PLAIN, new_counters())
+    fastpath.Harness(eng, new_counters()).transmit(NO_OFFLOAD, PLAIN)
     assert eng.neighbours_used() == [PEER]
     assert eng.neighbours_used() == []
 
@@ -95,7 +94,7 @@ def test_large_table_finds_every_entry():
         a = IPv4Address(h)
         pkt = bytes(IP(src="241.3.4.9", dst=f"241.{a.packed[2]}.{a.packed[3]}.5") /
                     UDP() / Raw(b"y"))
-        v, _, outs, dst = fastpath.transmit(eng, NO_OFFLOAD, pkt, new_counters())
+        v, _, outs, dst = fastpath.Harness(eng, new_counters()).transmit(NO_OFFLOAD, pkt)
         if v.name == "VERDICT_SEND":            # not this host's own slice
             assert dst == h and Ether(outs[0]).dst == ":".join(f"{b:02x}" for b in macs[h])
 
@@ -128,11 +127,14 @@ def test_watch_follows_the_kernel(lab):
     try:
         mac1 = bytes.fromhex(nsx(h1, "cat", "/sys/class/net/eth0/address").stdout.strip()
                              .replace(":", ""))
-        a1 = int(IPv4Address("172.16.1.1"))
-        found = w.underlays({a1, int(IPv4Address("172.16.5.5"))})
-        assert list(found) == [a1]
-        assert (found[a1].name, found[a1].index, found[a1].mtu, found[a1].mac) == \
-            ("eth0", idx, 1500, mac1)
+        a1, a5 = int(IPv4Address("172.16.1.1")), int(IPv4Address("172.16.5.5"))
+        # a1 is on eth0 (frames from its MAC); no interface holds a5, so no frames; the MTU
+        # is the one each fan came up with
+        was = {a1: Interface("eth0", idx, 1400, b""), a5: Interface("eth9", 99, 1500, mac2)}
+        moved = w.follow(was)
+        assert moved == {a1: Interface("eth0", idx, 1400, mac1),
+                         a5: Interface("eth9", 99, 1500, b"")}
+        assert w.follow({**was, **moved}) == {}
         entries, stale = w.scan(links)
         assert entries == {(int(IPv4Address("172.16.2.1")), idx, mac2),
                            (int(IPv4Address("172.16.9.9")), idx, bytes.fromhex("020000000909"))}

@@ -8,7 +8,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
 from fanpkt.fanmap import FanMap
-from fanpkt.native import engine_row, fastpath, new_counters
+from fanpkt.engine import MapRow, fastpath, new_counters
 from packets import PAYLOAD, superpacket, vnet
 
 TX = FanMap.parse("241.0.0.0/8", "172.16.3.4/16")
@@ -16,10 +16,10 @@ RX = FanMap.parse("241.0.0.0/8", "172.16.6.7/16")
 
 
 def test_tso_split_segments_are_valid_tcp():
-    eng, c = fastpath.Engine([engine_row(TX)]), new_counters()
+    eng, c = fastpath.Engine([MapRow.of(TX)]), new_counters()
     pkt = superpacket()
     mss = 1428
-    v, reason, outs, dst = fastpath.transmit(eng, vnet(1, 1, 52, mss, 20, 16), pkt, c)
+    v, reason, outs, dst = fastpath.Harness(eng, c).transmit(vnet(1, 1, 52, mss, 20, 16), pkt)
     assert v.name == "VERDICT_SEND" and reason == -1
     assert len(outs) == -(-len(PAYLOAD) // mss)
     data = b""
@@ -45,7 +45,7 @@ def test_tso_split_segments_are_valid_tcp():
 
 
 def test_partial_checksum_completed():
-    eng, c = fastpath.Engine([engine_row(TX)]), new_counters()
+    eng, c = fastpath.Engine([MapRow.of(TX)]), new_counters()
     p = IP(src="241.3.4.9", dst="241.6.7.8") / TCP(sport=1, dport=2) / Raw(b"x" * 333)
     raw = bytearray(bytes(p))
     good = raw[36:38]
@@ -54,25 +54,25 @@ def test_partial_checksum_completed():
     s = sum(struct.unpack("!6H", ph))
     s = (s & 0xFFFF) + (s >> 16)
     raw[36:38] = struct.pack("!H", s & 0xFFFF)
-    v, _, outs, _ = fastpath.transmit(eng, vnet(1, 0, 0, 0, 20, 16), bytes(raw), c)
+    v, _, outs, _ = fastpath.Harness(eng, c).transmit(vnet(1, 0, 0, 0, 20, 16), bytes(raw))
     assert v.name == "VERDICT_SEND"
     assert outs[0][20 + 36:20 + 38] == good
 
 
 def test_bad_gso_header_is_a_counted_drop():
-    eng, c = fastpath.Engine([engine_row(TX)]), new_counters()
+    eng, c = fastpath.Engine([MapRow.of(TX)]), new_counters()
     udp = bytes(IP(src="241.3.4.9", dst="241.6.7.8", proto=17) / Raw(b"y" * 3000))
-    v, reason, outs, _ = fastpath.transmit(eng, vnet(1, 1, 28, 1000, 20, 6), udp, c)
+    v, reason, outs, _ = fastpath.Harness(eng, c).transmit(vnet(1, 1, 28, 1000, 20, 6), udp)
     assert v.name == "VERDICT_DROP" and outs == []
     assert fastpath.counter_names()[reason] == "drop_tx_bad_offload"
 
 
 def test_gro_coalesces_and_round_trips():
-    tx = fastpath.Engine([engine_row(TX)])
-    rx = fastpath.Engine([engine_row(RX)])
+    tx = fastpath.Engine([MapRow.of(TX)])
+    rx = fastpath.Engine([MapRow.of(RX)])
     c = new_counters()
-    _, _, outs, _ = fastpath.transmit(tx, vnet(1, 1, 52, 1428, 20, 16), superpacket(), c)
-    written = fastpath.receive(rx, outs, c)
+    _, _, outs, _ = fastpath.Harness(tx, c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket())
+    written = fastpath.Harness(rx, c).receive(outs)
     assert len(written) == 1
     idx, segs, buf = written[0]
     assert segs == len(outs)
@@ -82,19 +82,19 @@ def test_gro_coalesces_and_round_trips():
     assert big.len == len(buf) - 10 and bytes(big[TCP].payload) == PAYLOAD
     assert "P" in str(big[TCP].flags)
     # split again: the same segments, byte for byte
-    _, _, again, _ = fastpath.transmit(tx, buf[:10], buf[10:], c, ip_id=0)
+    _, _, again, _ = fastpath.Harness(tx, c).transmit(buf[:10], buf[10:])
     assert [o[20:] for o in again] == [o[20:] for o in outs]
 
 
 def test_gro_keeps_a_corrupt_segment_apart():
-    tx = fastpath.Engine([engine_row(TX)])
-    rx = fastpath.Engine([engine_row(RX)])
+    tx = fastpath.Engine([MapRow.of(TX)])
+    rx = fastpath.Engine([MapRow.of(RX)])
     c = new_counters()
-    _, _, outs, _ = fastpath.transmit(tx, vnet(1, 1, 52, 1428, 20, 16), superpacket(), c)
+    _, _, outs, _ = fastpath.Harness(tx, c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket())
     bad = bytearray(outs[3])
     bad[-1] ^= 0xFF
     outs[3] = bytes(bad)
-    written = fastpath.receive(rx, outs, c)
+    written = fastpath.Harness(rx, c).receive(outs)
     assert [w[1] for w in written][:2] == [3, 1]          # the bad one is written alone
     assert sum(w[1] for w in written) == len(outs)
 
@@ -103,18 +103,17 @@ def test_gro_never_merges_past_a_later_packet_of_the_connection():
     """A segment that continues an older superpacket of its connection, with another packet
     of that connection written in between, starts a new one: merging it would deliver it
     ahead of the packet in between."""
-    tx = fastpath.Engine([engine_row(TX)])
-    rx = fastpath.Engine([engine_row(RX)])
+    tx = fastpath.Engine([MapRow.of(TX)])
+    rx = fastpath.Engine([MapRow.of(RX)])
     c = new_counters()
-    _, _, outs, _ = fastpath.transmit(tx, vnet(1, 1, 52, 1428, 20, 16),
-                                      superpacket(PAYLOAD[:2856], flags="A"), c)
+    _, _, outs, _ = fastpath.Harness(tx, c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket(PAYLOAD[:2856], flags="A"))
     # a packet of the same connection with other TCP options (so another header length),
     # e.g. a window probe, sent between the two segments
     probe = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") /
                   TCP(sport=4000, dport=5201, seq=999, ack=7, flags="A",
                       options=[("Timestamp", (1, 2)), ("NOP", None), ("NOP", None),
                                ("SAck", (1, 2))]) / Raw(b"z"))
-    _, _, (outer_probe,), _ = fastpath.transmit(tx, vnet(), probe, c)
-    written = fastpath.receive(rx, [outs[0], outer_probe, outs[1]], c)
+    _, _, (outer_probe,), _ = fastpath.Harness(tx, c).transmit(vnet(), probe)
+    written = fastpath.Harness(rx, c).receive([outs[0], outer_probe, outs[1]])
     assert [w[1] for w in written] == [1, 1, 1]
     assert [IP(w[2][10:])[TCP].seq for w in written] == [1000, 999, 1000 + 1428]

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+sys.path.insert(0, TESTS)           # the lab helpers the data-path tests use
 from lab import FANPKT, Lab, nsx  # noqa: E402
 
-TRAFFIC = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "tests",
-                                        "traffic.py")]
+TRAFFIC = [sys.executable, os.path.join(TESTS, "traffic.py")]
 
 
 def say(text):

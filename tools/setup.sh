@@ -15,10 +15,13 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # pip's build chatter goes to a log that is shown only when something fails
-if ! { python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e '.[test]'; } \
+if ! { python3 -m pip install -q --upgrade pip && python3 -m pip install -q -e '.[test,bench]'; } \
     >"$log" 2>&1; then
   cat "$log" >&2
   echo "tools/setup.sh: pip install failed (log above)" >&2
   exit 1
 fi
-python3 -c "import fanpkt.native" # one line if the compiled core did not build
+# one line, exit 8, if the compiled core did not build
+python3 -c "import sys; from fanpkt.errors import BuildError
+try: import fanpkt.engine
+except BuildError as e: sys.exit(f'tools/setup.sh: {e}')"

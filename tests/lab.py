@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-FANPKT = [sys.executable, "-m", "fanpkt.cli"]
+FANPKT = [sys.executable, "-m", "fanpkt"]
 FORWARD = [sys.executable, "-c", "import sys; from fanpkt.cli import forward_main; "
            "sys.exit(forward_main())"]
 

@@ -1,0 +1,139 @@
+# Receive with TUN offloads (included by fastpath.pyx). A burst of datagrams from
+# recvmmsg is decapsulated (decap_one); consecutive TCP segments of one flow in it are
+# appended to the first (GRO) and written as one superpacket, which the kernel takes as
+# already checksummed (NEEDS_CSUM) - so every segment's TCP checksum is verified before it
+# is merged. Only the newest superpacket of a flow takes more, so a flow's order is kept.
+
+cdef enum:
+    GRO_SCAN = 8                # how far back a segment looks for its flow
+
+cdef struct rx_out:
+    uint8_t *pkt                # inner packet; VNET_HLEN free bytes in front of it
+    uint32_t len
+    int map_index
+    uint32_t segs               # underlay packets in it
+    uint32_t bytes              # their inner bytes
+    uint32_t gso_size           # payload of the first segment
+    uint32_t thl                # TCP header length; 0: not TCP
+    bint open                   # may take more segments
+    bint csum_ok                # the first segment's TCP checksum was verified
+    bint kernel_gro             # merged by the underlay's GRO before we saw it
+
+
+cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept nogil:
+    """Append segment p (same flow as o) to o if it continues it; False if it must start
+    a superpacket of its own."""
+    cdef uint32_t pay = len - IPV4_HLEN - thl
+    cdef uint32_t have = o.len - IPV4_HLEN - o.thl
+    cdef uint8_t flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
+    if not o.open or pay > o.gso_size or o.len + pay > 0xffff:
+        return False
+    if load32(p + IPV4_HLEN + TCP_OFF_SEQ) != load32(o.pkt + IPV4_HLEN + TCP_OFF_SEQ) + have:
+        return False
+    if not o.csum_ok:
+        if not tcp_csum_ok(o.pkt, IPV4_HLEN, o.len):
+            o.open = False
+            return False
+        o.csum_ok = True
+    if not tcp_csum_ok(p, IPV4_HLEN, len):
+        return False
+    memcpy(o.pkt + o.len, p + IPV4_HLEN + thl, pay)
+    o.len += pay
+    o.segs += 1
+    o.bytes += len
+    if flags & TCP_PSH:
+        o.pkt[IPV4_HLEN + TCP_OFF_FLAGS] |= TCP_PSH
+        o.open = False          # PSH ends a superpacket, as the kernel's GRO does
+    if pay < o.gso_size:
+        o.open = False          # only the last segment may be short
+    return True
+
+
+cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
+                   uint32_t mtu) noexcept nogil:
+    """Add a decapsulated packet to the batch's outputs: merged into its connection's
+    newest output if that can take it, else as a new output. Never into an older one: that
+    would deliver the segment ahead of the packets in between. mtu is the map's underlay
+    MTU. Returns the new number of outputs."""
+    cdef uint32_t thl = 0, seg_max = 0
+    cdef uint8_t flags
+    cdef rx_out *o
+    cdef int k
+    cdef bint kernel_gro = False, candidate = False
+    if p[0] == 0x45:
+        thl = tcp_header_len(p, len)
+    if thl:
+        # Longer than any one segment from a peer with our MTU: the underlay NIC's GRO
+        # merged it (the kernel's IPIP GRO is built in, module or not), verifying every
+        # segment's checksum and leaving the pseudo-header sum in the TCP checksum field
+        # (tcp4_gro_complete). Written as the superpacket it is; segments are seg_max long.
+        seg_max = mtu - 2 * IPV4_HLEN - thl if mtu > 2 * IPV4_HLEN + thl else 1
+        if len - IPV4_HLEN - thl > seg_max and tcp_csum_is_partial(p, len):
+            kernel_gro = True
+        else:
+            # Candidates: DF, and only ACK (PSH) set: SYN, FIN, RST, URG, CWR, ECE never.
+            flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
+            candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
+                         and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
+        k = n - 1
+        while k >= 0 and k >= n - GRO_SCAN:
+            o = &outs[k]
+            if o.thl and o.map_index == map_index and tcp_same_connection(o.pkt, p):
+                if (candidate and o.thl == thl and gro_same_flow(o.pkt, p, thl)
+                        and gro_append(o, p, len, thl)):
+                    return n
+                break
+            k -= 1
+    o = &outs[n]
+    o.pkt = p
+    o.len = len
+    o.map_index = map_index
+    o.segs = 1
+    o.bytes = len
+    o.thl = thl                 # every TCP output, so that its connection stops the scan
+    o.gso_size = seg_max if kernel_gro else len - IPV4_HLEN - thl
+    o.open = candidate and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)
+    o.csum_ok = False
+    o.kernel_gro = kernel_gro
+    return n + 1
+
+
+cdef void rx_finish(rx_out *o) noexcept nogil:
+    """Put the virtio header in front of an output; a superpacket also gets its IP total
+    length, header checksum and, in the TCP checksum field, the pseudo-header sum the
+    kernel completes (NEEDS_CSUM) if it ever splits the superpacket again."""
+    cdef vnet_hdr h
+    cdef uint16_t c16
+    memset(&h, 0, sizeof(h))
+    if o.segs > 1:
+        store16(o.pkt + IPV4_OFF_TOT_LEN, o.len)
+        ipv4_set_header_csum(o.pkt, IPV4_HLEN)
+        c16 = ~csum_fold(pseudo_header(o.pkt, IPPROTO_TCP, o.len - IPV4_HLEN))
+        memcpy(o.pkt + IPV4_HLEN + TCP_OFF_CSUM, &c16, 2)
+    if o.segs > 1 or o.kernel_gro:
+        h.flags = VNET_F_NEEDS_CSUM
+        h.gso_type = VNET_GSO_TCPV4
+        h.hdr_len = IPV4_HLEN + o.thl
+        h.gso_size = o.gso_size
+        h.csum_start = IPV4_HLEN
+        h.csum_offset = TCP_OFF_CSUM
+    memcpy(o.pkt - VNET_HLEN, &h, VNET_HLEN)
+
+
+cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int got,
+                  rx_out *outs, uint64_t *c) noexcept nogil:
+    """Decapsulate got datagrams (SLOT apart in arena) and gather what is delivered into
+    outs, each finished and ready to write. Returns the number of outputs."""
+    cdef result r
+    cdef uint8_t *buf
+    cdef int i, n = 0
+    for i in range(got):
+        buf = arena + <size_t>SLOT * i
+        if decap_one(t, buf, lens[i], &r, c) == VERDICT_DELIVER:
+            n = rx_gather(outs, n, buf + r.off, r.out_len, r.map_index,
+                          t.maps[r.map_index].mtu)
+    for i in range(n):
+        rx_finish(&outs[i])
+        if outs[i].kernel_gro:
+            inc(c, RX_KERNEL_GRO)
+    return n

@@ -1,0 +1,269 @@
+# Wrappers for tests and benchmarks (included by fastpath.pyx; the loops never call them).
+# Each runs a packet through the same cdef functions the loops call, and copies the
+# result out as bytes. A Harness owns its scratch buffer and its outer IP ID sequence, as
+# a transmit loop owns its queue's: the ID a test sees is the engine's own.
+
+
+cdef class Harness:
+    """One packet, or one burst, at a time through an Engine's data path.
+
+    counters: a writable C-contiguous uint64 buffer of at least N_COUNTERS entries
+    (fanpkt.engine.new_counters()).
+    """
+    cdef Engine eng
+    cdef object counters_obj
+    cdef uint64_t *c
+    cdef uint8_t *buf
+    cdef uint8_t icmp[ICMP_MAX_LEN]
+    cdef public uint16_t ip_id      # the last outer (or ICMP) IP ID used
+
+    def __cinit__(self, Engine eng, counters):
+        self.eng = eng
+        self.counters_obj = counters        # keeps the buffer alive
+        self.c = _counter_ptr(counters, N_COUNTERS)
+        self.buf = <uint8_t *>malloc(SLOT)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.ip_id = 0
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    def encap(self, const uint8_t[:] packet):
+        """encap_one: (verdict, reason index or -1, output bytes, underlay dst).
+
+        The output is the outer packet for VERDICT_SEND, the inner packet for
+        VERDICT_LOCAL, the ICMP for VERDICT_ICMP and b"" for a drop."""
+        cdef result r
+        cdef uint32_t n = packet.shape[0]
+        cdef int v
+        if n > SLOT - HEADROOM:
+            raise ValueError("packet larger than any IPv4 datagram")
+        if n:
+            memcpy(self.buf + HEADROOM, &packet[0], n)
+        v = encap_one(self.eng.table, &self.ip_id, self.buf + HEADROOM, n, 0, &r,
+                      self.icmp, self.c)
+        if v == VERDICT_SEND:
+            out = PyBytes_FromStringAndSize(<char *>self.buf + HEADROOM - IPV4_HLEN,
+                                            r.out_len)
+        elif v == VERDICT_LOCAL:
+            out = PyBytes_FromStringAndSize(<char *>self.buf + HEADROOM, r.out_len)
+        elif v == VERDICT_ICMP:
+            out = PyBytes_FromStringAndSize(<char *>self.icmp, r.out_len)
+        else:
+            out = b""
+        return Verdict(v), r.reason, out, r.dst if v == VERDICT_SEND else 0
+
+    def decap(self, const uint8_t[:] datagram):
+        """decap_one: (verdict, reason index or -1, inner bytes, map index)."""
+        cdef result r
+        cdef uint32_t n = datagram.shape[0]
+        cdef int v
+        if n > SLOT:
+            raise ValueError("datagram larger than any IPv4 datagram")
+        if n:
+            memcpy(self.buf, &datagram[0], n)
+        v = decap_one(self.eng.table, self.buf, n, &r, self.c)
+        if v == VERDICT_DELIVER:
+            return (Verdict(v), -1,
+                    PyBytes_FromStringAndSize(<char *>self.buf + r.off, r.out_len),
+                    r.map_index)
+        return Verdict(v), r.reason, b"", -1
+
+    def transmit(self, const uint8_t[:] vnet, const uint8_t[:] packet):
+        """One TUN read (virtio header + packet) through tx_packet, as run_tx does:
+        (verdict, reason index or -1, outputs, underlay dst). outputs are the outer
+        packets for VERDICT_SEND (one per TSO segment or fragment; an Ethernet frame when
+        sent to a resolved neighbour, see Engine.set_neighbours), else the one buffer
+        written back to the TUN, virtio header included; empty for a drop."""
+        cdef uint32_t n = packet.shape[0]
+        cdef txq q
+        cdef lane *l
+        cdef int w
+        cdef result r
+        cdef vnet_hdr h
+        cdef int v, k, cap
+        if vnet.shape[0] != VNET_HLEN:
+            raise ValueError(f"the virtio header is {VNET_HLEN} bytes")
+        if n > SLOT - HEADROOM:
+            raise ValueError("packet larger than any IPv4 datagram")
+        memcpy(&h, &vnet[0], VNET_HLEN)
+        # room for every segment or fragment, so the queue never fills and never flushes
+        cap = n // (h.gso_size if 0 < h.gso_size < 48 else 48) + 2
+        if txq_init(&q, cap, -1, -1, -1, self.c) < 0:
+            txq_release(&q)
+            raise MemoryError()
+        q.t = self.eng.table
+        q.nt = self.eng.neigh
+        q.ip_id = self.ip_id
+        memcpy(self.buf + HEADROOM - VNET_HLEN, &vnet[0], VNET_HLEN)
+        if n:
+            memcpy(self.buf + HEADROOM, &packet[0], n)
+        v = tx_packet(&q, self.buf + HEADROOM, n, &r)
+        self.ip_id = q.ip_id
+        outs = []
+        if v == VERDICT_SEND:
+            for w in range(2):
+                l = &q.lanes[w]
+                for k in range(l.n):
+                    outs.append(PyBytes_FromStringAndSize(<char *>l.iov[2 * k].iov_base,
+                                                          l.iov[2 * k].iov_len)
+                                + PyBytes_FromStringAndSize(<char *>l.iov[2 * k + 1].iov_base,
+                                                            l.iov[2 * k + 1].iov_len))
+        elif v == VERDICT_LOCAL:
+            outs.append(PyBytes_FromStringAndSize(<char *>self.buf + HEADROOM - VNET_HLEN,
+                                                  r.out_len + VNET_HLEN))
+        elif v == VERDICT_ICMP:
+            outs.append(PyBytes_FromStringAndSize(<char *>q.icmp, r.out_len + VNET_HLEN))
+        txq_release(&q)
+        return Verdict(v), r.reason, outs, r.dst if v == VERDICT_SEND else 0
+
+    def receive(self, datagrams):
+        """A burst of at most BATCH datagrams through rx_batch, as run_rx does: a list of
+        (map index, segments, bytes written to the TUN, virtio header included), in write
+        order."""
+        cdef uint32_t lens[BATCH]
+        cdef rx_out outs[BATCH]
+        cdef uint8_t *arena
+        cdef const uint8_t[:] d
+        cdef int k, n
+        datagrams = list(datagrams)
+        if len(datagrams) > BATCH:
+            raise ValueError(f"at most {BATCH} datagrams in a burst")
+        arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
+        if arena == NULL:
+            raise MemoryError()
+        try:
+            for k, dg in enumerate(datagrams):
+                d = dg
+                if d.shape[0] > SLOT:
+                    raise ValueError("datagram larger than any IPv4 datagram")
+                lens[k] = d.shape[0]
+                if d.shape[0]:
+                    memcpy(arena + <size_t>SLOT * k, &d[0], d.shape[0])
+            n = rx_batch(self.eng.table, arena, lens, len(datagrams), outs, self.c)
+            return [(outs[k].map_index, outs[k].segs,
+                     PyBytes_FromStringAndSize(<char *>outs[k].pkt - VNET_HLEN,
+                                               outs[k].len + VNET_HLEN)) for k in range(n)]
+        finally:
+            free(arena)
+
+
+def internet_checksum(const uint8_t[:] data):
+    """The RFC 1071 checksum of data as an int (big-endian value of the two bytes)."""
+    cdef uint16_t c
+    cdef uint8_t *b
+    if data.shape[0] == 0:
+        c = checksum(NULL, 0)
+    else:
+        c = checksum(&data[0], data.shape[0])
+    b = <uint8_t *>&c
+    return (b[0] << 8) | b[1]
+
+
+def checksum_update16(uint16_t hc, uint16_t old, uint16_t new):
+    """RFC 1624 incremental update, host-order values."""
+    return csum_update16(hc, old, new)
+
+
+cdef class PacketBatch:
+    """BATCH slots of SLOT bytes, each holding one packet after HEADROOM bytes of room, for
+    benchmarks: the same loop bodies as run_tx and run_rx, without the system calls."""
+    cdef uint8_t *arena
+    cdef uint32_t lens[BATCH]
+    cdef uint8_t vnet[VNET_HLEN]
+    cdef public int n
+    cdef uint8_t icmp[ICMP_MAX_LEN]
+    cdef uint16_t ip_id
+
+    def __cinit__(self, packets, const uint8_t[:] vnet=None):
+        """packets: up to BATCH packets; vnet: the virtio header every slot is read with
+        (for transmit_all; none means a plain packet)."""
+        cdef const uint8_t[:] p
+        packets = list(packets)
+        if len(packets) > BATCH:
+            raise ValueError(f"at most {BATCH} packets in a batch")
+        self.arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
+        if self.arena == NULL:
+            raise MemoryError()
+        memset(self.vnet, 0, VNET_HLEN)
+        if vnet is not None:
+            if vnet.shape[0] != VNET_HLEN:
+                raise ValueError(f"the virtio header is {VNET_HLEN} bytes")
+            memcpy(self.vnet, &vnet[0], VNET_HLEN)
+        self.n = len(packets)
+        self.ip_id = 0
+        for k, pkt in enumerate(packets):
+            p = pkt
+            if p.shape[0] > SLOT - HEADROOM:
+                raise ValueError("packet larger than any IPv4 datagram")
+            self.lens[k] = p.shape[0]
+            if p.shape[0]:
+                memcpy(self.arena + <size_t>SLOT * <size_t>k + HEADROOM, &p[0], p.shape[0])
+
+    def __dealloc__(self):
+        free(self.arena)
+
+    def encap_all(self, Engine eng, counters):
+        """encap_one over every slot (the outer header overwrites only headroom, so the
+        batch can be encapsulated again); returns how many were to be sent."""
+        cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
+        cdef result r
+        cdef int k, sent = 0
+        cdef const fan_table *t = eng.table
+        with nogil:
+            for k in range(self.n):
+                if encap_one(t, &self.ip_id, self.arena + <size_t>SLOT * k + HEADROOM,
+                             self.lens[k], 0, &r, self.icmp, c) == VERDICT_SEND:
+                    sent += 1
+        return sent
+
+    def transmit_all(self, Engine eng, counters):
+        """tx_packet over every slot, as run_tx's batch does between read() and sendmmsg:
+        the virtio header, TSO split, encap_one, the lane queue. The queue is emptied after
+        each slot instead of sent (its fds are -1), so the slots can be used again.
+        Returns how many outer packets were queued."""
+        cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
+        cdef txq q
+        cdef result r
+        cdef uint8_t *pkt
+        cdef int k, queued = 0
+        if txq_init(&q, TXQ, -1, -1, -1, c) < 0:
+            txq_release(&q)
+            raise MemoryError()
+        q.t = eng.table
+        q.nt = eng.neigh
+        q.ip_id = self.ip_id
+        with nogil:
+            for k in range(self.n):
+                pkt = self.arena + <size_t>SLOT * k + HEADROOM
+                memcpy(pkt - VNET_HLEN, self.vnet, VNET_HLEN)   # as read() puts it
+                tx_packet(&q, pkt, self.lens[k], &r)
+                queued += q.lanes[LANE_IP].n + q.lanes[LANE_L2].n
+                q.lanes[LANE_IP].n = 0
+                q.lanes[LANE_L2].n = 0
+        self.ip_id = q.ip_id
+        txq_release(&q)
+        return queued
+
+    def decap_all(self, Engine eng, counters):
+        """decap_one over every slot (slots hold IPIP datagrams); returns how many were
+        delivered. ECN rewrites are idempotent, so the batch can be decapsulated again."""
+        cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
+        cdef result r
+        cdef int k, ok = 0
+        cdef const fan_table *t = eng.table
+        with nogil:
+            for k in range(self.n):
+                if decap_one(t, self.arena + <size_t>SLOT * k + HEADROOM, self.lens[k],
+                             &r, c) == VERDICT_DELIVER:
+                    ok += 1
+        return ok
+
+    def checksum_all(self):
+        cdef int k
+        cdef uint32_t acc = 0
+        with nogil:
+            for k in range(self.n):
+                acc += checksum(self.arena + <size_t>SLOT * k + HEADROOM, self.lens[k])
+        return acc

@@ -1,0 +1,335 @@
+# The transmit queue (included by fastpath.pyx): from one TUN read to sendmmsg.
+#
+# Every read from the TUN starts with a virtio_net_hdr. tx_packet takes one read: a plain
+# packet is encapsulated in place (encap_one); a TCP superpacket (gso_type TCPV4) is split
+# here into MSS-sized segments, each with its own outer header (tx_tso). Each outer packet
+# is queued on a lane - the raw IP socket, or the packet socket for an underlay host the
+# kernel has already resolved - and each lane is flushed with one sendmmsg. A queued packet
+# is two iovecs: its headers, copied into the lane, and its payload, left where read() put
+# it. A packet too big without DF leaves as outer fragments (tx_fragments); a packet the
+# socket refuses as too big (EMSGSIZE) is answered with ICMP (tx_refused_too_big).
+
+cdef enum:
+    TXQ = 128                   # segments queued per sendmmsg, per lane
+    LANE_IP = 0                 # the raw IP socket: the kernel routes and resolves
+    LANE_L2 = 1                 # the packet socket: frames to neighbours already resolved
+
+
+cdef struct lane:
+    int fd                      # -1 in tests (the lane then never fills)
+    int l2_len                  # bytes in front of the outer IP header: 0, or ETH_HLEN
+    int n
+    mmsghdr *msgs
+    iovec *iov                  # two per message: headers (or the whole packet), payload
+    sockaddr_in *sin            # LANE_IP: the underlay host
+    sockaddr_ll *sll            # LANE_L2: the interface
+    int *map_index
+    uint8_t *hdrs               # SEG_HDR_MAX bytes per message
+
+
+cdef struct txq:
+    const fan_table *t          # the tables of the current batch
+    neigh_table *nt             # NULL: everything goes by LANE_IP
+    int tun_fd                  # where ICMP for EMSGSIZE goes
+    int cap
+    uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
+    uint64_t *c
+    lane lanes[2]
+    uint8_t *icmp               # VNET_HLEN zero bytes, then an ICMP to write to the TUN
+    uint8_t *quote              # the inner packet of a refused message, gathered for ICMP
+
+
+cdef struct tx_route:          # where one packet, or every segment of one, goes
+    int lane
+    int map_index
+    uint32_t dst
+    const uint8_t *dmac
+
+
+cdef int lane_init(lane *l, int cap, int fd, int l2_len) noexcept nogil:
+    cdef int k
+    l.fd = fd
+    l.l2_len = l2_len
+    l.msgs = <mmsghdr *>calloc(cap, sizeof(mmsghdr))
+    l.iov = <iovec *>calloc(2 * cap, sizeof(iovec))
+    l.sin = <sockaddr_in *>calloc(cap, sizeof(sockaddr_in))
+    l.sll = <sockaddr_ll *>calloc(cap, sizeof(sockaddr_ll))
+    l.map_index = <int *>calloc(cap, sizeof(int))
+    l.hdrs = <uint8_t *>malloc(<size_t>cap * SEG_HDR_MAX)
+    if (l.msgs == NULL or l.iov == NULL or l.sin == NULL or l.sll == NULL
+            or l.map_index == NULL or l.hdrs == NULL):
+        return -1
+    for k in range(cap):
+        l.sin[k].sin_family = AF_INET
+        l.sll[k].sll_family = AF_PACKET
+        l.sll[k].sll_protocol = htons(ETH_P_IP)
+        if l2_len:
+            l.msgs[k].msg_hdr.msg_name = &l.sll[k]
+            l.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_ll)
+        else:
+            l.msgs[k].msg_hdr.msg_name = &l.sin[k]
+            l.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        l.msgs[k].msg_hdr.msg_iov = &l.iov[2 * k]
+    return 0
+
+
+cdef void lane_release(lane *l) noexcept nogil:
+    free(l.msgs)
+    free(l.iov)
+    free(l.sin)
+    free(l.sll)
+    free(l.map_index)
+    free(l.hdrs)
+
+
+cdef int txq_init(txq *q, int cap, int sock_fd, int packet_fd, int tun_fd,
+                  uint64_t *c) noexcept nogil:
+    memset(q, 0, sizeof(txq))
+    q.cap = cap
+    q.tun_fd = tun_fd
+    q.c = c
+    q.icmp = <uint8_t *>calloc(1, VNET_HLEN + ICMP_MAX_LEN)
+    q.quote = <uint8_t *>malloc(ICMP_QUOTE_MAX)
+    if (lane_init(&q.lanes[LANE_IP], cap, sock_fd, 0) < 0
+            or lane_init(&q.lanes[LANE_L2], cap, packet_fd, ETH_HLEN) < 0
+            or q.icmp == NULL or q.quote == NULL):
+        return -1
+    return 0
+
+
+cdef void txq_release(txq *q) noexcept nogil:
+    lane_release(&q.lanes[LANE_IP])
+    lane_release(&q.lanes[LANE_L2])
+    free(q.icmp)
+    free(q.quote)
+    memset(q, 0, sizeof(txq))
+
+
+cdef void tx_route_of(txq *q, const result *r, tx_route *rt) noexcept nogil:
+    """LANE_L2 when the map's interface can take frames and the kernel has resolved the
+    underlay host on it (fanpkt/neighbours.py keeps q.nt to entries it trusts)."""
+    cdef const fan_map *m = &q.t.maps[r.map_index]
+    cdef neigh_entry *e = NULL
+    rt.map_index = r.map_index
+    rt.dst = r.dst
+    rt.lane = LANE_IP
+    rt.dmac = NULL
+    if m.ifindex:
+        e = neigh_find(q.nt, r.dst)
+    if e != NULL and e.ifindex == m.ifindex:
+        if not e.used:
+            e.used = 1          # written once per refresh, not per packet: no line bouncing
+        rt.lane = LANE_L2
+        rt.dmac = e.mac
+
+
+cdef uint8_t *txq_add(txq *q, const tx_route *rt, uint8_t *head, uint32_t head_len,
+                      uint8_t *body, uint32_t body_len) noexcept nogil:
+    """Queue one outer packet: the outer IP header and whatever follows it in
+    head[0:head_len], then body[0:body_len]. head NULL means the lane's own header slot.
+    Returns head, for the caller to fill; on LANE_L2 the Ethernet header is written in
+    the ETH_HLEN bytes in front of it."""
+    cdef lane *l = &q.lanes[rt.lane]
+    cdef const fan_map *m = &q.t.maps[rt.map_index]
+    cdef uint8_t *f
+    cdef int k
+    if l.n == q.cap:
+        lane_flush(q, rt.lane)
+    k = l.n
+    l.n += 1
+    if head == NULL:
+        head = l.hdrs + <size_t>k * SEG_HDR_MAX + l.l2_len
+    if rt.lane == LANE_L2:
+        f = head - ETH_HLEN
+        memcpy(f, rt.dmac, ETH_ALEN)
+        memcpy(f + ETH_ALEN, m.mac, ETH_ALEN)
+        store16(f + 2 * ETH_ALEN, ETH_P_IP)
+        l.sll[k].sll_ifindex = m.ifindex
+    else:
+        l.sin[k].sin_addr.s_addr = htonl(rt.dst)
+    l.map_index[k] = rt.map_index
+    l.iov[2 * k].iov_base = head - l.l2_len
+    l.iov[2 * k].iov_len = head_len + l.l2_len
+    l.iov[2 * k + 1].iov_base = body
+    l.iov[2 * k + 1].iov_len = body_len
+    l.msgs[k].msg_hdr.msg_iovlen = 2 if body_len else 1
+    return head
+
+
+cdef void lane_flush(txq *q, int which) noexcept nogil:
+    cdef lane *l = &q.lanes[which]
+    cdef int off = 0, sent, k
+    while off < l.n:
+        sent = sendmmsg(l.fd, l.msgs + off, l.n - off, 0)
+        if sent < 0:
+            if errno == EINTR:
+                continue
+            # sendmmsg fails only on its first message: deal with that one, go on.
+            if errno == EMSGSIZE:
+                tx_refused_too_big(q, l, off)
+            else:
+                inc(q.c, DROP_TX_SEND_ERROR)
+            off += 1
+            continue
+        for k in range(off, off + sent):
+            add(q.c, TX_BYTES, l.iov[2 * k].iov_len + l.iov[2 * k + 1].iov_len - l.l2_len)
+        add(q.c, TX_PACKETS, sent)
+        if which == LANE_L2:
+            add(q.c, TX_L2, sent)
+        off += sent
+    l.n = 0
+
+
+cdef void txq_flush(txq *q) noexcept nogil:
+    lane_flush(q, LANE_IP)
+    lane_flush(q, LANE_L2)
+
+
+cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
+    """EMSGSIZE: the underlay device's MTU is now smaller than the one the map was built
+    with (an operator lowered it). Tell the sender the MTU that fits today, as T5 does
+    for a packet that is too big for the map's MTU."""
+    cdef const fan_map *m = &q.t.maps[l.map_index[k]]
+    cdef iovec *v = &l.iov[2 * k]
+    cdef uint32_t head = <uint32_t>v[0].iov_len - l.l2_len - IPV4_HLEN
+    cdef uint32_t n, more
+    cdef ifreq ifr
+    inc(q.c, DROP_TX_TOO_BIG)
+    # The inner packet's first bytes, from the header iovec and the payload iovec.
+    n = head if head < ICMP_QUOTE_MAX else ICMP_QUOTE_MAX
+    memcpy(q.quote, <uint8_t *>v[0].iov_base + l.l2_len + IPV4_HLEN, n)
+    more = ICMP_QUOTE_MAX - n
+    if more > v[1].iov_len:
+        more = <uint32_t>v[1].iov_len
+    if more:
+        memcpy(q.quote + n, v[1].iov_base, more)
+    n += more
+    if not (load16(q.quote + IPV4_OFF_FRAG) & IPV4_FLAG_DF):
+        return
+    memset(&ifr, 0, sizeof(ifr))
+    memcpy(ifr.ifr_name, m.ifname, 16)
+    if ioctl(l.fd, SIOCGIFMTU, &ifr) < 0 or ifr.ifr_mtu < 68 + IPV4_HLEN:
+        return
+    n = icmp_frag_needed(q.icmp + VNET_HLEN, q.quote, n, m.gateway,
+                         <uint16_t>(ifr.ifr_mtu - IPV4_HLEN), q.ip_id + 1)
+    if n == 0:
+        return
+    q.ip_id += 1
+    inc(q.c, TX_ICMP_FRAG_NEEDED)
+    if write(q.tun_fd, q.icmp, n + VNET_HLEN) < 0:
+        inc(q.c, DROP_TX_TUN_WRITE)
+
+
+cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil:
+    """One read from the TUN: the packet pkt[0:len], its virtio header in the VNET_HLEN
+    bytes in front, HEADROOM bytes of room in all. Queues what goes to the underlay and
+    returns the verdict; the caller writes back VERDICT_LOCAL (pkt - VNET_HLEN, as read)
+    and VERDICT_ICMP (q.icmp, VNET_HLEN + r.out_len)."""
+    cdef vnet_hdr h
+    cdef tx_route rt
+    cdef int v
+    memcpy(&h, pkt - VNET_HLEN, VNET_HLEN)     # the outer header will overwrite it
+    if h.gso_type != VNET_GSO_NONE:
+        return tx_tso(q, &h, pkt, len, r)
+    v = encap_one(q.t, &q.ip_id, pkt, len, 0, r, q.icmp + VNET_HLEN, q.c)
+    if v == VERDICT_SEND:
+        if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(pkt, r.out_len - IPV4_HLEN, &h):
+            return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+        tx_route_of(q, r, &rt)
+        if r.out_len > q.t.maps[r.map_index].mtu:
+            tx_fragments(q, &rt, pkt - IPV4_HLEN, r.out_len, q.t.maps[r.map_index].mtu)
+        else:
+            txq_add(q, &rt, pkt - IPV4_HLEN, r.out_len, NULL, 0)
+    return v
+
+
+cdef void tx_fragments(txq *q, const tx_route *rt, uint8_t *o, uint32_t len,
+                       uint32_t mtu) noexcept nogil:
+    """Queue the outer packet o[0:len] (DF clear) as IPv4 fragments of at most mtu bytes.
+    Each is a header in the queue and a slice of the packet: the payload is not copied."""
+    cdef uint32_t chunk = ((mtu - IPV4_HLEN) // 8) * 8
+    cdef uint32_t pay = len - IPV4_HLEN, off = 0, n
+    cdef uint8_t *h
+    while off < pay:
+        n = pay - off if pay - off < chunk else chunk
+        h = txq_add(q, rt, NULL, IPV4_HLEN, o + IPV4_HLEN + off, n)
+        memcpy(h, o, IPV4_HLEN)
+        store16(h + IPV4_OFF_TOT_LEN, IPV4_HLEN + n)
+        store16(h + IPV4_OFF_FRAG, (off >> 3) | (IPV4_FLAG_MF if off + n < pay else 0))
+        ipv4_set_header_csum(h, IPV4_HLEN)
+        off += n
+
+
+cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
+                result *r) noexcept nogil:
+    """Split a TCP superpacket into segments as the kernel's tcp_gso_segment does: headers
+    copied, IP total length, ID (+1 per segment) and checksum set, TCP sequence advanced,
+    CWR kept on the first segment only, FIN and PSH on the last only, TCP checksum computed
+    in full. Routing, local delivery and the MTU check happen once, for the first segment."""
+    cdef uint32_t ihl, thl, hdrs, mss, off, n, seq, i = 0
+    cdef uint16_t id_in, id_out, c16
+    cdef uint8_t *o
+    cdef uint8_t *b
+    cdef uint8_t *ip
+    cdef uint8_t *tcp
+    cdef uint8_t flags, f
+    cdef tx_route rt
+    cdef int v
+    r.reason = -1
+    r.map_index = -1
+    mss = h.gso_size
+    if ((h.gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 or mss == 0 or len < IPV4_HLEN
+            or (pkt[0] >> 4) != 4):
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    ihl = ipv4_ihl(pkt)
+    if ihl < IPV4_HLEN or load16(pkt + IPV4_OFF_TOT_LEN) != len:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    thl = tcp_header_len(pkt, len)
+    if thl == 0:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    hdrs = ihl + thl
+    n = len - hdrs
+    v = encap_one(q.t, &q.ip_id, pkt, len, hdrs + (mss if mss < n else n), r,
+                  q.icmp + VNET_HLEN, q.c)
+    if v != VERDICT_SEND:
+        return v
+    inc(q.c, TX_TSO_SPLIT)
+    tx_route_of(q, r, &rt)
+    o = pkt - IPV4_HLEN
+    id_out = load16(o + IPV4_OFF_ID)
+    id_in = load16(pkt + IPV4_OFF_ID)
+    seq = load32(pkt + ihl + TCP_OFF_SEQ)
+    flags = pkt[ihl + TCP_OFF_FLAGS]
+    off = hdrs
+    while off < len:
+        n = len - off
+        if n > mss:
+            n = mss
+        b = txq_add(q, &rt, NULL, IPV4_HLEN + hdrs, pkt + off, n)
+        memcpy(b, o, IPV4_HLEN)
+        store16(b + IPV4_OFF_TOT_LEN, IPV4_HLEN + hdrs + n)
+        store16(b + IPV4_OFF_ID, <uint16_t>(id_out + i))
+        ipv4_set_header_csum(b, IPV4_HLEN)
+        ip = b + IPV4_HLEN
+        memcpy(ip, pkt, hdrs)
+        store16(ip + IPV4_OFF_TOT_LEN, hdrs + n)
+        store16(ip + IPV4_OFF_ID, <uint16_t>(id_in + i))
+        ipv4_set_header_csum(ip, ihl)
+        tcp = ip + ihl
+        store32(tcp + TCP_OFF_SEQ, seq + i * mss)
+        f = flags
+        if i:
+            f &= ~TCP_CWR
+        if off + n < len:
+            f &= ~(TCP_FIN | TCP_PSH)
+        tcp[TCP_OFF_FLAGS] = f
+        tcp[TCP_OFF_CSUM] = 0
+        tcp[TCP_OFF_CSUM + 1] = 0
+        c16 = csum_fold(acc_add(acc_add(pseudo_header(ip, IPPROTO_TCP, thl + n),
+                                        csum_add(tcp, thl, 0)),
+                                csum_add(pkt + off, n, 0)))
+        memcpy(tcp + TCP_OFF_CSUM, &c16, 2)
+        off += n
+        i += 1
+    q.ip_id = <uint16_t>(id_out + i - 1)
+    return VERDICT_SEND

@@ -1,0 +1,175 @@
+"""The one door to the compiled core, fanpkt._fastpath: the rows it takes, the counter
+names, installing tables under running loops, and the threads the loops run in.
+
+Importing this module without a built core raises BuildError (exit status 8), so every
+other module imports the core through here and never directly.
+
+Table swaps (docs/design.md §7): the loops read the engine's table pointers once per
+batch. Engine.load() and set_neighbours() swap in a new table and keep the old one;
+install() then waits until every loop has ticked twice - each tick is a batch boundary,
+so no loop can still hold the old pointer - and only then frees it.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .errors import BuildError, LoopError
+from .fanmap import FanMap
+
+try:
+    from . import _fastpath as fastpath
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise BuildError(f"the compiled core fanpkt._fastpath is missing or broken ({e}); "
+                     "build it with `pip install -e .` (needs Cython and a C compiler)") from None
+
+log = logging.getLogger("fanpkt")
+
+COUNTER_NAMES: list[str] = fastpath.counter_names()
+COUNTER_BLOCK: int = int(fastpath.COUNTER_BLOCK)
+RETIRE_TICKS = 2            # ticks of every loop after a swap before the old table is freed
+RETIRE_WARN = 5.0           # seconds before a slow loop is worth a warning
+PR_SET_NAME = 15
+
+
+@dataclass(frozen=True)
+class MapRow:
+    """One map as the engine holds it (struct fan_map in _fast/fanmap.pxd)."""
+    overlay: int
+    overlay_len: int
+    underlay: int
+    underlay_len: int
+    local: int                  # this host's underlay address
+    host_reserve: int
+    mtu: int = 1500             # underlay MTU
+    tun_fd: int = -1            # where decapsulated packets go; -1: nowhere (tests)
+    ifname: str = ""            # underlay interface, asked for its MTU after EMSGSIZE
+    ifindex: int = 0            # its index; 0: no frames to resolved neighbours
+    mac: bytes = b""            # its MAC, the source of those frames (b"" with ifindex 0)
+
+    @classmethod
+    def of(cls, m: FanMap, mtu: int = 1500, tun_fd: int = -1, ifname: str = "",
+           ifindex: int = 0, mac: bytes = b"") -> "MapRow":
+        return cls(m.overlay, m.overlay_len, m.underlay, m.underlay_len, m.host,
+                   m.host_reserve, mtu, tun_fd, ifname, ifindex, mac)
+
+
+def new_counters(blocks: int = 1) -> array.array:
+    """Zeroed counter blocks in memory, for tests and benchmarks (the forwarder's live in
+    the counter file, fanpkt/runstate.py)."""
+    return array.array("Q", bytes(8 * COUNTER_BLOCK * blocks))
+
+
+def _set_thread_name(name: str) -> None:
+    """The kernel's name for this thread (15 chars), so `top -H` and the benchmark can
+    tell the loops apart."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name[:15].encode(), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class LoopThread:
+    """One forwarding loop: its stop flag and tick (fastpath.Loop) and the thread running
+    it. A loop returns only when told to stop; if it returns otherwise, or raises, it is
+    dead, and Dataplane.check() says so."""
+
+    def __init__(self, name: str, target: Callable, *args):
+        self.name = name
+        self.loop = fastpath.Loop()
+        self.stopping = False
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(target, args),
+                                       name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, target, args) -> None:
+        _set_thread_name(f"fanpkt-{self.name}")
+        try:
+            target(self.loop, *args)
+        except BaseException as e:      # noqa: BLE001 - reported by check()
+            self.error = e
+
+    @property
+    def dead(self) -> bool:
+        return not self.stopping and not self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.loop.stop()
+        self.thread.join()
+
+
+class Dataplane:
+    """The engine's tables and the loops that forward with them."""
+
+    def __init__(self, check_spoof: bool = True):
+        self.check_spoof = check_spoof
+        self.engine = fastpath.Engine((), check_spoof)
+        self.loops: dict[str, LoopThread] = {}
+
+    # -- tables ------------------------------------------------------------------------
+    def install(self, rows: list[MapRow]) -> None:
+        self.engine.load(rows, self.check_spoof)
+        self._retire()
+
+    def set_neighbours(self, entries) -> None:
+        """(underlay address, ifindex, MAC) of the hosts frames may go to directly."""
+        self.engine.set_neighbours(entries)
+        self._retire()
+
+    def neighbours_used(self) -> list[int]:
+        return self.engine.neighbours_used()
+
+    def _retire(self) -> None:
+        marks = [(lt, lt.loop.ticks) for lt in self.loops.values()]
+        warn_at = time.monotonic() + RETIRE_WARN
+        while any(lt.loop.ticks < t + RETIRE_TICKS and lt.thread.is_alive()
+                  for lt, t in marks):
+            time.sleep(0.01)
+            if time.monotonic() > warn_at:
+                log.warning("a forwarding loop is slow to pass a batch boundary; waiting")
+                warn_at += RETIRE_WARN
+        self.engine.retire()
+
+    # -- loops -------------------------------------------------------------------------
+    def start_tx(self, name: str, tun_fd: int, sock_fd: int, packet_fd: int,
+                 counters) -> LoopThread:
+        """The transmit loop of one TUN (see fastpath.run_tx); counters: its block."""
+        return self._start(f"tx-{name}", fastpath.run_tx, tun_fd, sock_fd, packet_fd,
+                           counters)
+
+    def start_rx(self, sock_fd: int, counters) -> LoopThread:
+        """The receive loop of the raw IPIP socket, writing to every fan's TUN."""
+        return self._start("rx", fastpath.run_rx, sock_fd, counters)
+
+    def _start(self, name: str, run, *args) -> LoopThread:
+        lt = LoopThread(name, lambda loop, *a: run(self.engine, loop, *a), *args)
+        self.loops[name] = lt
+        return lt
+
+    def stop_loop(self, name: str) -> None:
+        lt = self.loops.pop(name, None)
+        if lt is not None:
+            lt.stop()
+
+    def stop(self) -> None:
+        """Stop every loop: flags first, so they all wind down at once, then join."""
+        for lt in self.loops.values():
+            lt.stopping = True
+            lt.loop.stop()
+        for lt in self.loops.values():
+            lt.thread.join()
+        self.loops.clear()
+
+    def check(self) -> None:
+        """Raise LoopError if a loop has died."""
+        for lt in self.loops.values():
+            if lt.dead:
+                why = f"{type(lt.error).__name__}: {lt.error}" if lt.error else "it returned"
+                raise LoopError(f"forwarding loop {lt.name} died ({why}); stopping")

@@ -1,0 +1,21 @@
+"""Small helpers over pyroute2 that several modules need: one definition each."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+def link_index(ipr, name: str) -> Optional[int]:
+    """The index of interface `name`, or None; ipr is a pyroute2 IPRoute or NetNS."""
+    idx = ipr.link_lookup(ifname=name)
+    return idx[0] if idx else None
+
+
+def mac_bytes(text: Optional[str]) -> bytes:
+    """'02:aa:bb:cc:dd:01' (as netlink attributes spell a MAC) -> 6 bytes; b"" for
+    anything that is not an Ethernet address (none, or a tunnel's 4-byte one)."""
+    if not text or len(text) != 17:
+        return b""
+    try:
+        return bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        return b""
