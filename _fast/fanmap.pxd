@@ -1,4 +1,4 @@
-# The Fan map in the data path (spec §1-2): one struct per map, a small table of them.
+# The Fan map in the data path (docs/design.md §1-2): one struct per map, a small table of them.
 # All addresses are host byte order here; packets are converted at load/store.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
@@ -24,7 +24,7 @@ cdef struct fan_map:
 
 cdef struct fan_table:
     int n
-    int check_spoof             # spec §4 receive rule 5, on by default
+    int check_spoof             # design §4 rule R5, on by default
     fan_map maps[MAX_MAPS]
 
 cdef inline uint32_t fan_mask(int n) noexcept nogil:

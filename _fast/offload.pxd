@@ -2,7 +2,7 @@
 # IFF_VNET_HDR (include/uapi/linux/virtio_net.h), TCP segmentation of the superpackets the
 # kernel hands us (TSO) and the checks for coalescing received segments into one (GRO).
 #
-# Why: on this machine the kernel's per-packet cost dominates (FIELD-NOTES). With offloads
+# Why (docs/design.md §8-9): the kernel's per-packet cost dominates. With offloads
 # a TCP sender's 64 KB write crosses the TUN once instead of ~45 times, and so does the
 # receiver's; only the underlay still carries one packet per segment (there is no GSO type
 # for IPIP).

@@ -1,9 +1,12 @@
 """Micro-benchmarks: the engine against the oracle (and numpy for mapping), one run.
 
-    pytest bench/test_micro.py --benchmark-json=bench/results/micro.json
-    python bench/report.py bench/results/micro.json     # per-packet table and ratios
+    python3 -m pytest bench/test_micro.py --benchmark-json=bench/results/micro.json
+    python3 bench/report.py bench/results/micro.json > bench/results/micro.md
 
-Each engine benchmark handles one batch of 64 packets per call, as the forwarder does.
+(micro.json holds every timing and is not kept in git; micro.md is.) Each engine benchmark
+handles one batch of 64 packets per call, as the forwarder does. The transmit group runs
+the real transmit path, tx_packet through the lane queue, as run_tx does between read()
+and sendmmsg: virtio header, TSO split, encapsulation, queueing.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from fanpkt.fanmap import FanMap
 from fanpkt.engine import MapRow, fastpath, new_counters
 
 from oracle import Oracle, checksum
-from packets import inner, outer
+from packets import PAYLOAD, inner, outer, superpacket, vnet
 
 BATCH = 64
 TX = [FanMap.parse("241.0.0.0/8", "172.16.3.4/16")]
@@ -40,6 +43,34 @@ def test_encap_oracle(benchmark, size):
     pkts, o = packets(size), Oracle(TX)
     benchmark(lambda: [o.encap(p) for p in pkts])
     benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="transmit")
+def test_transmit_engine(benchmark, size):
+    batch = fastpath.PacketBatch(packets(size), vnet())
+    eng, c = fastpath.Engine([MapRow.of(m) for m in TX]), new_counters()
+    assert benchmark(batch.transmit_all, eng, c) == BATCH
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.parametrize("size", [64, 1400])
+@pytest.mark.benchmark(group="transmit")
+def test_transmit_oracle(benchmark, size):
+    pkts, o = packets(size), Oracle(TX)
+    benchmark(lambda: [o.encap(p) for p in pkts])
+    benchmark.extra_info.update(packets=BATCH, size=size)
+
+
+@pytest.mark.benchmark(group="transmit")
+def test_transmit_engine_tso(benchmark):
+    """64 TCP superpackets of 20,000 bytes, split into 1428-byte segments: per segment."""
+    mss = 1428
+    batch = fastpath.PacketBatch([superpacket()] * BATCH, vnet(1, 1, 52, mss, 20, 16))
+    eng, c = fastpath.Engine([MapRow.of(m) for m in TX]), new_counters()
+    segs = BATCH * -(-len(PAYLOAD) // mss)
+    assert benchmark(batch.transmit_all, eng, c) == segs
+    benchmark.extra_info.update(packets=segs, size=f"TSO {mss}")
 
 
 def ipip(size):

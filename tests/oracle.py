@@ -1,10 +1,12 @@
-"""A slow, plain-Python statement of spec §4, written from the spec and not from the C code:
-the reference the engine is held to, byte for byte and drop reason for drop reason.
+"""A slow, plain-Python statement of docs/design.md §4, written from the rules and not from
+the C code: the reference the engine is held to, byte for byte and drop reason for drop
+reason.
 
 Verdicts and drop reasons are returned by name, as the engine's enums spell them.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 from fanpkt.fanmap import FanMap
@@ -28,12 +30,32 @@ def with_checksum(hdr: bytes) -> bytes:
     return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
 
 
+def counted(step):
+    """Count every drop reason a step returns, as the engine's drop counters do (a
+    frag-needed answer counts DROP_TX_TOO_BIG too)."""
+    @functools.wraps(step)
+    def run(self, data: bytes):
+        out = step(self, data)
+        if out[1]:
+            self.drops[out[1]] = self.drops.get(out[1], 0) + 1
+        return out
+    return run
+
+
 class Oracle:
     def __init__(self, maps: list[FanMap], mtu: int = 1500, check_spoof: bool = True):
         self.maps = sorted(maps, key=lambda m: -m.overlay_len)
         self.mtu = mtu
         self.check_spoof = check_spoof
         self.ip_id = 0
+        self.drops: dict[str, int] = {}
+
+    def counter(self, name: str) -> int:
+        """A drop counter by the engine's name (drop_rx_truncated); the oracle keeps no
+        others."""
+        if not name.lower().startswith("drop_"):
+            raise KeyError(f"the oracle counts drops only, not {name}")
+        return self.drops.get(name.upper(), 0)
 
     def _next_id(self) -> int:
         self.ip_id = (self.ip_id + 1) & 0xFFFF
@@ -46,6 +68,7 @@ class Oracle:
         return -1, None
 
     # -- transmit -----------------------------------------------------------------------
+    @counted
     def encap(self, pkt: bytes):
         """(verdict, reason, output bytes, underlay dst)."""
         if len(pkt) < 1 or pkt[0] >> 4 != 4:
@@ -99,6 +122,7 @@ class Oracle:
         return with_checksum(hdr) + icmp
 
     # -- receive ------------------------------------------------------------------------
+    @counted
     def decap(self, d: bytes):
         """(verdict, reason, inner bytes, map index)."""
         drop = lambda reason: ("VERDICT_DROP", reason, b"", -1)  # noqa: E731
