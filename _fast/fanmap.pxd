@@ -5,7 +5,14 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 cdef enum:
     MAX_MAPS = 32
 
+# The fan types (docs/design.md §4 IPIP, §12 VXLAN); FAN_ANY matches either in lookups.
+cdef enum:
+    FAN_ANY = -1
+    FAN_IPIP = 0
+    FAN_VXLAN = 1
+
 cdef struct fan_map:
+    int kind                    # FAN_IPIP or FAN_VXLAN
     uint32_t overlay            # O, network address
     uint32_t overlay_mask       # mask(o)
     uint32_t underlay           # U, network address
@@ -17,14 +24,20 @@ cdef struct fan_map:
     uint32_t reserved_last      # slice(H) + host_reserve: the host keeps gateway .. this
     uint32_t shift              # u - o, always > 0 (validated in Python)
     uint32_t mtu                # underlay MTU
-    int tun_fd                  # where decapsulated packets for this slice go (-1: none)
+    int tun_fd                  # its TUN (IPIP) or TAP (VXLAN): decapsulated packets go
+                                # there, and a VXLAN frame read from it travels only in this
+                                # map (-1: none, in tests)
+    uint32_t vni                # VXLAN network identifier (24 bits)
+    uint16_t port               # VXLAN UDP destination port
+    uint8_t dev_mac[6]          # VXLAN: the bridge's MAC; a frame from it coming back is ours
     char ifname[16]             # underlay interface, asked for its MTU after EMSGSIZE
     int ifindex                 # the same interface; 0: no packet-socket sending
     uint8_t mac[6]              # its MAC, the source of frames sent through the packet socket
 
 cdef struct fan_table:
     int n
-    int check_spoof             # design §4 rule R5, on by default
+    int check_spoof             # design §4 rule R5 (and VXLAN's V5), on by default
+    uint32_t hash_seed          # VXLAN source ports: the flow hash's seed, random per process
     fan_map maps[MAX_MAPS]
 
 cdef inline uint32_t fan_mask(int n) noexcept nogil:
@@ -44,18 +57,21 @@ cdef inline bint fan_host_ok(const fan_map *m, uint32_t h) noexcept nogil:
     cdef uint32_t hb = h & ~m.underlay_mask
     return hb != 0 and hb != (~m.underlay_mask)
 
-cdef inline int fan_lookup_overlay(const fan_table *t, uint32_t a) noexcept nogil:
-    """Index of the map whose overlay holds a, or -1. Overlays never overlap, so the first
-    match is the only one (longest-prefix by construction)."""
+cdef inline int fan_lookup_overlay(const fan_table *t, uint32_t a, int kind) noexcept nogil:
+    """Index of the map of type kind (or FAN_ANY) whose overlay holds a, or -1. Overlays
+    never overlap, so the first match is the only one (longest-prefix by construction)."""
     cdef int i
     for i in range(t.n):
-        if (a & t.maps[i].overlay_mask) == t.maps[i].overlay:
+        if ((a & t.maps[i].overlay_mask) == t.maps[i].overlay
+                and (kind == FAN_ANY or t.maps[i].kind == kind)):
             return i
     return -1
 
-cdef inline int fan_lookup_underlay(const fan_table *t, uint32_t a) noexcept nogil:
+cdef inline int fan_lookup_underlay(const fan_table *t, uint32_t a, int kind) noexcept nogil:
+    """Index of the first map of type kind (or FAN_ANY) whose underlay holds a, or -1."""
     cdef int i
     for i in range(t.n):
-        if (a & t.maps[i].underlay_mask) == t.maps[i].underlay:
+        if ((a & t.maps[i].underlay_mask) == t.maps[i].underlay
+                and (kind == FAN_ANY or t.maps[i].kind == kind)):
             return i
     return -1

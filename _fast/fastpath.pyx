@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""fanpkt's packet engine: the Fan data path for IPIP, and the loops that drive it.
+"""fanpkt's packet engine: the Fan data path for IPIP and VXLAN, and the loops that drive
+it.
 
 One compiled module, in units included by direction (docs/design.md §6 follows one
 packet through them):
@@ -7,6 +8,7 @@ packet through them):
                 Engine that holds the tables, and the two forwarding loops
   tx.pxi        the transmit queue: TSO split, lanes, sendmmsg, fragments, EMSGSIZE
   rx.pxi        the receive burst: decapsulation and GRO
+  vxlan.pxi     the VXLAN fan: frames in UDP (encapsulation, decapsulation)
   testing.pxi   def wrappers over the same cdef functions, for tests and benchmarks only
 
 Flow, in code order:
@@ -20,6 +22,8 @@ Flow, in code order:
               connection (GRO) -> write to the TUN (poll only when the socket is empty)
   decap_one   IPIP datagram -> outer checks -> source in an underlay? -> inner well-formed?
               -> destination in a local slice? -> anti-spoofing -> RFC 6040 ECN
+  VXLAN       run_tx on a TAP: frames through vxlan_encap_one into the same lanes;
+              run_rx_vxlan: recvmmsg on the fan port's UDP socket -> vxlan_decap_one -> TAP
 
 Each check that fails increments one counter and the loop moves on: nothing here raises,
 logs or touches a Python object per packet.
@@ -27,20 +31,23 @@ logs or touches a Python object per packet.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
-from linux cimport (errno, EINTR, EMSGSIZE, iovec, sockaddr_in, mmsghdr, sendmmsg,
-                    recvmmsg, MSG_DONTWAIT, AF_INET, AF_PACKET, IPPROTO_IPIP, IPPROTO_TCP,
-                    sockaddr_ll, ETH_ALEN, ETH_HLEN, ETH_P_IP, pollfd, poll, POLLIN, read,
-                    write, htonl, htons, ioctl, ifreq, SIOCGIFMTU, timespec, nanosleep)
+from linux cimport (errno, EINTR, EMSGSIZE, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
+                    CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmmsg, recvmmsg, MSG_DONTWAIT,
+                    AF_INET, AF_PACKET, IPPROTO_IP, IP_TOS, IPPROTO_IPIP, IPPROTO_TCP,
+                    IPPROTO_UDP, sockaddr_ll, ETH_ALEN, ETH_HLEN, ETH_P_IP, ETH_P_ARP, pollfd,
+                    poll, POLLIN, read, write, htonl, ntohl, htons, ioctl, ifreq, SIOCGIFMTU,
+                    timespec, nanosleep)
 from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_OFF_FRAG,
                    IPV4_OFF_TTL, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_OFF_DST, IPV4_FLAG_DF,
                    IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ECN_NOT_ECT, ECN_ECT1, ECN_ECT0,
                    ECN_CE, ipv4_ihl, load16, load32, store16, store32, csum_add, csum_fold,
                    checksum, csum_update16, ipv4_header_csum_ok, ipv4_set_header_csum,
                    ipv4_set_ecn)
-from fanmap cimport (MAX_MAPS, fan_map, fan_table, fan_mask, fan_dest, fan_slice,
-                     fan_host_ok, fan_lookup_overlay, fan_lookup_underlay)
+from fanmap cimport (MAX_MAPS, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
+                     fan_dest, fan_slice, fan_host_ok, fan_lookup_overlay,
+                     fan_lookup_underlay)
 from neigh cimport neigh_entry, neigh_table, neigh_slot, neigh_find
 from icmp cimport ICMP_MAX_LEN, ICMP_QUOTE_MAX, icmp_frag_needed
 from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4,
@@ -48,6 +55,9 @@ from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV
                       TCP_PSH, TCP_ACK, TCP_CWR, SEG_HDR_MAX, vnet_hdr, acc_add,
                       pseudo_header, csum_complete, tcp_csum_ok, tcp_csum_is_partial,
                       tcp_header_len, tcp_same_connection, gro_same_flow)
+from vxlan cimport (UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_LEN, UDP_OFF_CSUM,
+                    VXLAN_HLEN, VXLAN_FLAG_I, VXLAN_OUTER, ETH_OFF_SRC, ETH_OFF_TYPE, ARP_LEN,
+                    ARP_OFF_SPA, ARP_OFF_TPA, vxlan_source_port)
 
 # The counters, one per verdict and per drop reason, named after the rule they enforce
 # (docs/design.md §4 states the rules T1-T5 and R1-R7; §5 lists every counter). This
@@ -71,6 +81,8 @@ cpdef enum Counter:
     DROP_TX_BAD_OFFLOAD         # a virtio header we cannot honour (never from a sane kernel)
     DROP_TX_SEND_ERROR          # the underlay socket refused the packet
     DROP_TX_TUN_WRITE           # a local/ICMP packet could not be written back
+    DROP_TX_ETHERTYPE           # X1: a frame neither IPv4 nor ARP (IPv6, LLDP, ...)
+    DROP_TX_TO_SELF             # X2: a frame for this host's own slice (bridges flood)
     # receive (underlay -> overlay)
     RX_PACKETS                  # written to the TUN
     RX_BYTES                    # inner bytes written
@@ -87,12 +99,15 @@ cpdef enum Counter:
     DROP_RX_SPOOFED_SRC         # R5
     DROP_RX_ECN_CE_NOT_ECT      # R6
     DROP_RX_TUN_WRITE           # the TUN refused the packet (EIO while the link is down)
+    DROP_RX_BAD_VXLAN           # V1: VXLAN flags other than I alone, or reserved bits set
+    DROP_RX_UNKNOWN_VNI         # V1: no VXLAN fan with this VNI on this port
+    DROP_RX_OWN_MAC             # V3: a frame from our own bridge's MAC came back
     N_COUNTERS
 
 # Each loop owns one block of COUNTER_BLOCK counters (a multiple of 8, so 64-byte aligned
 # in the counter file): two threads never write the same cache line.
 cpdef enum:
-    COUNTER_BLOCK = 32
+    COUNTER_BLOCK = 64
 
 cdef extern from *:
     """
@@ -110,7 +125,8 @@ cpdef enum Verdict:
 
 # Why these sizes: docs/design.md §8.
 cdef enum:
-    HEADROOM = ETH_HLEN + IPV4_HLEN  # room for the outer headers in front of each packet
+    HEADROOM = ETH_HLEN + VXLAN_OUTER   # room for the outer headers in front of each
+                                        # packet: Ethernet + IPv4 (+ UDP + VXLAN)
     BATCH = 64                  # packets per read/send burst
     SLOT = 65536 + 64           # any IPv4 datagram, plus headroom
     POLL_MS = 200               # how long a stop or a table swap may wait for a loop
@@ -170,7 +186,7 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
         return drop(c, r, DROP_TX_MALFORMED)
     len = tot                   # anything past the total length is padding, not packet
     dst = load32(pkt + IPV4_OFF_DST)
-    i = fan_lookup_overlay(t, dst)
+    i = fan_lookup_overlay(t, dst, FAN_IPIP)
     if i < 0:
         return drop(c, r, DROP_TX_NO_MAP)
     m = &t.maps[i]
@@ -230,6 +246,21 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     return VERDICT_SEND
 
 
+cdef inline bint ecn_decapsulate(uint8_t oecn, uint8_t *inner, uint64_t *c) noexcept nogil:
+    """RFC 6040 §4.2 decapsulation of the inner IPv4 header, the combinations that change
+    anything (R6, V6). False: outer CE over a Not-ECT inner, to be dropped."""
+    cdef uint8_t iecn = inner[IPV4_OFF_TOS] & 3
+    if oecn == ECN_CE:
+        if iecn == ECN_NOT_ECT:
+            return False
+        if iecn != ECN_CE:
+            ipv4_set_ecn(inner, ECN_CE)
+            inc(c, RX_ECN_CE)
+    elif oecn == ECN_ECT1 and iecn == ECN_ECT0:
+        ipv4_set_ecn(inner, ECN_ECT1)
+    return True
+
+
 cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
                    uint64_t *c) noexcept nogil:
     """Check and unwrap the IPIP datagram buf[0:len] (design §4, rules R1-R7 in order).
@@ -239,7 +270,6 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
     """
     cdef uint32_t ihl, iihl, ilen, osrc, idst, isrc
     cdef uint8_t *inner
-    cdef uint8_t oecn, iecn
     cdef const fan_map *m
     cdef int i, j
     r.reason = -1
@@ -254,7 +284,7 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
     if buf[IPV4_OFF_PROTO] != IPPROTO_IPIP:
         return drop(c, r, DROP_RX_NOT_IPIP)
     osrc = load32(buf + IPV4_OFF_SRC)
-    if fan_lookup_underlay(t, osrc) < 0:
+    if fan_lookup_underlay(t, osrc, FAN_IPIP) < 0:
         return drop(c, r, DROP_RX_SRC_NOT_UNDERLAY)
     inner = buf + ihl
     ilen = len - ihl
@@ -266,27 +296,18 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
     if not ipv4_header_csum_ok(inner, iihl):
         return drop(c, r, DROP_RX_BAD_INNER_CSUM)
     idst = load32(inner + IPV4_OFF_DST)
-    i = fan_lookup_overlay(t, idst)
+    i = fan_lookup_overlay(t, idst, FAN_IPIP)
     if i < 0 or (idst & t.maps[i].slice_mask) != t.maps[i].slice_net:
         return drop(c, r, DROP_RX_NOT_LOCAL)
     if t.check_spoof:
         # A host may only send from its own slice: the inner source must map back to the
         # outer source. The original kernel decapsulates IPIP from anyone.
         isrc = load32(inner + IPV4_OFF_SRC)
-        j = fan_lookup_overlay(t, isrc)
+        j = fan_lookup_overlay(t, isrc, FAN_IPIP)
         if j < 0 or fan_dest(&t.maps[j], isrc) != osrc:
             return drop(c, r, DROP_RX_SPOOFED_SRC)
-    # RFC 6040 §4.2 decapsulation, the combinations that change anything.
-    oecn = buf[IPV4_OFF_TOS] & 3
-    iecn = inner[IPV4_OFF_TOS] & 3
-    if oecn == ECN_CE:
-        if iecn == ECN_NOT_ECT:
-            return drop(c, r, DROP_RX_ECN_CE_NOT_ECT)
-        if iecn != ECN_CE:
-            ipv4_set_ecn(inner, ECN_CE)
-            inc(c, RX_ECN_CE)
-    elif oecn == ECN_ECT1 and iecn == ECN_ECT0:
-        ipv4_set_ecn(inner, ECN_ECT1)
+    if not ecn_decapsulate(buf[IPV4_OFF_TOS] & 3, inner, c):
+        return drop(c, r, DROP_RX_ECN_CE_NOT_ECT)
     r.map_index = i
     r.off = ihl
     r.out_len = ilen
@@ -296,6 +317,7 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
 
 include "tx.pxi"
 include "rx.pxi"
+include "vxlan.pxi"
 
 # ---------------------------------------------------------------------------------------
 # The table the loops read. Python builds a new one on every (re)configuration and swaps
@@ -309,6 +331,7 @@ cdef class Engine:
     cdef fan_table *retired
     cdef neigh_table *neigh
     cdef neigh_table *neigh_retired
+    cdef uint32_t seed          # the VXLAN flow hash's seed, fixed for the engine's life
 
     def __cinit__(self):
         self.table = <fan_table *>calloc(1, sizeof(fan_table))
@@ -325,14 +348,17 @@ cdef class Engine:
         free(self.neigh)
         free(self.neigh_retired)
 
-    def __init__(self, maps=(), check_spoof=True):
-        self.load(maps, check_spoof)
+    def __init__(self, rows=(), check_spoof=True, seed=None):
+        """seed: of the VXLAN source-port hash; random unless given (tests)."""
+        import os
+        self.seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        self.load(rows, check_spoof)
 
     def load(self, rows, check_spoof=True):
         """Install a new table. rows: objects with the fields of fanpkt.engine.MapRow
         (overlay, overlay_len, underlay, underlay_len, local, host_reserve, mtu, tun_fd,
-        ifname, ifindex, mac), addresses as ints; ifindex 0 (and mac b"") for an underlay
-        interface that cannot take Ethernet frames. Checked here too, whoever calls: a
+        ifname, ifindex, mac, kind, vni, port, dev_mac), addresses as ints; ifindex 0 (and
+        mac b"") for an underlay interface that cannot take Ethernet frames. Checked here too, whoever calls: a
         bad row is a ValueError, never a table the loops would compute garbage from.
         The previous table stays allocated until retire()."""
         cdef fan_table *t
@@ -354,10 +380,17 @@ cdef class Engine:
                     len(row.mac) != (ETH_ALEN if row.ifindex else 0):
                 raise ValueError(f"bad underlay interface {row.ifname!r} ({row.ifindex}, "
                                  f"MAC {bytes(row.mac).hex()})")
+            if row.kind not in ("ipip", "vxlan"):
+                raise ValueError(f"bad fan type {row.kind!r}")
+            if row.kind == "vxlan" and not (0 <= row.vni < 1 << 24 and 0 < row.port < 65536
+                                            and len(row.dev_mac) == ETH_ALEN):
+                raise ValueError(f"bad VXLAN VNI {row.vni}, port {row.port} or bridge MAC "
+                                 f"{bytes(row.dev_mac).hex()}")
         t = <fan_table *>calloc(1, sizeof(fan_table))
         if t == NULL:
             raise MemoryError()
         t.check_spoof = 1 if check_spoof else 0
+        t.hash_seed = self.seed
         for row in rows:
             o, u = row.overlay_len, row.underlay_len
             ifname = row.ifname.encode()
@@ -379,6 +412,12 @@ cdef class Engine:
             m.ifindex = row.ifindex
             if row.ifindex:
                 memcpy(m.mac, <char *>mac, ETH_ALEN)
+            m.kind = FAN_VXLAN if row.kind == "vxlan" else FAN_IPIP
+            if m.kind == FAN_VXLAN:
+                m.vni = row.vni
+                m.port = row.port
+                dev_mac = bytes(row.dev_mac)
+                memcpy(m.dev_mac, <char *>dev_mac, ETH_ALEN)
             t.n += 1
         free(self.retired)
         self.retired = self.table
@@ -439,7 +478,7 @@ cdef class Engine:
 
     def dest(self, uint32_t addr):
         """(map index, underlay host, routable) for an overlay address; index -1 if none."""
-        cdef int i = fan_lookup_overlay(self.table, addr)
+        cdef int i = fan_lookup_overlay(self.table, addr, FAN_ANY)
         if i < 0:
             return -1, 0, False
         u = fan_dest(&self.table.maps[i], addr)
@@ -457,7 +496,7 @@ cdef class Engine:
         with nogil:
             for k in range(n):
                 a = addrs[k]
-                i = fan_lookup_overlay(t, a)
+                i = fan_lookup_overlay(t, a, FAN_ANY)
                 if i < 0:
                     out[k] = 0
                     ok[k] = 0
@@ -508,10 +547,12 @@ cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
     return (<volatile int *>&ctl.stop)[0] != 0
 
 
-def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counters):
-    """Overlay -> underlay for one TUN until loop.stop(). tun_fd is non-blocking and opened
-    with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with IP_HDRINCL; packet_fd an
-    AF_PACKET SOCK_RAW socket for frames to resolved neighbours, or -1 for none."""
+def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counters,
+           bint vxlan=False):
+    """Overlay -> underlay for one TUN (or, vxlan, one TAP) until loop.stop(). tun_fd is
+    non-blocking and opened with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with
+    IP_HDRINCL (it sends VXLAN's UDP packets as well); packet_fd an AF_PACKET SOCK_RAW
+    socket for frames to resolved neighbours, or -1 for none."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
@@ -526,6 +567,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
         free(arena)
         txq_release(&q)
         raise MemoryError()
+    q.kind = FAN_VXLAN if vxlan else FAN_IPIP
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
@@ -617,6 +659,82 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
             if got < BATCH:
                 nanosleep(&nap, NULL)
     free(arena)
+
+
+cdef uint8_t outer_tos(msghdr *h) noexcept nogil:
+    """The outer TOS byte from the IP_TOS control message (IP_RECVTOS), or 0."""
+    cdef cmsghdr *cm = CMSG_FIRSTHDR(h)
+    while cm != NULL:
+        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_TOS:
+            return CMSG_DATA(cm)[0]
+        cm = CMSG_NXTHDR(h, cm)
+    return 0
+
+
+def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
+    """Underlay -> overlay for the VXLAN fans on UDP `port` until loop.stop(). sock_fd is
+    the UDP socket bound to the port, with IP_RECVTOS; every TAP of those fans is written
+    from here."""
+    cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
+    cdef loop_ctl *ctl = loop.ctl
+    cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
+    cdef uint8_t *ctl_bufs = <uint8_t *>malloc(<size_t>RX_CTL * BATCH)
+    cdef mmsghdr msgs[BATCH]
+    cdef iovec iov[BATCH]
+    cdef sockaddr_in names[BATCH]
+    cdef pollfd pfd
+    cdef const fan_table *t
+    cdef result r
+    cdef uint8_t *buf
+    cdef uint8_t *f
+    cdef int got, i, fd
+    cdef timespec nap
+    nap.tv_sec = 0
+    nap.tv_nsec = RX_NAP_NS
+    if arena == NULL or ctl_bufs == NULL:
+        free(arena)
+        free(ctl_bufs)
+        raise MemoryError()
+    memset(msgs, 0, sizeof(msgs))
+    for i in range(BATCH):
+        iov[i].iov_base = arena + <size_t>SLOT * i + RX_OFF
+        iov[i].iov_len = SLOT - RX_OFF
+        msgs[i].msg_hdr.msg_iov = &iov[i]
+        msgs[i].msg_hdr.msg_iovlen = 1
+        msgs[i].msg_hdr.msg_name = &names[i]
+    with nogil:
+        while not stopped(ctl):
+            ctl.ticks += 1
+            for i in range(BATCH):      # the kernel shortens both to what it wrote
+                msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+                msgs[i].msg_hdr.msg_control = ctl_bufs + <size_t>RX_CTL * i
+                msgs[i].msg_hdr.msg_controllen = RX_CTL
+            got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
+            if got <= 0:
+                pfd.fd = sock_fd    # empty (or EINTR): sleep until there is work
+                pfd.events = POLLIN
+                pfd.revents = 0
+                poll(&pfd, 1, POLL_MS)
+                continue
+            t = eng.table
+            for i in range(got):
+                buf = arena + <size_t>SLOT * i + RX_OFF
+                if vxlan_decap_one(t, <uint16_t>port, ntohl(names[i].sin_addr.s_addr),
+                                   outer_tos(&msgs[i].msg_hdr), buf, msgs[i].msg_len, &r,
+                                   c) != VERDICT_DELIVER:
+                    continue
+                f = buf + r.off
+                memset(f - VNET_HLEN, 0, VNET_HLEN)     # a plain frame: no offloads
+                fd = t.maps[r.map_index].tun_fd
+                if fd < 0 or write(fd, f - VNET_HLEN, r.out_len + VNET_HLEN) < 0:
+                    inc(c, DROP_RX_TUN_WRITE)
+                else:
+                    inc(c, RX_PACKETS)
+                    add(c, RX_BYTES, r.out_len)
+            if got < BATCH:
+                nanosleep(&nap, NULL)
+    free(arena)
+    free(ctl_bufs)
 
 
 include "testing.pxi"

@@ -22,6 +22,8 @@ cdef extern from "<netinet/in.h>" nogil:
         in_addr sin_addr
     enum:
         AF_INET
+        IP_TOS
+        IPPROTO_IP
         IPPROTO_ICMP
         IPPROTO_IPIP
         IPPROTO_TCP
@@ -40,6 +42,13 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
+    struct cmsghdr:
+        socklen_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    cmsghdr *CMSG_FIRSTHDR(msghdr *m)
+    cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c)
+    unsigned char *CMSG_DATA(cmsghdr *c)
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
     enum:
@@ -61,6 +70,7 @@ cdef extern from "<linux/if_ether.h>" nogil:
         ETH_ALEN
         ETH_HLEN
         ETH_P_IP
+        ETH_P_ARP
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:

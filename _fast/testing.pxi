@@ -70,8 +70,9 @@ cdef class Harness:
                     r.map_index)
         return Verdict(v), r.reason, b"", -1
 
-    def transmit(self, const uint8_t[:] vnet, const uint8_t[:] packet):
-        """One TUN read (virtio header + packet) through tx_packet, as run_tx does:
+    def transmit(self, const uint8_t[:] vnet, const uint8_t[:] packet, bint vxlan=False):
+        """One TUN read (virtio header + packet; vxlan: a TAP read, virtio header + frame,
+        from the TAP whose fd the map holds: -1 in tests) through tx_packet, as run_tx does:
         (verdict, reason index or -1, outputs, underlay dst). outputs are the outer
         packets for VERDICT_SEND (one per TSO segment or fragment; an Ethernet frame when
         sent to a resolved neighbour, see Engine.set_neighbours), else the one buffer
@@ -96,6 +97,7 @@ cdef class Harness:
         q.t = self.eng.table
         q.nt = self.eng.neigh
         q.ip_id = self.ip_id
+        q.kind = FAN_VXLAN if vxlan else FAN_IPIP
         memcpy(self.buf + HEADROOM - VNET_HLEN, &vnet[0], VNET_HLEN)
         if n:
             memcpy(self.buf + HEADROOM, &packet[0], n)
@@ -117,6 +119,25 @@ cdef class Harness:
             outs.append(PyBytes_FromStringAndSize(<char *>q.icmp, r.out_len + VNET_HLEN))
         txq_release(&q)
         return Verdict(v), r.reason, outs, r.dst if v == VERDICT_SEND else 0
+
+    def vxlan_decap(self, const uint8_t[:] payload, uint32_t outer_src, uint8_t outer_tos=0,
+                    uint16_t port=8472):
+        """vxlan_decap_one on a UDP payload (VXLAN header + frame) as run_rx_vxlan gets it:
+        (verdict, reason index or -1, frame bytes, map index)."""
+        cdef result r
+        cdef uint32_t n = payload.shape[0]
+        cdef int v
+        if n > SLOT - RX_OFF:
+            raise ValueError("payload larger than any UDP datagram")
+        if n:
+            memcpy(self.buf + RX_OFF, &payload[0], n)
+        v = vxlan_decap_one(self.eng.table, port, outer_src, outer_tos, self.buf + RX_OFF, n,
+                            &r, self.c)
+        if v == VERDICT_DELIVER:
+            return (Verdict(v), -1,
+                    PyBytes_FromStringAndSize(<char *>self.buf + RX_OFF + r.off, r.out_len),
+                    r.map_index)
+        return Verdict(v), r.reason, b"", -1
 
     def receive(self, datagrams):
         """A burst of at most BATCH datagrams through rx_batch, as run_rx does: a list of

@@ -30,7 +30,8 @@ cdef struct lane:
 cdef struct txq:
     const fan_table *t          # the tables of the current batch
     neigh_table *nt             # NULL: everything goes by LANE_IP
-    int tun_fd                  # where ICMP for EMSGSIZE goes
+    int kind                    # FAN_IPIP: packets from a TUN; FAN_VXLAN: frames from a TAP
+    int tun_fd                  # the device read: where ICMP for EMSGSIZE goes
     int cap
     uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
     uint64_t *c
@@ -195,6 +196,8 @@ cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
     cdef uint32_t n, more
     cdef ifreq ifr
     inc(q.c, DROP_TX_TOO_BIG)
+    if m.kind == FAN_VXLAN:
+        return              # a bridged frame: no IP hop of ours to answer from
     # The inner packet's first bytes, from the header iovec and the payload iovec.
     n = head if head < ICMP_QUOTE_MAX else ICMP_QUOTE_MAX
     memcpy(q.quote, <uint8_t *>v[0].iov_base + l.l2_len + IPV4_HLEN, n)
@@ -229,6 +232,8 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
     cdef tx_route rt
     cdef int v
     memcpy(&h, pkt - VNET_HLEN, VNET_HLEN)     # the outer header will overwrite it
+    if q.kind == FAN_VXLAN:
+        return tx_frame(q, &h, pkt, len, r)
     if h.gso_type != VNET_GSO_NONE:
         return tx_tso(q, &h, pkt, len, r)
     v = encap_one(q.t, &q.ip_id, pkt, len, 0, r, q.icmp + VNET_HLEN, q.c)
@@ -240,6 +245,29 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
             tx_fragments(q, &rt, pkt - IPV4_HLEN, r.out_len, q.t.maps[r.map_index].mtu)
         else:
             txq_add(q, &rt, pkt - IPV4_HLEN, r.out_len, NULL, 0)
+    return v
+
+
+cdef int tx_frame(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
+                  result *r) noexcept nogil:
+    """One frame read from a VXLAN fan's TAP: its checksum completed first (the outer UDP
+    checksum covers it), then encapsulated and queued, in outer fragments if the frame
+    does not fit the underlay (the kernel's vxlan sends DF clear)."""
+    cdef tx_route rt
+    cdef int v
+    r.reason = -1
+    r.map_index = -1
+    if h.gso_type != VNET_GSO_NONE:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)   # the TAP is opened without TSO
+    if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(frame, len, h):
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    v = vxlan_encap_one(q.t, q.tun_fd, &q.ip_id, frame, len, r, q.c)
+    if v == VERDICT_SEND:
+        tx_route_of(q, r, &rt)
+        if r.out_len > q.t.maps[r.map_index].mtu:
+            tx_fragments(q, &rt, frame - VXLAN_OUTER, r.out_len, q.t.maps[r.map_index].mtu)
+        else:
+            txq_add(q, &rt, frame - VXLAN_OUTER, r.out_len, NULL, 0)
     return v
 
 

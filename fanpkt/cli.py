@@ -17,7 +17,8 @@ from .config import KernelResolver, check_table, make_spec, parse_file, resolve_
 from .errors import ConfigError, FanError
 from .fanmap import FanMap, ip
 
-FLAGS_HELP = "Flags: dhcp, host-reserve N, bridge NAME, nat, off."
+FLAGS_HELP = ("Flags: dhcp, host-reserve N, bridge NAME, nat, off, type ipip|vxlan, vni N, "
+              "port N.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +91,9 @@ def cmd_stats(args) -> int:
 def format_stats(snap: dict) -> str:
     """Totals by direction: transmit counters and drops, then receive."""
     lines = [f"fanpkt-forward pid {snap['pid']}"]
+    for fan in snap.get("fans", []):
+        lines.append(f"fan {fan['device']}: {fan['overlay']} {fan['type']}"
+                     + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type")))
     for direction in ("tx", "rx"):
         lines.append(f"{direction}:")
         for name, value in snap["total"].items():
@@ -99,7 +103,7 @@ def format_stats(snap: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fanpkt", description="Fan networking in userspace (IPIP).")
+    p = _Parser(prog="fanpkt", description="Fan networking in userspace (IPIP and VXLAN).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     mp = sub.add_parser("map", help="map overlay addresses to underlay hosts and back")
     mp.add_argument("-o", "--overlay", required=True, help="overlay, e.g. 241.0.0.0/8 or 241")
@@ -121,13 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 # -- fanpkt-forward --------------------------------------------------------------------
 def build_forward_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fanpkt-forward",
-                description="Forward Fan overlay traffic over IPIP, in userspace.",
+                description="Forward Fan overlay traffic over IPIP or VXLAN, in userspace.",
                 epilog="Forms: fanpkt-forward -o 241.0.0.0/8 -u 172.16.3.4/16 [flags]; "
                        "fanpkt-forward 241.0.0.0/8 172.16.3.4/16 [flags]; "
                        f"fanpkt-forward -c /etc/network/fan. {FLAGS_HELP}")
     p.add_argument("-o", "--overlay")
     p.add_argument("-u", "--underlay")
     p.add_argument("-c", "--config", help="a file in /etc/network/fan format")
+    p.add_argument("--type", choices=("ipip", "vxlan"),
+                   help="the fan type (default ipip); vxlan is the fan LXD builds")
+    p.add_argument("--vni", help="VXLAN network identifier (default: overlay address >> 8, "
+                                 "LXD's: 15794176 for 241.0.0.0/8)")
+    p.add_argument("--port", help="VXLAN UDP port (default 8472, the kernel's and LXD's)")
     p.add_argument("--no-spoof-check", action="store_true",
                    help="accept IPIP whose inner source is not the sender's slice "
                         "(as the original kernel does)")
@@ -149,18 +158,22 @@ def run_forward(args) -> int:
                         format="fanpkt-forward: %(message)s")
     resolver = KernelResolver()
     load = None
+    # --type/--vni/--port are the flags 'type X', 'vni N', 'port N' of the one map given
+    opts = [w for k in ("type", "vni", "port") if getattr(args, k) is not None
+            for w in (k, getattr(args, k))]
     if args.config:
-        if args.overlay or args.underlay or args.words:
-            raise ConfigError("-c takes no map on the command line as well")
+        if args.overlay or args.underlay or args.words or opts:
+            raise ConfigError("-c takes no map, flags or --type/--vni/--port on the command "
+                              "line as well (give them per line in the file)")
         path = args.config
         load = lambda: parse_file(path, resolver)  # noqa: E731
         specs = load()
     elif args.overlay or args.underlay:
         if not (args.overlay and args.underlay):
             raise ConfigError("give both -o OVERLAY and -u UNDERLAY")
-        specs = [make_spec(args.overlay, args.underlay, args.words, resolver)]
+        specs = [make_spec(args.overlay, args.underlay, args.words + opts, resolver)]
     elif len(args.words) >= 2:
-        specs = [make_spec(args.words[0], args.words[1], args.words[2:], resolver)]
+        specs = [make_spec(args.words[0], args.words[1], args.words[2:] + opts, resolver)]
     else:
         raise ConfigError("no fan given: use -o OVERLAY -u UNDERLAY, OVERLAY UNDERLAY, "
                           "or -c /etc/network/fan")

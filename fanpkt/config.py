@@ -16,6 +16,10 @@ from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
 MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
+VXLAN_PORT = 8472           # the kernel's vxlan default, which LXD's fan uses (dstport 0)
+IPIP_OVERHEAD = 20          # outer IPv4
+VXLAN_OVERHEAD = 50         # outer IPv4 + UDP + VXLAN + the frame's Ethernet header
+TYPES = ("ipip", "vxlan")
 
 
 class Resolver(Protocol):
@@ -62,10 +66,40 @@ class FanSpec:
     off: bool = False
     nat: bool = False
     origin: str = "command line"    # 'FILE:LINE' for file entries
+    type: str = "ipip"              # or "vxlan" (design §12)
+    vni: Optional[int] = None       # VXLAN: None is LXD's default, overlay address >> 8
+    port: int = VXLAN_PORT          # VXLAN UDP port
+
+    @property
+    def vxlan(self) -> bool:
+        return self.type == "vxlan"
+
+    @property
+    def vni_value(self) -> int:
+        return self.vni if self.vni is not None else self.map.overlay >> 8
+
+    @property
+    def overhead(self) -> int:
+        """Underlay MTU minus overlay MTU."""
+        return VXLAN_OVERHEAD if self.vxlan else IPIP_OVERHEAD
+
+    @property
+    def bridge_name(self) -> Optional[str]:
+        """The bridge the fan lives on: the one given, or for VXLAN (which always needs
+        one) fanbr-<overlay octets>, e.g. fanbr-241 (at most 14 characters)."""
+        if self.bridge or not self.vxlan:
+            return self.bridge
+        return "fanbr-" + self.map.device_name[len("fan-"):]
 
     @property
     def flags(self) -> list[str]:
         out = []
+        if self.vxlan:
+            out.append("type vxlan")
+            if self.vni is not None:
+                out.append(f"vni {self.vni}")
+            if self.port != VXLAN_PORT:
+                out.append(f"port {self.port}")
         if self.dhcp:
             out.append("dhcp")
         if self.map.host_reserve != 1:
@@ -80,7 +114,8 @@ class FanSpec:
 
     def key(self) -> tuple:
         """What must match for a reload to keep this fan running untouched."""
-        return (self.map, self.bridge, self.nat, self.dhcp)
+        return (self.map, self.bridge, self.nat, self.dhcp, self.type, self.vni_value,
+                self.port)
 
 
 def resolve_underlay(text: str, resolver: Resolver) -> str:
@@ -101,13 +136,14 @@ def resolve_underlay(text: str, resolver: Resolver) -> str:
 
 
 def parse_flags(tokens: list[str]) -> dict:
-    """dhcp, host-reserve N, bridge NAME, off, nat, type ipip. Unknown tokens are errors."""
+    """dhcp, host-reserve N, bridge NAME, off, nat, type ipip|vxlan, vni N, port N.
+    Unknown tokens are errors."""
     out: dict = {}
     it = iter(tokens)
     for tok in it:
         if tok in ("dhcp", "off", "nat"):
             out[tok] = True
-        elif tok in ("host-reserve", "bridge", "type"):
+        elif tok in ("host-reserve", "bridge", "type", "vni", "port"):
             val = next(it, None)
             if val is None:
                 raise ConfigError(f"flag {tok!r} needs a value")
@@ -117,8 +153,15 @@ def parse_flags(tokens: list[str]) -> dict:
                 if len(val) > IFNAMSIZ or "/" in val or val in (".", ".."):
                     raise ConfigError(f"bridge name {val!r} is not a valid interface name")
                 out["bridge"] = val
-            elif val != "ipip":
-                raise ConfigError(f"type {val!r} is not supported: fanpkt carries IPIP only")
+            elif tok == "vni":
+                out["vni"] = decimal(val, "vni", 0, (1 << 24) - 1)
+            elif tok == "port":
+                out["port"] = decimal(val, "port", 1, 65535)
+            elif val not in TYPES:
+                raise ConfigError(f"type {val!r} is not supported: fanpkt carries "
+                                  f"{' and '.join(TYPES)}")
+            else:
+                out["type"] = val
         elif tok == "enable":
             pass                    # fanctl's explicit default
         else:
@@ -129,11 +172,15 @@ def parse_flags(tokens: list[str]) -> dict:
 def make_spec(overlay: str, underlay: str, flag_tokens: list[str], resolver: Resolver,
               origin: str = "command line") -> FanSpec:
     flags = parse_flags(flag_tokens)
+    kind = flags.get("type", "ipip")
+    if kind != "vxlan" and ("vni" in flags or "port" in flags):
+        raise ConfigError("vni and port are flags of 'type vxlan' fans")
     m = FanMap.parse(overlay, resolve_underlay(underlay, resolver),
                      flags.get("host_reserve", 1))
     m.local_slice                   # a fan to bring up needs a host: fail here if none
     return FanSpec(m, dhcp=flags.get("dhcp", False), bridge=flags.get("bridge"),
-                   off=flags.get("off", False), nat=flags.get("nat", False), origin=origin)
+                   off=flags.get("off", False), nat=flags.get("nat", False), origin=origin,
+                   type=kind, vni=flags.get("vni"), port=flags.get("port", VXLAN_PORT))
 
 
 def parse_lines(lines: Iterable[str], path: str, resolver: Resolver) -> list[FanSpec]:
@@ -173,6 +220,7 @@ def check_table(specs: list[FanSpec]) -> FanTable:
         raise ConfigError(f"{len(active)} fans: one forwarder runs at most {MAX_FANS}")
     table = FanTable()
     bridges: dict[str, str] = {}
+    vnis: dict[tuple[int, int], str] = {}
     for s in specs:
         if s.off:
             continue
@@ -180,9 +228,14 @@ def check_table(specs: list[FanSpec]) -> FanTable:
             table.add(s.map)
         except ConfigError as e:
             raise ConfigError(f"{s.origin}: {e}") from None
-        if s.bridge:
-            if s.bridge in bridges:
-                raise ConfigError(f"{s.origin}: bridge {s.bridge} is already used by "
-                                  f"{bridges[s.bridge]}")
-            bridges[s.bridge] = s.origin
+        if s.bridge_name:
+            if s.bridge_name in bridges:
+                raise ConfigError(f"{s.origin}: bridge {s.bridge_name} is already used by "
+                                  f"{bridges[s.bridge_name]}")
+            bridges[s.bridge_name] = s.origin
+        if s.vxlan:
+            if (s.port, s.vni_value) in vnis:
+                raise ConfigError(f"{s.origin}: VNI {s.vni_value} on port {s.port} is "
+                                  f"already used by {vnis[s.port, s.vni_value]}")
+            vnis[s.port, s.vni_value] = s.origin
     return table

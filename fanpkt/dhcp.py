@@ -50,11 +50,13 @@ def pool(spec: FanSpec) -> tuple[int, int]:
 
 def command(spec: FanSpec, overlay_mtu: int, run_dir: str) -> list[str]:
     m, (first, last) = spec.map, pool(spec)
-    base = os.path.join(run_dir, f"dhcp-{spec.bridge}")
+    base = os.path.join(run_dir, f"dhcp-{spec.bridge_name}")
+    # VXLAN (LXD's layout): the whole overlay is on-link; IPIP: the slice is
+    netmask = mask(m.overlay_len if spec.vxlan else m.slice_len)
     return ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
             "--log-facility=-", "--quiet-dhcp",
-            f"--interface={spec.bridge}", "--bind-dynamic", "--except-interface=lo",
-            f"--dhcp-range={ip(first)},{ip(last)},{ip(mask(m.slice_len))},{LEASE_TIME}",
+            f"--interface={spec.bridge_name}", "--bind-dynamic", "--except-interface=lo",
+            f"--dhcp-range={ip(first)},{ip(last)},{ip(netmask)},{LEASE_TIME}",
             f"--dhcp-option=option:router,{ip(m.gateway)}",
             f"--dhcp-option=option:mtu,{overlay_mtu}",
             "--dhcp-authoritative",
@@ -83,10 +85,10 @@ def start(spec: FanSpec, overlay_mtu: int, run_dir: str) -> Dnsmasq:
             why = (f"exited with status {p.returncode} (its message is above)"
                    if p.returncode is not None else
                    f"was not serving after {READY_TIMEOUT:.0f} s")
-            raise FanError(f"dnsmasq for bridge {spec.bridge} {why}")
+            raise FanError(f"dnsmasq for bridge {spec.bridge_name} {why}")
         time.sleep(0.02)
     first, last = pool(spec)
-    log.info("%s: dhcp on %s, %s - %s, leases in %s", spec.map.overlay_net, spec.bridge,
+    log.info("%s: dhcp on %s, %s - %s, leases in %s", spec.map.overlay_net, spec.bridge_name,
              ip(first), ip(last), rec.lease_file)
     return rec
 

@@ -51,12 +51,18 @@ class MapRow:
     ifname: str = ""            # underlay interface, asked for its MTU after EMSGSIZE
     ifindex: int = 0            # its index; 0: no frames to resolved neighbours
     mac: bytes = b""            # its MAC, the source of those frames (b"" with ifindex 0)
+    kind: str = "ipip"          # or "vxlan"; then also:
+    vni: int = 0                # the VXLAN network identifier
+    port: int = 0               # the VXLAN UDP port
+    dev_mac: bytes = b""        # the fan bridge's MAC (a frame from it coming back is ours)
 
     @classmethod
     def of(cls, m: FanMap, mtu: int = 1500, tun_fd: int = -1, ifname: str = "",
-           ifindex: int = 0, mac: bytes = b"") -> "MapRow":
+           ifindex: int = 0, mac: bytes = b"", kind: str = "ipip", vni: int = 0,
+           port: int = 0, dev_mac: bytes = b"") -> "MapRow":
         return cls(m.overlay, m.overlay_len, m.underlay, m.underlay_len, m.host,
-                   m.host_reserve, mtu, tun_fd, ifname, ifindex, mac)
+                   m.host_reserve, mtu, tun_fd, ifname, ifindex, mac, kind, vni, port,
+                   dev_mac)
 
 
 def new_counters(blocks: int = 1) -> array.array:
@@ -139,14 +145,20 @@ class Dataplane:
 
     # -- loops -------------------------------------------------------------------------
     def start_tx(self, name: str, tun_fd: int, sock_fd: int, packet_fd: int,
-                 counters) -> LoopThread:
-        """The transmit loop of one TUN (see fastpath.run_tx); counters: its block."""
+                 counters, vxlan: bool = False) -> LoopThread:
+        """The transmit loop of one TUN, or TAP for vxlan (see fastpath.run_tx); counters:
+        its block."""
         return self._start(f"tx-{name}", fastpath.run_tx, tun_fd, sock_fd, packet_fd,
-                           counters)
+                           counters, vxlan)
 
     def start_rx(self, sock_fd: int, counters) -> LoopThread:
-        """The receive loop of the raw IPIP socket, writing to every fan's TUN."""
+        """The receive loop of the raw IPIP socket, writing to every IPIP fan's TUN."""
         return self._start("rx", fastpath.run_rx, sock_fd, counters)
+
+    def start_rx_vxlan(self, port: int, sock_fd: int, counters) -> LoopThread:
+        """The receive loop of one VXLAN UDP port, writing to its fans' TAPs."""
+        return self._start(f"rx-vxlan-{port}", fastpath.run_rx_vxlan, sock_fd, port,
+                           counters)
 
     def _start(self, name: str, run, *args) -> LoopThread:
         lt = LoopThread(name, lambda loop, *a: run(self.engine, loop, *a), *args)

@@ -1,9 +1,10 @@
 """fanpkt-forward's lifecycle: bring fans up, serve (signals, neighbour refreshes, loop
 health), reload on SIGHUP, and take everything down again.
 
-Threads (docs/design.md §7): one transmit loop per fan (its TUN -> the raw socket, or the
-packet socket for resolved neighbours) and one receive loop (the raw socket -> every fan's
-TUN), all in fanpkt/engine.py. The main thread waits for signals and the kernel's
+Threads (docs/design.md §7): one transmit loop per fan (its TUN or TAP -> the raw socket,
+or the packet socket for resolved neighbours), one receive loop for IPIP (the raw socket
+-> every IPIP fan's TUN) and one per VXLAN port (its UDP socket -> the TAPs of the VXLAN
+fans on that port), all in fanpkt/engine.py. The main thread waits for signals and the kernel's
 announcements, refreshes the neighbour table, and watches the loops: if one dies, the
 process stops with an error, so that its supervisor restarts it.
 """
@@ -25,12 +26,13 @@ from .errors import ConfigError, PrivilegeError
 from .fanmap import ip
 from .neighbours import NeighbourWatch
 from .plumbing import Plumbing
-from .runstate import RX_BLOCK, FanState, RunState, State, tx_block
+from .netlink import mac_bytes
+from .runstate import RX_BLOCK, FanState, RunState, State, tx_block, vxlan_rx_block
 from .tun import Tun, check_tun_available
-from .underlay import Interface, interface_of, open_packet_socket, open_socket
+from .underlay import (Interface, interface_of, open_packet_socket, open_socket,
+                       open_vxlan_socket)
 
 log = logging.getLogger("fanpkt")
-IPIP_OVERHEAD = 20
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
 NEIGH_EVENT_GAP = 0.2       # least time between refreshes the kernel's announcements cause
 TICK = 0.1                  # how long the main thread sleeps between looks at its events
@@ -62,14 +64,15 @@ class Fan:
 
     @property
     def overlay_mtu(self) -> int:
-        return self.underlay.mtu - IPIP_OVERHEAD
+        return self.underlay.mtu - self.spec.overhead
 
     def state(self) -> FanState:
         m = self.spec.map
-        return FanState(device=self.tun.name, bridge=self.spec.bridge,
+        return FanState(device=self.tun.name, bridge=self.spec.bridge_name,
                         overlay=str(m.overlay_net), underlay=f"{ip(m.host)}/{m.underlay_len}",
                         slice=f"{ip(m.local_slice)}/{m.slice_len}", flags=self.spec.flags,
-                        mtu=self.overlay_mtu, plumbing=self.plumbing.to_json())
+                        mtu=self.overlay_mtu, plumbing=self.plumbing.to_json(),
+                        type=self.spec.type)
 
 
 class Forwarder:
@@ -86,6 +89,8 @@ class Forwarder:
         self.counters = None
         self.sock = None
         self.packet_sock = None
+        self.vxlan_socks: dict[int, object] = {}    # UDP port -> its socket
+        self.vxlan_blocks: dict[int, int] = {}      # UDP port -> its counter block
         self.neighbours: Optional[NeighbourWatch] = None
         self.neigh_entries: frozenset = frozenset()
         self.neigh_error: Optional[str] = None
@@ -108,7 +113,8 @@ class Forwarder:
                     [Plumbing.from_json(f.plumbing) for f in leftovers.fans],
                     leftovers.ip_forward_before, leftovers.pid)
                 self.run.forget_leftovers()
-            self.counters = self.run.create_counters(tx_block(MAX_FANS), COUNTER_BLOCK)
+            self.counters = self.run.create_counters(vxlan_rx_block(MAX_FANS),
+                                                     COUNTER_BLOCK)
             self.sock = open_socket()
             if self.send_frames:
                 self.packet_sock = open_packet_socket()
@@ -120,6 +126,7 @@ class Forwarder:
             self._install_table()
             plumbing.nft_apply(self.specs)
             self.dp.start_rx(self.sock.fileno(), self.counters.block(RX_BLOCK))
+            self._sync_vxlan_ports()
             for fan in self.fans.values():
                 self._start_tx(fan)
             self.refresh_neighbours()
@@ -133,10 +140,10 @@ class Forwarder:
         underlay = interface_of(m.host)
         used = {f.slot for f in self.fans.values()}
         slot = min(set(range(MAX_FANS)) - used)     # check_table keeps fans <= MAX_FANS
-        tun = Tun(m.device_name, underlay.mtu - IPIP_OVERHEAD)
+        mtu = underlay.mtu - spec.overhead
+        tun = Tun(m.device_name, mtu, tap=spec.vxlan)
         try:
-            rec = plumbing.attach(spec, tun.index, underlay.mtu - IPIP_OVERHEAD,
-                                  self.run.path)
+            rec = plumbing.attach(spec, tun.index, mtu, self.run.path)
         except BaseException:
             tun.close()
             raise
@@ -144,23 +151,48 @@ class Forwarder:
         self.fans[spec.key()] = fan
         self.counters.zero(tx_block(slot))
         self.publish()          # a crash from here on leaves a record of what to clean up
-        log.info("up: %s over %s, host %s, slice %s/%d, device %s%s", m.overlay_net,
-                 m.underlay_net, ip(m.host), ip(m.local_slice), m.slice_len, tun.name,
-                 f", bridge {spec.bridge}" if spec.bridge else "")
+        log.info("up: %s over %s (%s%s), host %s, slice %s/%d, device %s%s", m.overlay_net,
+                 m.underlay_net, spec.type,
+                 f" vni {spec.vni_value} port {spec.port}" if spec.vxlan else "",
+                 ip(m.host), ip(m.local_slice), m.slice_len, tun.name,
+                 f", bridge {spec.bridge_name}" if spec.bridge_name else "")
         return fan
 
     def _start_tx(self, fan: Fan) -> None:
         packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
         self.dp.start_tx(fan.tun.name[4:], fan.tun.fd, self.sock.fileno(), packet_fd,
-                         self.counters.block(tx_block(fan.slot)))
+                         self.counters.block(tx_block(fan.slot)), vxlan=fan.spec.vxlan)
+
+    def _sync_vxlan_ports(self) -> None:
+        """One UDP socket and receive loop for each port a VXLAN fan uses, none for others.
+        A port's counter block is that of the lowest slot among its fans, in the VXLAN
+        receive range."""
+        ports: dict[int, int] = {}
+        for f in self.fans.values():
+            if f.spec.vxlan:
+                ports[f.spec.port] = min(ports.get(f.spec.port, MAX_FANS), f.slot)
+        for port in [p for p in self.vxlan_socks if p not in ports]:
+            self.dp.stop_loop(f"rx-vxlan-{port}")
+            self.vxlan_socks.pop(port).close()
+        for port, slot in ports.items():
+            if port not in self.vxlan_socks:
+                self.vxlan_socks[port] = sock = open_vxlan_socket(port)
+                self.counters.zero(vxlan_rx_block(slot))
+                self.dp.start_rx_vxlan(port, sock.fileno(),
+                                       self.counters.block(vxlan_rx_block(slot)))
+        self.vxlan_blocks = {port: vxlan_rx_block(slot) for port, slot in ports.items()}
 
     def _install_table(self) -> None:
         rows = []
         for f in self.fans.values():
             u = f.underlay
             frames = self.packet_sock is not None and u.mac
-            rows.append(MapRow.of(f.spec.map, u.mtu, f.tun.fd, u.name,
-                                  u.index if frames else 0, u.mac if frames else b""))
+            s = f.spec
+            rows.append(MapRow.of(s.map, u.mtu, f.tun.fd, u.name,
+                                  u.index if frames else 0, u.mac if frames else b"",
+                                  kind=s.type, vni=s.vni_value if s.vxlan else 0,
+                                  port=s.port if s.vxlan else 0,
+                                  dev_mac=mac_bytes(f.plumbing.bridge_mac) if s.vxlan else b""))
         self.dp.install(rows)
 
     def refresh_neighbours(self) -> None:
@@ -191,6 +223,8 @@ class Forwarder:
     def publish(self) -> None:
         blocks = {"rx": RX_BLOCK}
         blocks.update({f"tx:{f.tun.name}": tx_block(f.slot) for f in self.fans.values()})
+        blocks.update({f"rx-vxlan:{port}": block
+                       for port, block in self.vxlan_blocks.items()})
         self.run.write_state(State(
             pid=os.getpid(), config=self.config_path, check_spoof=self.check_spoof,
             ip_forward_before=self.forward_before, counter_names=COUNTER_NAMES,
@@ -220,6 +254,7 @@ class Forwarder:
                     log.error("cannot bring up %s: %s", spec.map.overlay_net, e)
         self.specs = [f.spec for f in self.fans.values()]
         self._install_table()
+        self._sync_vxlan_ports()
         for fan in added:
             self._start_tx(fan)
         plumbing.nft_apply(self.specs)
@@ -246,6 +281,9 @@ class Forwarder:
         if self.packet_sock is not None:
             self.packet_sock.close()
             self.packet_sock = None
+        for sock in self.vxlan_socks.values():
+            sock.close()
+        self.vxlan_socks.clear()
         if self.neighbours is not None:
             self.neighbours.close()
             self.neighbours = None

@@ -10,6 +10,13 @@ def link_index(ipr, name: str) -> Optional[int]:
     return idx[0] if idx else None
 
 
+def link_kind(ipr, index: int) -> Optional[str]:
+    """The kind of a link ('bridge', 'veth', 'tun', ...), None for a plain device."""
+    links = ipr.get_links(index)
+    info = links[0].get_attr("IFLA_LINKINFO") if links else None
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
 def mac_bytes(text: Optional[str]) -> bytes:
     """'02:aa:bb:cc:dd:01' (as netlink attributes spell a MAC) -> 6 bytes; b"" for
     anything that is not an Ethernet address (none, or a tunnel's 4-byte one)."""

@@ -1,7 +1,15 @@
-"""Host plumbing around the data path (docs/design.md §11), with pyroute2 and nftables:
-addresses, the overlay route, bridges, the bridge's dnsmasq, forwarding, NAT, and the
-rule that keeps the kernel quiet about IPIP it has no tunnel for. Everything made here is
-recorded (Plumbing) so that it can be removed, by this run or, after a crash, by the next.
+"""Host plumbing around the data path (docs/design.md §11, §12), with pyroute2 and
+nftables: addresses, the overlay route, bridges, the bridge's dnsmasq, forwarding, NAT,
+and the rule that keeps the kernel quiet about IPIP it has no tunnel for. Everything made
+here is recorded (Plumbing) so that it can be removed, by this run or, after a crash, by
+the next.
+
+IPIP (fanctl's layout): the gateway slice.1 with the slice's prefix on the bridge, or as
+/32 on the TUN; the route O/o into the TUN. VXLAN (LXD's layout): the gateway with the
+*overlay's* prefix on the bridge, so the whole overlay is on-link and hosts ARP for every
+overlay address; the TAP is a port of that bridge. A bridge fanpkt creates for a VXLAN fan
+gets a MAC derived from the overlay and the host's underlay address: unique per host (two
+hosts with one bridge MAC break host-to-fan traffic) and the same at every restart.
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ from . import dhcp
 from .config import FanSpec
 from .errors import DeviceError, FanError
 from .fanmap import ip
-from .netlink import link_index
+from .netlink import link_index, link_kind, mac_bytes
+from .tun import disable_ipv6
 
 log = logging.getLogger("fanpkt")
 NFT_TABLE = "fanpkt"
@@ -36,12 +45,14 @@ class Plumbing:
     bridge_created: bool = False
     addr: Optional[tuple[str, str, int]] = None    # (bridge, address, prefix) we added
     dhcp: Optional[dhcp.Dnsmasq] = None
+    bridge_mac: str = ""        # VXLAN: the bridge's MAC (frames from it are our own)
 
     def to_json(self) -> dict:
         return {"gateway": self.gateway, "bridge": self.bridge,
                 "bridge_created": self.bridge_created,
                 "addr": list(self.addr) if self.addr else None,
-                "dhcp": self.dhcp.to_json() if self.dhcp else None}
+                "dhcp": self.dhcp.to_json() if self.dhcp else None,
+                "bridge_mac": self.bridge_mac}
 
     @classmethod
     def from_json(cls, d: dict) -> "Plumbing":
@@ -49,34 +60,58 @@ class Plumbing:
         return cls(gateway=str(d["gateway"]), bridge=d.get("bridge"),
                    bridge_created=bool(d.get("bridge_created")),
                    addr=(str(addr[0]), str(addr[1]), int(addr[2])) if addr else None,
-                   dhcp=dhcp.Dnsmasq.from_json(d["dhcp"]) if d.get("dhcp") else None)
+                   dhcp=dhcp.Dnsmasq.from_json(d["dhcp"]) if d.get("dhcp") else None,
+                   bridge_mac=str(d.get("bridge_mac") or ""))
 
 
-def attach(spec: FanSpec, tun_index: int, overlay_mtu: int, run_dir: str) -> Plumbing:
-    """Give the slice gateway a home (the bridge, or the TUN itself), route the overlay
-    into the TUN, and start the bridge's dnsmasq for `dhcp`. On failure nothing stays."""
+def bridge_mac(spec: FanSpec) -> str:
+    """02:<first overlay octet>:<the host's underlay address>: locally administered,
+    unicast, unique per host in a fan, stable across restarts."""
+    return ":".join(f"{b:02x}" for b in (0x02, spec.map.overlay >> 24,
+                                         *spec.map.host.to_bytes(4, "big")))
+
+
+def attach(spec: FanSpec, dev_index: int, overlay_mtu: int, run_dir: str) -> Plumbing:
+    """Give the slice gateway a home (the bridge, or an IPIP fan's TUN itself), route an
+    IPIP overlay into the TUN or make a VXLAN fan's TAP a port of its bridge, and start
+    the bridge's dnsmasq for `dhcp`. On failure nothing stays."""
     m = spec.map
-    rec = Plumbing(gateway=ip(m.gateway), bridge=spec.bridge)
+    bridge = spec.bridge_name
+    rec = Plumbing(gateway=ip(m.gateway), bridge=bridge)
     with IPRoute() as ipr:
         try:
-            if spec.bridge:
-                idx = link_index(ipr, spec.bridge)
+            if bridge:
+                idx = link_index(ipr, bridge)
                 if idx is None:
-                    ipr.link("add", ifname=spec.bridge, kind="bridge")
+                    ipr.link("add", ifname=bridge, kind="bridge")
                     rec.bridge_created = True
-                    idx = link_index(ipr, spec.bridge)
+                    idx = link_index(ipr, bridge)
+                    disable_ipv6(bridge)
+                    if spec.vxlan:
+                        ipr.link("set", index=idx, address=bridge_mac(spec))
+                elif link_kind(ipr, idx) != "bridge":
+                    raise DeviceError(f"{bridge} exists and is not a bridge: name a bridge "
+                                      f"(or a free name) with 'bridge NAME'")
                 ipr.link("set", index=idx, mtu=overlay_mtu, state="up")
-                ipr.addr("add", index=idx, address=ip(m.gateway), prefixlen=m.slice_len)
-                rec.addr = (spec.bridge, ip(m.gateway), m.slice_len)
+                plen = m.overlay_len if spec.vxlan else m.slice_len
+                ipr.addr("add", index=idx, address=ip(m.gateway), prefixlen=plen)
+                rec.addr = (bridge, ip(m.gateway), plen)
+                if spec.vxlan:
+                    ipr.link("set", index=dev_index, master=idx, state="up")
+                    rec.bridge_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
             else:
-                ipr.addr("add", index=tun_index, address=ip(m.gateway), prefixlen=32)
-            ipr.route("add", dst=ip(m.overlay), dst_len=m.overlay_len, oif=tun_index,
-                      prefsrc=ip(m.gateway))
+                ipr.addr("add", index=dev_index, address=ip(m.gateway), prefixlen=32)
+            if not spec.vxlan:
+                ipr.route("add", dst=ip(m.overlay), dst_len=m.overlay_len, oif=dev_index,
+                          prefsrc=ip(m.gateway))
         except NetlinkError as e:
             detach(rec)
             raise DeviceError(f"cannot set up {m.overlay_net}: "
                               f"{e.args[1] if len(e.args) > 1 else e}") from None
-    if spec.dhcp and not spec.bridge:
+        except DeviceError:
+            detach(rec)
+            raise
+    if spec.dhcp and not bridge:
         log.warning("%s: flag dhcp ignored: DHCP needs the fan on a bridge (add "
                     "'bridge NAME')", m.overlay_net)
     elif spec.dhcp:
@@ -136,10 +171,13 @@ def nft_ruleset(specs: list[FanSpec]) -> str:
     if nat:
         rules += ["  chain postrouting {",
                   "    type nat hook postrouting priority srcnat; policy accept;"]
+        # Overlay-to-overlay is never NATed, into this fan or any other of this host's:
+        # the receiver's anti-spoofing would drop an underlay source.
+        overlays = ", ".join(str(s.map.overlay_net) for s in specs)
         for s in nat:
             m = s.map
             rules.append(f"    ip saddr {ip(m.local_slice)}/{m.slice_len} "
-                         f"ip daddr != {m.overlay_net} snat to {ip(m.host)}")
+                         f"ip daddr != {{ {overlays} }} snat to {ip(m.host)}")
         rules.append("  }")
     body = "\n".join(rules)
     return f"{NFT_RESET}table ip {NFT_TABLE} {{\n{body}\n}}\n"

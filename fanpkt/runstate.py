@@ -5,8 +5,8 @@ One forwarder per network namespace, so the state directory is keyed by the name
 inode: `ip netns exec NS fanpkt stats` finds the forwarder of NS and no other.
 
 The counter file is an array of uint64 blocks of `counter_block` entries, one block per
-loop: block RX_BLOCK for the receive loop, tx_block(slot) for the transmit loop of the
-fan in that slot. The loops increment their block in place through the mapping, so
+loop: block RX_BLOCK for the IPIP receive loop, tx_block(slot) for the transmit loop of
+the fan in that slot, vxlan_rx_block(slot) for a VXLAN port's receive loop. The loops increment their block in place through the mapping, so
 readers see the counters live and the loops pay nothing to publish them.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .config import MAX_FANS
 from .errors import AlreadyRunning, NotRunning
 
 RUN_ROOT = "/run/fanpkt"
@@ -27,6 +28,12 @@ RX_BLOCK = 0
 def tx_block(slot: int) -> int:
     """The counter block of the transmit loop of the fan in slot `slot`."""
     return slot + 1
+
+
+def vxlan_rx_block(slot: int) -> int:
+    """The counter block of a VXLAN port's receive loop, named by the lowest slot among
+    the fans on that port (so no two ports share one)."""
+    return 1 + MAX_FANS + slot
 
 
 def netns_dir(root: str = RUN_ROOT) -> str:
@@ -44,6 +51,7 @@ class FanState:
     flags: list[str]
     mtu: int                    # overlay MTU
     plumbing: dict              # plumbing.Plumbing.to_json()
+    type: str = "ipip"          # or "vxlan"
 
 
 @dataclass
@@ -100,7 +108,9 @@ def totals(state: State, raw: bytes) -> dict:
         loops[loop] = {n: int(vals[idx * block + k]) for k, n in enumerate(names)
                        if idx * block + k < len(vals)}
     total = {n: sum(loop.get(n, 0) for loop in loops.values()) for n in names}
-    return {"pid": state.pid, "total": total, "loops": loops}
+    return {"pid": state.pid, "total": total, "loops": loops,
+            "fans": [{"device": f.device, "type": f.type, "overlay": f.overlay,
+                      "flags": f.flags} for f in state.fans]}
 
 
 class RunState:

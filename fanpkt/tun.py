@@ -1,5 +1,6 @@
-"""The overlay side: a TUN device per fan, created with python-pytun and configured with
-pyroute2. Packet I/O happens on the fd, in the compiled loops, not here."""
+"""The overlay side: a TUN device per IPIP fan, a TAP device per VXLAN fan (a port of the
+fan's bridge), created with python-pytun and configured with pyroute2. Packet I/O happens
+on the fd, in the compiled loops, not here."""
 from __future__ import annotations
 
 import fcntl
@@ -34,20 +35,27 @@ def _sysctl(path: str, value: str) -> None:
         pass                # e.g. no IPv6 in this kernel: nothing to set
 
 
-def _tune(name: str) -> None:
-    # IPv4 only: otherwise the kernel's own router solicitations and MLD reports would
-    # show up as drop_tx_not_ipv4.
+def disable_ipv6(name: str) -> None:
+    """IPv4 only: otherwise the kernel's own router solicitations and MLD reports would
+    show up as drops (drop_tx_not_ipv4, drop_tx_ethertype)."""
     _sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+
+
+def _tune(name: str) -> None:
+    disable_ipv6(name)
     # fanpkt writes back packets whose source is this host's own overlay address (its ICMP
     # "fragmentation needed", local deliveries): without accept_local they are martians.
     _sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1")
 
 
 class Tun:
-    """One TUN device. Keep the object alive: pytun closes the fd when it is collected."""
+    """One TUN (or TAP) device. Keep the object alive: pytun closes the fd when it is
+    collected."""
 
-    def __init__(self, name: str, mtu: int, offload: bool = True):
-        """offload=False: plain packets, no virtio header (the Python baseline in bench/)."""
+    def __init__(self, name: str, mtu: int, offload: bool = True, tap: bool = False):
+        """offload=False: plain packets, no virtio header (the Python baseline in bench/).
+        tap: Ethernet frames, for a VXLAN fan; it keeps the virtio header but takes no
+        offloads yet (the kernel hands it segmented, checksummed frames)."""
         check_tun_available()
         with IPRoute() as ipr:
             if link_index(ipr, name) is not None:
@@ -56,14 +64,16 @@ class Tun:
         try:
             # IFF_NO_PI: without it every packet carries a 4-byte prefix (pytun's default).
             # IFF_VNET_HDR: a 10-byte virtio_net_hdr instead, which carries the offloads.
-            flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
+            flags = ((pytun.IFF_TAP if tap else pytun.IFF_TUN) | pytun.IFF_NO_PI
+                     | (pytun.IFF_VNET_HDR if offload else 0))
             self.dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
-            raise DeviceError(f"cannot create TUN device {name}: {e}") from None
+            raise DeviceError(f"cannot create {'TAP' if tap else 'TUN'} device {name}: "
+                              f"{e}") from None
         self.name = name
         self.fd = self.dev.fileno()
         try:
-            if offload:
+            if offload and not tap:
                 fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
         except OSError as e:
             self.dev.close()

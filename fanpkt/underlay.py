@@ -1,9 +1,11 @@
-"""The underlay side: one raw IPPROTO_IPIP socket and one packet socket for every fan, and
-facts about the local underlay interfaces.
+"""The underlay side: one raw IPPROTO_IPIP socket and one packet socket for every fan, a
+UDP socket per VXLAN port, and facts about the local underlay interfaces.
 
 With no ipip module the kernel hands every protocol-4 datagram for a local address to raw
 sockets. IP_HDRINCL because the engine writes the outer header itself (TTL, DF and ECN
-follow the inner packet (design §4 T3), which the kernel's own header could not do per packet).
+follow the inner packet, design §4 T3, which the kernel's own header could not do per
+packet); the same socket sends VXLAN's outer IPv4/UDP packets, whose UDP source port
+follows the inner flow (design §12 X3), which a UDP socket's fixed port could not.
 
 The packet socket sends the same packets as Ethernet frames to underlay hosts the kernel
 has already resolved (fanpkt/neighbours.py): per packet it skips the kernel's IP output
@@ -12,13 +14,14 @@ It is opened with protocol 0, so it never receives.
 """
 from __future__ import annotations
 
+import errno
 import socket
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
 from pyroute2 import IPRoute
 
-from .errors import AddressError
+from .errors import AddressError, DeviceError
 from .fanmap import ip
 from .netlink import mac_bytes
 
@@ -45,6 +48,24 @@ def open_socket() -> socket.socket:
         s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
     except OSError:
         s.close()
+        raise
+    return s
+
+
+def open_vxlan_socket(port: int) -> socket.socket:
+    """The UDP socket a VXLAN port's datagrams arrive on (the kernel checks their outer
+    IPv4 and UDP headers first). IP_RECVTOS hands over each outer TOS, for ECN."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+        s.bind(("0.0.0.0", port))
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DeviceError(f"UDP port {port} is taken on this host (a kernel vxlan "
+                              f"device, or another program): VXLAN fans cannot listen "
+                              f"there") from None
         raise
     return s
 

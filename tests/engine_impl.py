@@ -24,3 +24,29 @@ class EngineImpl:
 
     def counter(self, name: str) -> int:
         return int(self.counters[COUNTER_NAMES.index(name.lower())])
+
+
+class VxlanEngineImpl:
+    """The engine's VXLAN path behind VxlanOracle's interface."""
+
+    def __init__(self, maps: list[FanMap], vnis: list[int], port: int = 8472,
+                 dev_mac: bytes = b"\x02\xf1\x00\x00\x00\x01", seed: int = 1,
+                 mtu: int = 1500, check_spoof: bool = True):
+        rows = [MapRow.of(m, mtu, kind="vxlan", vni=v, port=port, dev_mac=dev_mac)
+                for m, v in zip(maps, vnis)]
+        self.engine = fastpath.Engine(rows, check_spoof, seed=seed)
+        self.counters = new_counters()
+        self.harness = fastpath.Harness(self.engine, self.counters)
+
+    def encap(self, frame: bytes):
+        v, reason, outs, dst = self.harness.transmit(bytes(10), frame, vxlan=True)
+        out = b"".join(outs) if v.name == "VERDICT_SEND" and len(outs) == 1 else \
+            (outs if v.name == "VERDICT_SEND" else b"")
+        return v.name, COUNTER_NAMES[reason].upper() if reason >= 0 else None, out, dst
+
+    def decap(self, payload: bytes, osrc: int, otos: int = 0, port: int = 8472):
+        v, reason, frame, idx = self.harness.vxlan_decap(payload, osrc, otos, port)
+        return v.name, COUNTER_NAMES[reason].upper() if reason >= 0 else None, frame, idx
+
+    def counter(self, name: str) -> int:
+        return int(self.counters[COUNTER_NAMES.index(name.lower())])

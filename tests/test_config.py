@@ -53,7 +53,11 @@ def test_flags():
     (["host-reserve", "x"], "'x' is not a number"),
     (["host-reserve", "300"], "between 1 and 253"),
     (["bridge", "a-very-long-bridge-name"], "not a valid interface name"),
-    (["type", "vxlan"], "IPIP only"),
+    (["type", "gre"], "carries ipip and vxlan"),
+    (["type", "vxlan", "vni", "16777216"], "vni 16777216 must be 0..16777215"),
+    (["type", "vxlan", "port", "0"], "port 0 must be 1..65535"),
+    (["vni", "7"], "flags of 'type vxlan' fans"),
+    (["host-reserve", "²"], "'²' is not a number"),
 ])
 def test_flag_errors(flags, message):
     with pytest.raises(ConfigError, match=message):

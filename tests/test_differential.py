@@ -6,12 +6,14 @@ import os
 import random
 import struct
 
+from fanpkt.engine import COUNTER_NAMES
 from fanpkt.fanmap import FanMap
 
 from engine_impl import EngineImpl
 from oracle import Oracle, with_checksum
 
 N_PACKETS = 100_000
+ID_START = 65536 - 500
 SEED = int(os.environ.get("FANPKT_SEED", random.randrange(1 << 32)))
 
 # Sender 172.16.3.4 and receiver 172.16.6.7 on the classic fan plus an unaligned one.
@@ -63,6 +65,9 @@ def test_differential():
     print(f"differential seed: {SEED} (replay with FANPKT_SEED={SEED})")
     rng = random.Random(SEED)
     tx_o, tx_e = Oracle(MAPS_TX), EngineImpl(MAPS_TX)
+    # Each keeps its own outer IP ID, compared in every output (the outer header and the
+    # ICMP's are in the bytes); starting near the top, the run crosses 65535 -> 0.
+    tx_o.ip_id = tx_e.harness.ip_id = ID_START
     receivers = [(Oracle(MAPS_RX, check_spoof=c), EngineImpl(MAPS_RX, check_spoof=c))
                  for c in (True, False)]
     seen: dict = {}
@@ -80,6 +85,14 @@ def test_differential():
             o, e = rx_o.decap(d), rx_e.decap(d)
         assert e == o, f"packet {n} differs (seed {SEED}): {pkt.hex()}"
         seen[o[:2]] = seen.get(o[:2], 0) + 1
+    ids_used = seen.get(("VERDICT_SEND", None), 0) + seen.get(("VERDICT_ICMP",
+                                                               "DROP_TX_TOO_BIG"), 0)
+    assert ids_used > 65536 - ID_START                  # the IDs wrapped
+    assert tx_e.harness.ip_id == tx_o.ip_id == (ID_START + ids_used) & 0xFFFF
+    for name in COUNTER_NAMES:                          # and counted the same drops
+        if name.startswith("drop_"):
+            for oracle, engine in [(tx_o, tx_e), *receivers]:
+                assert engine.counter(name) == oracle.counter(name), name
     # the generator must reach every outcome, or the comparison proves little
     reasons = {k[1] for k in seen if k[1]}
     assert {"VERDICT_SEND", "VERDICT_LOCAL", "VERDICT_ICMP", "VERDICT_DELIVER"} <= \

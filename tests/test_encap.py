@@ -8,7 +8,7 @@ from fanpkt.fanmap import FanMap
 from fanpkt.engine import COUNTER_NAMES, MapRow, fastpath, new_counters
 
 from conftest import classic_maps
-from packets import a, inner
+from packets import a, inner, superpacket, vnet
 
 MAP = FanMap.parse("241.0.0.0/8", "172.16.3.4/16")
 
@@ -60,19 +60,101 @@ def test_ids_do_not_repeat(impl):
     assert len(set(ids)) == 1000
 
 
-def test_big_packets():
-    maps = classic_maps()
-    from engine_impl import EngineImpl
-    from oracle import Oracle
-    for factory in (Oracle, EngineImpl):
-        impl = factory(maps, mtu=65535)
-        for size in (9000, 32768, 65515):
-            pkt = inner(size=size)
-            verdict, _, out, _ = impl.encap(pkt)
-            assert verdict == "VERDICT_SEND" and len(out) == size + 20
-            outer_ok(out, pkt)
-        verdict, reason, out, _ = impl.encap(inner(size=65535, df=True))
-        assert (verdict, reason) == ("VERDICT_ICMP", "DROP_TX_TOO_BIG")
+# -- the outer IP ID: one sequence per sending loop (a Harness keeps one, as run_tx's queue
+# does), +1 for every packet that leaves, wrapping at 16 bits ------------------------------
+TOO_BIG = dict(size=1481, df=True, proto="tcp")     # answered with frag-needed
+TSO = vnet(1, 1, 52, 1428, 20, 16)                  # superpacket(): 15 segments of 1428
+
+
+def harness():
+    return fastpath.Harness(fastpath.Engine([MapRow.of(MAP)]), new_counters())
+
+
+def sent_id(h, pkt) -> int:
+    verdict, _, out, _ = h.encap(pkt)
+    assert verdict.name == "VERDICT_SEND"
+    return IP(out).id
+
+
+def test_ids_count_up_by_one_per_outer_packet(impl):
+    """Both implementations: IDs 1, 2, 3, ...; a frag-needed answer takes the next one;
+    drops, local deliveries and errors not answered take none."""
+    def ident(pkt, verdict):
+        v, _, out, _ = impl.encap(pkt)
+        assert v == verdict
+        return IP(out).id
+
+    assert [ident(inner(), "VERDICT_SEND") for _ in range(3)] == [1, 2, 3]
+    assert ident(inner(**TOO_BIG), "VERDICT_ICMP") == 4
+    assert impl.encap(inner(dst="10.1.2.3"))[0] == "VERDICT_DROP"
+    assert impl.encap(inner(dst="241.3.4.1"))[0] == "VERDICT_LOCAL"
+    icmp_error = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") / ICMP(type=3, code=1)
+                       / (b"x" * 1500))
+    assert impl.encap(icmp_error)[:2] == ("VERDICT_DROP", "DROP_TX_TOO_BIG")
+    assert ident(inner(), "VERDICT_SEND") == 5
+    assert ident(inner(**TOO_BIG), "VERDICT_ICMP") == 6
+    assert ident(inner(size=100), "VERDICT_SEND") == 7
+
+
+def test_engine_ids_are_its_own_per_loop():
+    """encap_one and tx_packet draw from the same sequence; the Harness's ip_id is the
+    last one used; another loop (Harness) has its own sequence."""
+    h = harness()
+    assert h.ip_id == 0
+    assert [sent_id(h, inner()) for _ in range(3)] == [1, 2, 3] and h.ip_id == 3
+    v, _, outs, _ = h.transmit(vnet(), inner())
+    assert v.name == "VERDICT_SEND" and [IP(o).id for o in outs] == [4]
+    v, _, outs, _ = h.transmit(vnet(), inner(**TOO_BIG))  # written back to the TUN
+    assert v.name == "VERDICT_ICMP" and IP(outs[0][10:]).id == 5 and h.ip_id == 5
+    assert sent_id(h, inner()) == 6
+    other = harness()
+    assert sent_id(other, inner()) == 1 and h.ip_id == 6
+
+
+def test_tso_segments_take_consecutive_ids():
+    h = harness()
+    assert sent_id(h, inner()) == 1
+    v, _, outs, _ = h.transmit(TSO, superpacket())
+    assert v.name == "VERDICT_SEND" and len(outs) == 15
+    assert [IP(o).id for o in outs] == list(range(2, 17))
+    assert [IP(o)[IP].payload.id for o in outs] == list(range(50, 65))   # inner: 50 + i
+    assert h.ip_id == 16 and sent_id(h, inner()) == 17
+    # a superpacket whose segments do not fit the MTU is answered, and takes one ID
+    v, _, outs, _ = h.transmit(vnet(1, 1, 52, 1480, 20, 16), superpacket())
+    assert v.name == "VERDICT_ICMP" and IP(outs[0][10:]).id == 18
+    assert sent_id(h, inner()) == 19
+
+
+def test_fragments_share_one_id():
+    h = harness()
+    assert sent_id(h, inner()) == 1
+    v, _, outs, _ = h.transmit(vnet(), inner(size=3000))
+    assert v.name == "VERDICT_SEND" and [IP(o).id for o in outs] == [2, 2, 2]
+    assert sent_id(h, inner()) == 3
+
+
+def test_ids_wrap_to_zero():
+    h = harness()
+    h.ip_id = 65534
+    assert [sent_id(h, inner()) for _ in range(3)] == [65535, 0, 1]
+    h.ip_id = 65535
+    v, _, out, _ = h.encap(inner(**TOO_BIG))
+    assert v.name == "VERDICT_ICMP" and IP(out).id == 0 and h.ip_id == 0
+    h.ip_id = 65530
+    _, _, outs, _ = h.transmit(TSO, superpacket())
+    assert [IP(o).id for o in outs] == [65531, 65532, 65533, 65534, 65535, *range(10)]
+    assert h.ip_id == 9 and sent_id(h, inner()) == 10
+
+
+def test_big_packets(impl_factory):
+    impl = impl_factory(classic_maps(), mtu=65535)
+    for size in (9000, 32768, 65515):
+        pkt = inner(size=size)
+        verdict, _, out, _ = impl.encap(pkt)
+        assert verdict == "VERDICT_SEND" and len(out) == size + 20
+        outer_ok(out, pkt)
+    verdict, reason, out, _ = impl.encap(inner(size=65535, df=True))
+    assert (verdict, reason) == ("VERDICT_ICMP", "DROP_TX_TOO_BIG")
 
 
 def test_padding_after_total_length_is_dropped_from_output(impl):

@@ -1,0 +1,76 @@
+# VXLAN (RFC 7348) as the Fan uses it: the outer UDP and VXLAN headers, the inner Ethernet
+# and ARP fields the data path reads, and the flow hash that picks the UDP source port.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from linux cimport ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP
+from ipv4 cimport (IPV4_OFF_FRAG, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_FLAG_MF,
+                   IPV4_FRAG_OFFSET_MASK, ipv4_ihl, load16, load32)
+
+cdef enum:
+    UDP_HLEN = 8
+    UDP_OFF_SPORT = 0
+    UDP_OFF_DPORT = 2
+    UDP_OFF_LEN = 4
+    UDP_OFF_CSUM = 6
+    VXLAN_HLEN = 8
+    VXLAN_FLAG_I = 0x08         # "a valid VNI": the only flag a VXLAN header carries
+    VXLAN_OUTER = 20 + UDP_HLEN + VXLAN_HLEN    # outer IPv4 + UDP + VXLAN in front of a frame
+    VXLAN_OVERHEAD = 14 + VXLAN_OUTER           # ... and the frame's own Ethernet header: 50
+    ETH_OFF_DST = 0
+    ETH_OFF_SRC = 6
+    ETH_OFF_TYPE = 12
+    ARP_LEN = 28                # Ethernet/IPv4 ARP: htype 1, ptype 0x0800, hlen 6, plen 4
+    ARP_OFF_SPA = 14            # sender protocol address
+    ARP_OFF_TPA = 24            # target protocol address
+    SPORT_MIN = 32768           # the kernel's default ip_local_port_range, which its vxlan
+    SPORT_SPAN = 28232          # driver maps the flow hash into: 32768..60999
+
+
+cdef inline uint32_t hash_mix(uint32_t h, uint32_t v) noexcept nogil:
+    """One round of a multiply-xorshift mix (murmur3's constants)."""
+    h ^= v * <uint32_t>0xcc9e2d51U
+    h = (h << 13) | (h >> 19)
+    return h * 5 + <uint32_t>0xe6546b64U
+
+
+cdef inline uint32_t hash_final(uint32_t h) noexcept nogil:
+    h ^= h >> 16
+    h *= <uint32_t>0x85ebca6bU
+    h ^= h >> 13
+    h *= <uint32_t>0xc2b2ae35U
+    return h ^ (h >> 16)
+
+
+cdef inline uint16_t vxlan_source_port(const uint8_t *frame, uint32_t len,
+                                       uint32_t seed) noexcept nogil:
+    """UDP source port for a frame, from a hash of its inner flow, as the kernel's vxlan
+    does (udp_flow_src_port): addresses, protocol and ports of an IPv4 frame, taken in
+    a fixed order so that both directions of a flow share the port; any other frame (ARP)
+    hashes its EtherType only, so all of them share one port. The frame is at least an
+    Ethernet header long (checked by the caller)."""
+    cdef uint16_t ethertype = load16(frame + ETH_OFF_TYPE)
+    cdef const uint8_t *ip = frame + 14
+    cdef uint32_t a, b, t, ports = 0, ihl
+    cdef uint16_t p1, p2
+    cdef uint8_t proto
+    if ethertype != ETH_P_IP or len < 14 + 20:
+        return SPORT_MIN + <uint16_t>((<unsigned long long>hash_final(hash_mix(seed, ethertype))
+                                       * SPORT_SPAN) >> 32)
+    a = load32(ip + IPV4_OFF_SRC)
+    b = load32(ip + IPV4_OFF_SRC + 4)
+    proto = ip[IPV4_OFF_PROTO]
+    ihl = ipv4_ihl(ip)
+    if ((proto == IPPROTO_TCP or proto == IPPROTO_UDP) and len >= 14 + ihl + 4
+            and not (load16(ip + IPV4_OFF_FRAG) & (IPV4_FLAG_MF | IPV4_FRAG_OFFSET_MASK))):
+        p1 = load16(ip + ihl)
+        p2 = load16(ip + ihl + 2)
+        if a > b or (a == b and p1 > p2):
+            t = p1
+            p1 = p2
+            p2 = <uint16_t>t
+        ports = (<uint32_t>p1 << 16) | p2
+    if a > b:
+        t = a
+        a = b
+        b = t
+    return SPORT_MIN + <uint16_t>((<unsigned long long>hash_final(
+        hash_mix(hash_mix(hash_mix(hash_mix(seed, a), b), proto), ports)) * SPORT_SPAN) >> 32)

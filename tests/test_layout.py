@@ -1,0 +1,191 @@
+"""The package's shape, read from its source with `ast`: an import graph without cycles,
+one door to the compiled core (fanpkt/engine.py), numpy loaded only by the batch API, and
+no reference to material outside this repository."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "fanpkt"
+CORE = "fanpkt._fastpath"
+
+
+def module_name(path: Path) -> str:
+    return "fanpkt" if path.stem == "__init__" else f"fanpkt.{path.stem}"
+
+
+SOURCES = {module_name(p): p for p in sorted(PKG.glob("*.py"))}
+# what `from fanpkt import X` can name as a module: the sources and the compiled core
+SUBMODULES = set(SOURCES) | {CORE}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str             # importer
+    target: str             # what it imports, relative imports resolved
+    top_level: bool         # run at import time (module or class body), not in a function
+    line: int
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(module: str, source: str) -> list[Import]:
+    """Every import statement of a module that runs (`if TYPE_CHECKING:` blocks never do),
+    and importlib.import_module / __import__ calls with a literal name."""
+    package = "fanpkt"          # every module here sits directly in the package
+    found: list[Import] = []
+
+    def resolve(node: ast.ImportFrom) -> str:
+        if not node.level:
+            return node.module or ""
+        assert node.level == 1, f"{module}:{node.lineno}: import from above the package"
+        return package + (f".{node.module}" if node.module else "")
+
+    def visit(node: ast.AST, top: bool) -> None:
+        if isinstance(node, ast.If) and is_type_checking(node.test):
+            children = node.orelse          # the body is for type checkers only
+        else:
+            children = list(ast.iter_child_nodes(node))
+        for child in children:
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                   ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend(Import(module, a.name, top, child.lineno) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = resolve(child)
+                for a in child.names:
+                    sub = f"{base}.{a.name}"
+                    found.append(Import(module, sub if sub in SUBMODULES else base, top,
+                                        child.lineno))
+            elif isinstance(child, ast.Call):
+                f = child.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if name in ("import_module", "__import__") and child.args and \
+                        isinstance(child.args[0], ast.Constant):
+                    found.append(Import(module, str(child.args[0].value), top, child.lineno))
+            visit(child, inner)
+
+    visit(ast.parse(source, module), True)
+    return found
+
+
+IMPORTS = [i for m, p in SOURCES.items() for i in imports_of(m, p.read_text())]
+
+
+def graph(imports) -> dict[str, set[str]]:
+    g: dict[str, set[str]] = {m: set() for m in SOURCES}
+    for i in imports:
+        if i.target in SOURCES and i.target != i.module:
+            g[i.module].add(i.target)
+    return g
+
+
+def find_cycle(g: dict[str, set[str]]):
+    """A list of modules forming a cycle (first == last), or None."""
+    state: dict[str, int] = {}          # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def dfs(n):
+        state[n] = 1
+        path.append(n)
+        for m in sorted(g.get(n, ())):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state:
+                found = dfs(m)
+                if found:
+                    return found
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(g):
+        if n not in state:
+            found = dfs(n)
+            if found:
+                return found
+    return None
+
+
+def test_the_parser_sees_the_imports_it_must():
+    """Known imports of every kind, so that the checks below are not vacuous."""
+    edges = {(i.module, i.target, i.top_level) for i in IMPORTS}
+    assert ("fanpkt.forwarder", "fanpkt.engine", True) in edges           # from .x import y
+    assert ("fanpkt.forwarder", "fanpkt.plumbing", True) in edges         # from . import x
+    assert ("fanpkt.cli", "fanpkt.forwarder", False) in edges             # inside a function
+    assert ("fanpkt.engine", CORE, True) in edges                          # inside try:
+    assert ("fanpkt.fanmap", "numpy", False) in edges                      # lazy
+    assert ("fanpkt.fanmap", "numpy", True) not in edges                   # TYPE_CHECKING only
+    assert ("fanpkt.__main__", "fanpkt.cli", True) in edges
+    src = ("import a.b\nfrom . import cli, _fastpath\nfrom .engine import X\n"
+           "if TYPE_CHECKING:\n    import t\nelse:\n    import u\n"
+           "class C:\n    import c\n    def f(self):\n        import d\n"
+           "g = lambda: importlib.import_module('e')\n")
+    assert [(i.target, i.top_level) for i in imports_of("fanpkt.x", src)] == [
+        ("a.b", True), ("fanpkt.cli", True), (CORE, True), ("fanpkt.engine", True),
+        ("u", True), ("c", True), ("d", False), ("e", False)]
+
+
+def test_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_no_import_cycle():
+    """Module-level and function-level imports alike: a cycle would make the import order
+    matter, or hide one behind a function that happens to run late."""
+    assert find_cycle(graph(IMPORTS)) is None
+
+
+def test_only_engine_imports_the_core():
+    importers = {i.module for i in IMPORTS if i.target == CORE or i.target.endswith("._fastpath")
+                 or i.target == "_fastpath"}
+    assert importers == {"fanpkt.engine"}
+
+
+def test_numpy_is_never_imported_at_module_level():
+    top = sorted(f"{i.module}:{i.line}" for i in IMPORTS
+                 if i.top_level and i.target.split(".")[0] == "numpy")
+    assert top == []
+
+
+def test_forwarder_does_not_load_numpy():
+    p = subprocess.run([sys.executable, "-c",
+                        "import fanpkt.forwarder, sys; print('numpy' in sys.modules)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "False\n", "")
+
+
+# Built from pieces, so that this file does not contain what it looks for.
+OUTSIDE_REFERENCES = [".." + "/shared", "fan" + "-spec", "FIELD" + "-NOTES"]
+PEER_TOOL = "ufan" + "-peer"
+
+
+def test_no_reference_to_material_outside_the_repository():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True, timeout=60).stdout.decode().split("\0")
+    files = [f for f in files if f and not f.startswith(".ci/")]
+    assert "fanpkt/cli.py" in files and "README.md" in files
+    hits = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file():          # deleted in the work tree
+            continue
+        data = path.read_bytes()
+        if name.startswith("tests/") and PEER_TOOL.encode() in data:
+            continue
+        hits += [f"{name}: {s}" for s in OUTSIDE_REFERENCES if s.encode() in data]
+    assert hits == []

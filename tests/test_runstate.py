@@ -1,0 +1,166 @@
+"""What a running forwarder publishes (fanpkt/runstate.py): state.json, the lock that says
+it is running, a crashed run's leftovers, and the live counter file."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fanpkt.errors import AlreadyRunning, NotRunning
+from fanpkt.runstate import RX_BLOCK, FanState, RunState, State, netns_dir, tx_block
+
+NAMES = ["tx_packets", "drop_tx_no_map", "rx_packets"]
+BLOCK = 4                   # one entry more than NAMES: a block may be padded
+
+
+def fan(device="fan-241", bridge="fanbr0", flags=("dhcp", "bridge fanbr0")):
+    return FanState(device=device, bridge=bridge, overlay="241.0.0.0/8",
+                    underlay="172.16.3.4/16", slice="241.3.4.0/24", flags=list(flags),
+                    mtu=1480, plumbing={"gateway": "241.3.4.1", "bridge": bridge})
+
+
+def state(pid=None, **kw) -> State:
+    kw.setdefault("fans", [fan(), fan("fan-10", None, ())])
+    return State(pid=os.getpid() if pid is None else pid, config="/etc/network/fan",
+                 check_spoof=True, ip_forward_before="0", counter_names=NAMES,
+                 counter_block=BLOCK, counter_blocks={"rx": RX_BLOCK, "tx:fan-241": tx_block(0),
+                                                      "tx:fan-10": tx_block(1)}, **kw)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A forwarder's RunState, released after the test whatever happened."""
+    rs = RunState(str(tmp_path / "net-1"))
+    yield rs
+    rs.release()
+
+
+def test_state_json_round_trip():
+    s = state()
+    d = json.loads(json.dumps(s.to_json()))        # as written to and read from state.json
+    assert d["fans"][1]["bridge"] is None and d["counter_blocks"]["tx:fan-10"] == 2
+    back = State.from_json(d)
+    assert back == s and isinstance(back.fans[0], FanState)
+    assert isinstance(d["fans"][0], dict)           # the caller's dict is left as it was
+    assert State.from_json(state(fans=[]).to_json()) == state(fans=[])
+
+
+def test_blocks_and_directory():
+    assert (RX_BLOCK, tx_block(0), tx_block(15)) == (0, 1, 16)
+    ino = os.stat("/proc/self/ns/net").st_ino
+    assert netns_dir("/x") == f"/x/net-{ino}"
+    assert RunState.find().path == netns_dir() == f"/run/fanpkt/net-{ino}"
+    assert RunState.find("/tmp/elsewhere").path == "/tmp/elsewhere"
+
+
+def test_acquire_takes_the_lock(run):
+    assert not os.path.exists(run.path)
+    assert run.acquire() is None                    # no crashed predecessor
+    assert os.path.isdir(run.path) and os.path.exists(run.file("lock"))
+    assert RunState(run.path).is_running()
+    run.write_state(state(pid=4242))
+    second = RunState(run.path)
+    with pytest.raises(AlreadyRunning, match=r"already running .*\(pid 4242\)") as e:
+        second.acquire()
+    assert e.value.exit_status == 7 and second.lock_fd is None
+    assert RunState(run.path).read_state() == state(pid=4242)     # the first one's, untouched
+    run.release()
+    assert not RunState(run.path).is_running()
+    assert second.acquire() is None                 # free again once the first let go
+    second.release()
+
+
+def test_crashed_run_leaves_its_state_for_the_next(run):
+    crashed = RunState(run.path)
+    crashed.acquire()
+    crashed.write_state(state(pid=999999))
+    os.close(crashed.lock_fd)                       # died without release(): lock gone
+    with pytest.raises(NotRunning):                 # its state.json alone is no forwarder
+        RunState(run.path).read_state()
+    left = run.acquire()
+    assert left == state(pid=999999)
+    assert not os.path.exists(run.file("state.json"))  # not listed as running meanwhile
+    assert os.path.exists(run.file("leftover.json"))
+    with pytest.raises(NotRunning):
+        RunState(run.path).read_state()
+    run.forget_leftovers()
+    assert not os.path.exists(run.file("leftover.json"))
+    run.forget_leftovers()                          # twice is harmless
+    run.write_state(state())
+    assert RunState(run.path).read_state() == state()
+
+
+def test_counters_are_live_and_summed_per_name(run):
+    run.acquire()
+    c = run.create_counters(3, BLOCK)
+    assert os.path.getsize(run.file("counters")) == 3 * BLOCK * 8
+    assert [list(c.block(i)) for i in range(3)] == [[0] * BLOCK] * 3
+    run.write_state(state())
+    c.block(RX_BLOCK)[2] = 7                        # rx_packets
+    c.block(RX_BLOCK)[0] = 100                      # an rx loop's tx_packets: still summed
+    c.block(tx_block(0))[0] = 5
+    c.block(tx_block(0))[1] = 2
+    c.block(tx_block(1))[0] = 11
+    c.block(tx_block(1))[3] = 12345                 # padding: no name, never reported
+    snap = RunState(run.path).read_counters()       # a reader: `fanpkt stats`
+    assert snap["pid"] == os.getpid()
+    assert snap["total"] == {"tx_packets": 116, "drop_tx_no_map": 2, "rx_packets": 7}
+    assert snap["loops"] == {
+        "rx": {"tx_packets": 100, "drop_tx_no_map": 0, "rx_packets": 7},
+        "tx:fan-241": {"tx_packets": 5, "drop_tx_no_map": 2, "rx_packets": 0},
+        "tx:fan-10": {"tx_packets": 11, "drop_tx_no_map": 0, "rx_packets": 0}}
+    c.block(tx_block(0))[0] += 1                    # live: no write_state needed
+    assert RunState(run.path).read_counters()["total"]["tx_packets"] == 117
+
+
+def test_zero_clears_one_block(run):
+    run.acquire()
+    c = run.create_counters(3, BLOCK)
+    for i in range(3):
+        for k in range(BLOCK):
+            c.block(i)[k] = 10 * i + k + 1
+    c.zero(1)
+    assert [list(c.block(i)) for i in range(3)] == [[1, 2, 3, 4], [0, 0, 0, 0],
+                                                    [21, 22, 23, 24]]
+
+
+def test_release_removes_everything(run):
+    run.acquire()
+    c = run.create_counters(2, BLOCK)
+    loop_view = c.block(tx_block(0))                # a loop still holding its block
+    run.write_state(state())
+    run.release()
+    assert not os.path.exists(run.path)
+    assert run.lock_fd is None and run.counters is None
+    loop_view[0] = 1                                # the mapping lives as long as the view
+    run.release()                                   # twice is harmless
+    assert not os.path.exists(run.path)
+
+
+def test_release_keeps_a_leftover_until_forgotten(run):
+    crashed = RunState(run.path)
+    crashed.acquire()
+    crashed.write_state(state(pid=999999))
+    os.close(crashed.lock_fd)
+    assert run.acquire() is not None
+    run.release()
+    # the crashed run's record was not cleaned up: it stays for the next start
+    assert os.listdir(run.path) == ["leftover.json"]
+    nxt = RunState(run.path)
+    assert nxt.acquire() == state(pid=999999)
+    nxt.release()
+
+
+def test_no_forwarder_is_not_running(tmp_path):
+    for path in (tmp_path / "missing", tmp_path):    # no directory; a directory, no lock
+        rs = RunState(str(path))
+        assert not rs.is_running()
+        with pytest.raises(NotRunning, match="no fanpkt-forward is running") as e:
+            rs.read_state()
+        assert e.value.exit_status == 6
+        with pytest.raises(NotRunning):
+            rs.read_counters()
+    (tmp_path / "lock").touch()                      # a lock nobody holds
+    with pytest.raises(NotRunning):
+        RunState(str(tmp_path)).read_state()
