@@ -26,7 +26,7 @@ from . import dhcp
 from .config import FanSpec
 from .errors import DeviceError, FanError
 from .fanmap import ip
-from .netlink import link_index, link_kind, mac_bytes
+from .netlink import link_index, link_kind
 from .tun import disable_ipv6
 
 log = logging.getLogger("fanpkt")

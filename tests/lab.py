@@ -11,6 +11,8 @@ import sys
 import time
 
 FANPKT = [sys.executable, "-m", "fanpkt"]
+TRAFFIC = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "traffic.py")]
 FORWARD = [sys.executable, "-c", "import sys; from fanpkt.cli import forward_main; "
            "sys.exit(forward_main())"]
 
@@ -135,6 +137,72 @@ class Lab:
             except OSError:
                 pass
             sh("ip", "netns", "del", ns, check=False)
+
+
+# -- traffic and checks, run in a lab's namespaces -----------------------------------
+def ping(ns, dst, *args, count=3):
+    return nsx(ns, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", *args, dst,
+               check=False)
+
+
+def start(ns, *args) -> subprocess.Popen:
+    p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "listening", p.stderr.read()
+    return p
+
+
+def tcp_transfer(src_ns, dst_ns, dst_addr, nbytes, port=5001):
+    sink = start(dst_ns, *TRAFFIC, "tcp-sink", str(port))
+    try:
+        sent = nsx(src_ns, *TRAFFIC, "tcp-send", dst_addr, str(port), str(nbytes),
+                   timeout=300).stdout.split()
+        got = sink.communicate(timeout=60)[0].split()
+    finally:
+        sink.kill()
+    return sent, got
+
+
+def udp_sizes(src_ns, dst_ns, dst_addr, largest, port=7007) -> list[str]:
+    """Echo a UDP datagram of every size 1..largest (DF set) off dst_addr: the traffic
+    script's "count smallest largest" of those that came back intact."""
+    echo = start(dst_ns, *TRAFFIC, "udp-echo", str(port))
+    try:
+        return nsx(src_ns, *TRAFFIC, "udp-sizes", dst_addr, str(port), str(largest),
+                   timeout=300).stdout.split()
+    finally:
+        echo.kill()
+
+
+def poll(check, what, timeout=10, every=0.1):
+    """Call check() until it returns something true, and return that; fail after timeout
+    seconds saying `what` never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"after {timeout} s: {what}"
+        time.sleep(every)
+
+
+DHCP_DISCOVER = """
+from scapy.all import BOOTP, DHCP, IP, UDP, Ether, conf, get_if_hwaddr, mac2str, srp1
+conf.checkIPaddr = False
+mac = get_if_hwaddr("eth0")
+ask = (Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / IP(src="0.0.0.0", dst="255.255.255.255") /
+       UDP(sport=68, dport=67) / BOOTP(chaddr=mac2str(mac), xid=0x4242) /
+       DHCP(options=[("message-type", "discover"), "end"]))
+print("listening", flush=True)
+# retry as DHCP clients do: the container's link may still be coming up
+ans = srp1(ask, iface="eth0", timeout=3, retry=3, verbose=0)
+if ans is None:
+    print("no answer")
+else:
+    opts = {o[0]: o[1] for o in ans[DHCP].options if isinstance(o, tuple)}
+    print(ans[BOOTP].yiaddr, opts.get("router"), opts.get("interface-mtu"),
+          opts.get("subnet_mask"), opts.get("message-type"))
+"""
 
 
 def require_root():

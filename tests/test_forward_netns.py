@@ -5,7 +5,6 @@ forwarders as operators do, and checks what arrives with ordinary tools and sock
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import time
 
 import pytest
 
-from lab import FANPKT, FORWARD, nsx, sh
+from lab import (DHCP_DISCOVER, FANPKT, FORWARD, nsx, ping, poll, sh, start, tcp_transfer,
+                 udp_sizes)
 
-TRAFFIC = [sys.executable, os.path.join(os.path.dirname(__file__), "traffic.py")]
 FAN = ["-o", "241.0.0.0/8"]
 
 
@@ -27,56 +26,16 @@ def two_hosts(lab, *extra):
     return h1, h2, p1, p2
 
 
-def ping(ns, dst, *args, count=3):
-    return nsx(ns, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", *args, dst,
-               check=False)
-
-
-def start(ns, *args) -> subprocess.Popen:
-    p = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "listening", p.stderr.read()
-    return p
-
-
-def tcp_transfer(src_ns, dst_ns, dst_addr, nbytes, port=5001):
-    sink = start(dst_ns, *TRAFFIC, "tcp-sink", str(port))
-    try:
-        sent = nsx(src_ns, *TRAFFIC, "tcp-send", dst_addr, str(port), str(nbytes),
-                   timeout=300).stdout.split()
-        got = sink.communicate(timeout=60)[0].split()
-    finally:
-        sink.kill()
-    return sent, got
-
-
 def test_two_hosts_ping_tcp_udp(lab):
     h1, h2, _, _ = two_hosts(lab)
     assert ping(h1, "241.2.1.1").returncode == 0
     assert ping(h2, "241.1.1.1").returncode == 0
     sent, got = tcp_transfer(h1, h2, "241.2.1.1", 64 << 20)
     assert sent == got and int(got[0]) == 64 << 20
-    echo = start(h2, *TRAFFIC, "udp-echo", "7007")
-    try:
-        out = nsx(h1, *TRAFFIC, "udp-sizes", "241.2.1.1", "7007", "1452", timeout=300)
-    finally:
-        echo.kill()
-    assert out.stdout.split() == ["1452", "1", "1452"]     # every size 1..MTU-28
+    assert udp_sizes(h1, h2, "241.2.1.1", 1452) == ["1452", "1", "1452"]   # 1..MTU-28
     s1, s2 = lab.stats(h1), lab.stats(h2)
     assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
     assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
-
-
-def poll(check, what, timeout=10, every=0.1):
-    """Call check() until it returns something true, and return that; fail after timeout
-    seconds saying `what` never happened."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"after {timeout} s: {what}"
-        time.sleep(every)
 
 
 def wait_for_frames(lab, ns, dst, timeout=10):
@@ -219,25 +178,6 @@ def test_containers_across_hosts(lab):
     assert ping(c1, "241.2.1.20").returncode == 0
     sent, got = tcp_transfer(c1, c2, "241.2.1.20", 8 << 20)
     assert sent == got
-
-
-DHCP_DISCOVER = """
-from scapy.all import BOOTP, DHCP, IP, UDP, Ether, conf, get_if_hwaddr, mac2str, srp1
-conf.checkIPaddr = False
-mac = get_if_hwaddr("eth0")
-ask = (Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / IP(src="0.0.0.0", dst="255.255.255.255") /
-       UDP(sport=68, dport=67) / BOOTP(chaddr=mac2str(mac), xid=0x4242) /
-       DHCP(options=[("message-type", "discover"), "end"]))
-print("listening", flush=True)
-# retry as DHCP clients do: the container's link may still be coming up
-ans = srp1(ask, iface="eth0", timeout=3, retry=3, verbose=0)
-if ans is None:
-    print("no answer")
-else:
-    opts = {o[0]: o[1] for o in ans[DHCP].options if isinstance(o, tuple)}
-    print(ans[BOOTP].yiaddr, opts.get("router"), opts.get("interface-mtu"),
-          opts.get("subnet_mask"), opts.get("message-type"))
-"""
 
 
 def test_dhcp_serves_the_slice_on_the_bridge(lab):

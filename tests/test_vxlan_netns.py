@@ -1,0 +1,229 @@
+"""The VXLAN fan end to end (docs/design.md §12): fanpkt hosts in namespaces, with each
+other and with this machine's own kernel vxlan driver, as operators run them. Packets are
+checked with ordinary tools and sockets, and on the wire with scapy."""
+from __future__ import annotations
+
+import json
+import sys
+
+from lab import (DHCP_DISCOVER, FANPKT, nsx, ping, poll, sh, start, tcp_transfer,
+                 udp_sizes)
+
+VXLAN = ["-o", "241.0.0.0/8", "--type", "vxlan"]
+VNI = 15794176                      # 241.0.0.0/8 >> 8, LXD's default
+
+
+def vxlan_hosts(lab, n=2, *extra):
+    hosts = []
+    for i in range(1, n + 1):
+        addr = f"172.16.{i}.1"
+        ns = lab.host(f"h{i}", addr)
+        lab.forward(ns, *VXLAN, "-u", f"{addr}/16", *extra)
+        hosts.append(ns)
+    return hosts
+
+
+def neighbour_mac(ns, addr, dev="fanbr-241"):
+    out = json.loads(nsx(ns, "ip", "-j", "neigh", "show", addr, "dev", dev).stdout)
+    return out[0].get("lladdr") if out else None
+
+
+def link_mac(ns, dev):
+    return nsx(ns, "cat", f"/sys/class/net/{dev}/address").stdout.strip()
+
+
+def test_two_hosts_arp_ping_tcp_udp(lab):
+    h1, h2 = vxlan_hosts(lab)
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert ping(h2, "241.1.1.1").returncode == 0
+    # ARP crossed the fan: each host resolved the other's gateway to its bridge's MAC,
+    # which fanpkt derives from the overlay and the underlay address
+    assert neighbour_mac(h1, "241.2.1.1") == link_mac(h2, "fanbr-241") == "02:f1:ac:10:02:01"
+    assert neighbour_mac(h2, "241.1.1.1") == link_mac(h1, "fanbr-241") == "02:f1:ac:10:01:01"
+    assert "241.1.1.1/8" in nsx(h1, "ip", "-4", "addr", "show", "fanbr-241").stdout
+    assert nsx(h1, "cat", "/sys/class/net/fanbr-241/mtu").stdout.strip() == "1450"
+    sent, got = tcp_transfer(h1, h2, "241.2.1.1", 64 << 20)
+    assert sent == got and int(got[0]) == 64 << 20
+    assert udp_sizes(h1, h2, "241.2.1.1", 1422) == ["1422", "1", "1422"]   # 1..MTU-28
+    s1, s2 = lab.stats(h1), lab.stats(h2)
+    assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
+    assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
+    assert s2["drop_rx_spoofed_src"] == s2["drop_rx_unknown_vni"] == 0
+
+
+def test_containers_get_address_and_mtu_by_dhcp(lab):
+    """`dhcp` on a VXLAN fan, as LXD serves it: an address of the slice, the gateway as
+    router, the whole overlay on-link (/8) and MTU 1450; then container to container."""
+    h1, h2 = vxlan_hosts(lab, 2, "dhcp")
+    containers = []
+    for ns, name in ((h1, "c1"), (h2, "c2")):
+        cns = f"{lab.prefix}{name}"
+        lab._add_ns(cns)
+        sh("ip", "link", "add", "eth0", "netns", cns, "type", "veth", "peer", "name",
+           f"v{name}", "netns", ns)
+        nsx(ns, "ip", "link", "set", f"v{name}", "master", "fanbr-241", "up")
+        nsx(cns, "ip", "link", "set", "eth0", "up")
+        out = start(cns, sys.executable, "-c", DHCP_DISCOVER).communicate(timeout=60)[0]
+        addr, router, mtu, netmask, kind = out.split()
+        gw = "241.1.1.1" if name == "c1" else "241.2.1.1"
+        assert (router, mtu, netmask, kind) == (gw, "1450", "255.0.0.0", "2"), out
+        assert addr.startswith(gw[:-1]) and 2 <= int(addr.rsplit(".", 1)[1]) <= 254
+        nsx(cns, "ip", "link", "set", "eth0", "mtu", mtu)
+        nsx(cns, "ip", "addr", "add", f"{addr}/8", "dev", "eth0")
+        nsx(cns, "ip", "route", "add", "default", "via", router)
+        containers.append((cns, addr))
+    (c1, a1), (c2, a2) = containers
+    assert ping(c1, a2).returncode == 0 and ping(c2, a1).returncode == 0
+    sent, got = tcp_transfer(c1, c2, a2, 8 << 20)
+    assert sent == got
+
+
+def test_eight_hosts_full_mesh(lab):
+    hosts = vxlan_hosts(lab, 8)
+    for i, ns in enumerate(hosts, 1):
+        for j in range(1, 9):
+            assert ping(ns, f"241.{j}.1.1", count=1).returncode == 0, (i, j)
+
+
+SNIFF_VXLAN = """
+import json, sys
+from scapy.all import IP, UDP, sniff
+n = int(sys.argv[1])
+print("listening", flush=True)
+pkts = sniff(iface="eth0", count=n, timeout=30,
+             lfilter=lambda p: IP in p and UDP in p and p[UDP].dport == 8472)
+out = []
+for p in pkts:
+    ip, u = p[IP], p[UDP]
+    again = IP(bytes(ip))
+    del again.chksum, again[UDP].chksum
+    again = IP(bytes(again))
+    v = bytes(u.payload)
+    out.append({"src": ip.src, "dst": ip.dst, "ttl": ip.ttl, "df": int(ip.flags.DF),
+                "sport": u.sport, "dport": u.dport, "csum": u.chksum,
+                "csum_ok": again[UDP].chksum == u.chksum, "ip_csum_ok": again.chksum == ip.chksum,
+                "header": v[:8].hex(), "inner_len": len(v) - 8})
+print(json.dumps(out))
+"""
+
+
+def kernel_vxlan_host(lab, name, addr, peer):
+    """A host whose fan is the kernel's own vxlan driver, configured as the Ubuntu fan
+    would be for two hosts (this kernel has no fan map): VNI 15794176, port 8472, a
+    default FDB entry to the one peer, on a bridge holding the gateway with the overlay's
+    prefix. Checksum offload is off on its NIC so that captures show final checksums."""
+    ns = lab.host(name, addr)
+    third, fourth = addr.split(".")[2:]
+    nsx(ns, "ethtool", "-K", "eth0", "tx", "off")
+    nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "id", str(VNI), "dstport", "8472",
+        "local", addr, "dev", "eth0", "udpcsum")
+    nsx(ns, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", peer)
+    nsx(ns, "ip", "link", "add", "br0", "type", "bridge")
+    nsx(ns, "ip", "link", "set", "vx0", "master", "br0", "mtu", "1450", "up")
+    nsx(ns, "ip", "link", "set", "br0", "mtu", "1450", "up")
+    nsx(ns, "ip", "addr", "add", f"241.{third}.{fourth}.1/8", "dev", "br0")
+    return ns
+
+
+def test_interop_with_the_kernels_vxlan(lab):
+    h1 = lab.host("h1", "172.16.1.1")
+    nsx(h1, "ethtool", "-K", "eth0", "tx", "off")
+    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16")
+    h2 = kernel_vxlan_host(lab, "h2", "172.16.2.1", peer="172.16.1.1")
+    sniffer = start(h2, sys.executable, "-c", SNIFF_VXLAN, "8")
+    try:
+        assert ping(h2, "241.1.1.1", count=2).returncode == 0      # kernel -> fanpkt
+        assert ping(h1, "241.2.1.1", count=2).returncode == 0      # fanpkt -> kernel
+        wire = json.loads(sniffer.communicate(timeout=60)[0])
+    finally:
+        sniffer.kill()
+    ours = [p for p in wire if p["src"] == "172.16.1.1"]
+    kernels = [p for p in wire if p["src"] == "172.16.2.1"]
+    assert ours and kernels, wire
+    for p in wire:
+        # what both send: port 8472, flags I, VNI 0xf10000, reserved zero, a valid
+        # non-zero UDP checksum, DF clear, TTL 64, an ephemeral source port
+        assert p["dport"] == 8472 and p["header"] == "08000000f1000000", p
+        assert p["csum"] != 0 and p["csum_ok"] and p["ip_csum_ok"], p
+        assert p["df"] == 0 and p["ttl"] == 64 and 32768 <= p["sport"] <= 60999, p
+    # TCP both ways, hashes matching
+    for src, dst, addr in ((h1, h2, "241.2.1.1"), (h2, h1, "241.1.1.1")):
+        sent, got = tcp_transfer(src, dst, addr, 8 << 20)
+        assert sent == got and int(got[0]) == 8 << 20
+    s = lab.stats(h1)
+    assert s["drop_rx_unknown_vni"] == s["drop_rx_bad_vxlan"] == s["drop_rx_spoofed_src"] == 0
+
+
+SEND_HOSTILE = """
+import struct, sys
+from scapy.all import ARP, Ether, IP, IPv6, Raw, UDP, send
+dst, own_mac = sys.argv[1], sys.argv[2]
+me, outside = "172.16.9.9", "10.99.0.1"
+def vx(inner, vni=15794176, src=me):
+    header = struct.pack("!BBBBI", 0x08, 0, 0, 0, vni << 8)     # flags I, VNI, reserved 0
+    return IP(src=src, dst=dst) / UDP(sport=40000, dport=8472) / Raw(header) / inner
+ok = Ether(src="02:00:00:09:09:09", dst="ff:ff:ff:ff:ff:ff")
+cases = [
+    vx(ok / IP(src="241.9.9.2", dst="241.2.1.1") / Raw(b"x"), vni=1),          # wrong VNI
+    vx(ok / IP(src="241.9.9.2", dst="241.2.1.1") / Raw(b"x"), src=outside),    # outside
+    vx(ok / IP(src="241.1.1.7", dst="241.2.1.1") / Raw(b"x")),                 # spoofed
+    vx(ok / ARP(psrc="241.1.1.7", pdst="241.2.1.1")),                          # spoofed ARP
+    vx(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="241.9.9.2",
+                                                         pdst="241.2.1.1")),  # our MAC
+    vx(Ether(src="02:00:00:09:09:09") / IPv6(dst="ff02::1")),                  # not IPv4/ARP
+    IP(src=me, dst=dst) / UDP(sport=40000, dport=8472) / Raw(bytes(10)),       # truncated
+]
+for p in cases:
+    send(p, count=5, verbose=0)
+print("sent")
+"""
+
+
+def test_hostile_vxlan_is_dropped_counted_and_never_bridged(lab):
+    h1, h2 = vxlan_hosts(lab)
+    evil = lab.host("evil", "172.16.9.9")
+    nsx(evil, "ip", "addr", "add", "10.99.0.1/8", "dev", "eth0")
+    assert ping(h1, "241.2.1.1", count=1).returncode == 0
+    before = json.loads(nsx(h2, "ip", "-s", "-j", "link", "show", "fan-241").stdout)[0]
+    rx_before = lab.stats(h2)["rx_packets"]
+    nsx(evil, sys.executable, "-c", SEND_HOSTILE, "172.16.2.1", link_mac(h2, "fanbr-241"))
+    want = {"drop_rx_unknown_vni": 5, "drop_rx_src_not_underlay": 5,
+            "drop_rx_spoofed_src": 10, "drop_rx_own_mac": 5, "drop_rx_bad_inner": 5,
+            "drop_rx_truncated": 5}
+    s = poll(lambda: (lambda s: s if all(s[k] >= v for k, v in want.items()) else None)(
+        lab.stats(h2)), "the hostile datagrams were not all counted")
+    assert {k: s[k] for k in want} == want
+    assert s["rx_packets"] == rx_before
+    after = json.loads(nsx(h2, "ip", "-s", "-j", "link", "show", "fan-241").stdout)[0]
+    # what fanpkt writes into the TAP is the TAP's receive side: nothing was written
+    assert after["stats64"]["rx"]["packets"] == before["stats64"]["rx"]["packets"]
+    assert ping(h1, "241.2.1.1", count=1).returncode == 0
+
+
+def test_ipip_and_vxlan_fans_side_by_side(lab, tmp_path):
+    """One process, an IPIP fan and a VXLAN fan on different overlays; show, stats and a
+    SIGHUP that takes the VXLAN fan away and brings it back."""
+    hosts = []
+    for i in (1, 2):
+        ns = lab.host(f"h{i}", f"172.16.{i}.1")
+        conf = tmp_path / f"fan{i}"
+        conf.write_text(f"241.0.0.0/8 172.16.{i}.1/16 type vxlan\n"
+                        f"10.0.0.0/8 172.16.{i}.1/16\n")
+        hosts.append((ns, conf, lab.forward(ns, "-c", str(conf))))
+    (h1, conf1, p1), (h2, _, _) = hosts
+    assert ping(h1, "241.2.1.1").returncode == 0 and ping(h1, "10.2.1.1").returncode == 0
+    show = nsx(h1, *FANPKT, "show").stdout
+    assert "fanbr-241" in show and "type vxlan" in show and "fan-10" in show
+    stats = nsx(h1, *FANPKT, "stats").stdout
+    assert "fan fan-241: 241.0.0.0/8 vxlan" in stats and "fan fan-10: 10.0.0.0/8 ipip" in stats
+    conf1.write_text("10.0.0.0/8 172.16.1.1/16\n")
+    p1.send_signal(1)
+    poll(lambda: nsx(h1, "ip", "link", "show", "fanbr-241", check=False).returncode,
+         "the removed VXLAN fan's bridge stayed")
+    poll(lambda: ":8472 " not in nsx(h1, "ss", "-ulpn").stdout,
+         "the removed VXLAN fan's UDP socket stayed open")
+    assert ping(h1, "10.2.1.1").returncode == 0
+    conf1.write_text("241.0.0.0/8 172.16.1.1/16 type vxlan\n10.0.0.0/8 172.16.1.1/16\n")
+    p1.send_signal(1)
+    poll(lambda: ping(h1, "241.2.1.1", count=1).returncode == 0,
+         "the VXLAN fan did not come back")
