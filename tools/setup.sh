@@ -5,12 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then echo "tools/setup.sh: run as root (apt-get, netns)" >&2; exit 3; fi
 missing=""
-for cmd in ip nft iperf3 ping ethtool dnsmasq gcc; do command -v "$cmd" >/dev/null || missing=1; done
+# qemu, static busybox, cpio and static libc: the ufan-peer interop tests boot a real
+# Ubuntu fan kernel with them
+for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio; do
+  command -v "$cmd" >/dev/null || missing=1
+done
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1
 if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool dnsmasq-base procps gcc python3-dev \
-    >/dev/null
+    libc6-dev qemu-system-x86 busybox-static cpio >/dev/null
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
