@@ -3,6 +3,7 @@
   vxlan   the kernel's VXLAN overlay (the in-kernel reference)
   fanpkt     fanpkt-forward (underlay packets as frames to resolved neighbours, the default)
   fanpkt-ip  fanpkt-forward --underlay-send ip (every underlay packet through the raw socket)
+  fanpkt-vxlan  fanpkt-forward --type vxlan (the fan LXD builds: frames in UDP via a TAP)
   python  bench/pyforward.py: the same job in plain Python on the tests' oracle
 Metrics: single-stream TCP (iperf3, 5 s), 64-byte UDP delivered per second (iperf3, 3 s),
 ping RTT, and for the forwarders CPU time per packet of the sending host's transmit
@@ -103,8 +104,10 @@ def run_mode(lab, h1, h2, mode, seconds):
         finally:
             for ns in (h1, h2):
                 nsx(ns, "ip", "link", "del", "vx0", check=False)
-    if mode in ("fanpkt", "fanpkt-ip"):
-        extra = ("--underlay-send", "ip") if mode == "fanpkt-ip" else ()
+    if mode in ("fanpkt", "fanpkt-ip", "fanpkt-vxlan"):
+        extra = {"fanpkt": (), "fanpkt-ip": ("--underlay-send", "ip"),
+                 "fanpkt-vxlan": ("--type", "vxlan")}[mode]
+        rx_thread = "fanpkt-rx-vxlan" if mode == "fanpkt-vxlan" else "fanpkt-rx"
         p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", *extra)
         p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16", *extra)
         try:
@@ -115,7 +118,7 @@ def run_mode(lab, h1, h2, mode, seconds):
             time.sleep(1.5)
             before = lab.stats(h1)
             res = measure(lab, h1, h2, "241.2.1.1", seconds,
-                          ((p1.pid, "fanpkt-tx-241"), (p2.pid, "fanpkt-rx")))
+                          ((p1.pid, "fanpkt-tx-241"), (p2.pid, rx_thread)))
             after = lab.stats(h1)
             sent = after["tx_packets"] - before["tx_packets"]
             res["tx_frames_share"] = (after["tx_l2"] - before["tx_l2"]) / max(sent, 1)
@@ -156,13 +159,17 @@ def summarise(rounds: list[dict]) -> dict:
 
 
 def ratios(rounds: list[dict]) -> list[str]:
-    """fanpkt's TCP rate over each reference's, taken within each round."""
+    """fanpkt's rates over each reference's, taken within each round."""
     out = []
-    for ref in ("python", "vxlan"):
-        if "fanpkt" not in rounds[0] or ref not in rounds[0]:
+    for mine, ref, key in (("fanpkt", "python", "tcp_gbit"), ("fanpkt", "vxlan", "tcp_gbit"),
+                           ("fanpkt-vxlan", "vxlan", "tcp_gbit"),
+                           ("fanpkt-vxlan", "fanpkt", "tcp_gbit"),
+                           ("fanpkt-vxlan", "vxlan", "udp64_delivered_pps"),
+                           ("fanpkt-vxlan", "vxlan", "ping_avg_ms")):
+        if mine not in rounds[0] or ref not in rounds[0]:
             continue
-        rs = [r["fanpkt"]["tcp_gbit"] / r[ref]["tcp_gbit"] for r in rounds]
-        out.append(f"fanpkt / {ref} TCP: {statistics.median(rs):.2f}x "
+        rs = [r[mine][key] / r[ref][key] for r in rounds]
+        out.append(f"{mine} / {ref} {key}: {statistics.median(rs):.2f}x "
                    f"(rounds {min(rs):.2f}-{max(rs):.2f})")
     return out
 
@@ -217,7 +224,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--modes", default="veth,vxlan,fanpkt,fanpkt-ip,python")
+    ap.add_argument("--modes", default="veth,vxlan,fanpkt,fanpkt-ip,fanpkt-vxlan,python")
     args = ap.parse_args()
     lab = Lab(f"fpbench{os.getpid() % 10000}-")
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
