@@ -223,8 +223,9 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
         # Without DF the sender allows fragmentation: the outer packet is built whole here
         # and sent as fragments (tx_fragments), as the kernel's ipip would.
         inc(c, TX_FRAGMENTED)
-    # RFC 6040 §4.1 normal mode, as the Linux kernel does: copy ECN, but never send CE
-    # outside (a CE inner is encapsulated as ECT(0)). DSCP is not copied (T3: DSCP 0).
+    # Copy ECN but never send CE outside (a CE inner is encapsulated as ECT(0)), as Linux
+    # does (RFC 3168 §9.1.1; RFC 6040's normal mode would copy CE). DSCP is not copied
+    # (T3: DSCP 0).
     ecn = pkt[IPV4_OFF_TOS] & 3
     if ecn == ECN_CE:
         ecn = ECN_ECT0

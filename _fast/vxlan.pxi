@@ -45,7 +45,7 @@ cdef int vxlan_encap_one(const fan_table *t, int tap_fd, uint16_t *ip_id, uint8_
             return drop(c, r, DROP_TX_MALFORMED)
         key = load32(p + IPV4_OFF_DST)
         ecn = p[IPV4_OFF_TOS] & 3
-        if ecn == ECN_CE:       # RFC 6040 normal mode, as for IPIP (T3)
+        if ecn == ECN_CE:       # CE -> ECT(0) as Linux does, as for IPIP (T3)
             ecn = ECN_ECT0
     elif ethertype == ETH_P_ARP:
         if (n < ARP_LEN or load16(p) != 1 or load16(p + 2) != ETH_P_IP or p[4] != ETH_ALEN

@@ -165,22 +165,20 @@ class Forwarder:
 
     def _sync_vxlan_ports(self) -> None:
         """One UDP socket and receive loop for each port a VXLAN fan uses, none for others.
-        A port's counter block is that of the lowest slot among its fans, in the VXLAN
-        receive range."""
-        ports: dict[int, int] = {}
-        for f in self.fans.values():
-            if f.spec.vxlan:
-                ports[f.spec.port] = min(ports.get(f.spec.port, MAX_FANS), f.slot)
+        A port keeps the counter block it got when its loop started, for the loop's life."""
+        ports = {f.spec.port for f in self.fans.values() if f.spec.vxlan}
         for port in [p for p in self.vxlan_socks if p not in ports]:
             self.dp.stop_loop(f"rx-vxlan-{port}")
             self.vxlan_socks.pop(port).close()
-        for port, slot in ports.items():
-            if port not in self.vxlan_socks:
-                self.vxlan_socks[port] = sock = open_vxlan_socket(port)
-                self.counters.zero(vxlan_rx_block(slot))
-                self.dp.start_rx_vxlan(port, sock.fileno(),
-                                       self.counters.block(vxlan_rx_block(slot)))
-        self.vxlan_blocks = {port: vxlan_rx_block(slot) for port, slot in ports.items()}
+            self.vxlan_blocks.pop(port)
+        for port in sorted(ports - set(self.vxlan_socks)):
+            used = set(self.vxlan_blocks.values())
+            block = min(vxlan_rx_block(k) for k in range(MAX_FANS)
+                        if vxlan_rx_block(k) not in used)   # fewer ports than fans
+            self.vxlan_socks[port] = sock = open_vxlan_socket(port)
+            self.counters.zero(block)
+            self.vxlan_blocks[port] = block
+            self.dp.start_rx_vxlan(port, sock.fileno(), self.counters.block(block))
 
     def _install_table(self) -> None:
         rows = []

@@ -30,10 +30,10 @@ def tx_block(slot: int) -> int:
     return slot + 1
 
 
-def vxlan_rx_block(slot: int) -> int:
-    """The counter block of a VXLAN port's receive loop, named by the lowest slot among
-    the fans on that port (so no two ports share one)."""
-    return 1 + MAX_FANS + slot
+def vxlan_rx_block(k: int) -> int:
+    """The k-th counter block for VXLAN ports' receive loops (a port holds one for its
+    loop's life; there are never more ports than fans)."""
+    return 1 + MAX_FANS + k
 
 
 def netns_dir(root: str = RUN_ROOT) -> str:
