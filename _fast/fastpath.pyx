@@ -31,10 +31,11 @@ logs or touches a Python object per packet.
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
-from linux cimport (errno, EINTR, EMSGSIZE, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
-                    CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmmsg, recvmmsg, MSG_DONTWAIT,
+from linux cimport (errno, EINTR, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
+                    CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmsg, sendmmsg, recvmmsg,
+                    MSG_DONTWAIT,
                     AF_INET, AF_PACKET, IPPROTO_IP, IP_TOS, IPPROTO_IPIP, IPPROTO_TCP,
                     IPPROTO_UDP, sockaddr_ll, ETH_ALEN, ETH_HLEN, ETH_P_IP, ETH_P_ARP, pollfd,
                     poll, POLLIN, read, write, htonl, ntohl, htons, ioctl, ifreq, SIOCGIFMTU,
@@ -51,8 +52,9 @@ from fanmap cimport (MAX_MAPS, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table,
 from neigh cimport neigh_entry, neigh_table, neigh_slot, neigh_find
 from icmp cimport ICMP_MAX_LEN, ICMP_QUOTE_MAX, icmp_frag_needed
 from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4,
-                      VNET_GSO_ECN, TCP_OFF_SEQ, TCP_OFF_FLAGS, TCP_OFF_CSUM, TCP_FIN,
-                      TCP_PSH, TCP_ACK, TCP_CWR, SEG_HDR_MAX, vnet_hdr, acc_add,
+                      VNET_GSO_UDP_L4, VNET_GSO_ECN, TCP_OFF_SEQ, TCP_OFF_FLAGS,
+                      TCP_OFF_CSUM, TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR, TCP_MIN_MSS,
+                      vnet_hdr, acc_add,
                       pseudo_header, csum_complete, tcp_csum_ok, tcp_csum_is_partial,
                       tcp_header_len, tcp_same_connection, gro_same_flow)
 from vxlan cimport (UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_LEN, UDP_OFF_CSUM,
@@ -72,6 +74,8 @@ cpdef enum Counter:
     TX_L2                       # of TX_PACKETS, sent as frames through the packet socket
     TX_FRAGMENTED               # T5 without DF: too big for the underlay, sent as outer
                                 # fragments (the receiver's kernel reassembles them)
+    TX_GSO                      # X3: UDP GSO superpackets sent (one send, many segments)
+    TX_GSO_FALLBACK             # X3: the kernel refused UDP GSO: segments sent one by one
     DROP_TX_NOT_IPV4            # T1
     DROP_TX_MALFORMED           # T1: an IPv4 header that does not hold together
     DROP_TX_NO_MAP              # T2
@@ -89,6 +93,7 @@ cpdef enum Counter:
     RX_ECN_CE                   # R6: inner marked CE from the outer header
     RX_GRO_MERGED               # TCP segments appended to the previous one (TUN writes saved)
     RX_KERNEL_GRO               # datagrams the underlay's own GRO had already merged
+    RX_UDP_GRO                  # VXLAN datagrams the kernel's UDP GRO handed over together
     DROP_RX_TRUNCATED           # R1: shorter than an IPv4 header
     DROP_RX_BAD_OUTER           # R1: version, IHL or lengths
     DROP_RX_NOT_IPIP            # R1: protocol is not 4
@@ -549,11 +554,12 @@ cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
 
 
 def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counters,
-           bint vxlan=False):
+           bint vxlan=False, int gso_fd=-1):
     """Overlay -> underlay for one TUN (or, vxlan, one TAP) until loop.stop(). tun_fd is
     non-blocking and opened with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with
     IP_HDRINCL (it sends VXLAN's UDP packets as well); packet_fd an AF_PACKET SOCK_RAW
-    socket for frames to resolved neighbours, or -1 for none."""
+    socket for frames to resolved neighbours, or -1 for none; gso_fd (vxlan) another one
+    with PACKET_VNET_HDR, for UDP GSO, or -1."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
@@ -569,6 +575,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
         txq_release(&q)
         raise MemoryError()
     q.kind = FAN_VXLAN if vxlan else FAN_IPIP
+    q.gso_fd = gso_fd
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
@@ -662,20 +669,10 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     free(arena)
 
 
-cdef uint8_t outer_tos(msghdr *h) noexcept nogil:
-    """The outer TOS byte from the IP_TOS control message (IP_RECVTOS), or 0."""
-    cdef cmsghdr *cm = CMSG_FIRSTHDR(h)
-    while cm != NULL:
-        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_TOS:
-            return CMSG_DATA(cm)[0]
-        cm = CMSG_NXTHDR(h, cm)
-    return 0
-
-
 def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
     """Underlay -> overlay for the VXLAN fans on UDP `port` until loop.stop(). sock_fd is
-    the UDP socket bound to the port, with IP_RECVTOS; every TAP of those fans is written
-    from here."""
+    the UDP socket bound to the port, with IP_RECVTOS and, where the kernel has it,
+    UDP_GRO; every TAP of those fans is written from here (vxlan.pxi, vx_rx_message)."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
@@ -684,11 +681,10 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
     cdef iovec iov[BATCH]
     cdef sockaddr_in names[BATCH]
     cdef pollfd pfd
-    cdef const fan_table *t
-    cdef result r
-    cdef uint8_t *buf
-    cdef uint8_t *f
-    cdef int got, i, fd
+    cdef vx_rx x
+    cdef uint8_t otos
+    cdef uint32_t gso
+    cdef int got, i
     cdef timespec nap
     nap.tv_sec = 0
     nap.tv_nsec = RX_NAP_NS
@@ -697,6 +693,8 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
         free(ctl_bufs)
         raise MemoryError()
     memset(msgs, 0, sizeof(msgs))
+    memset(&x, 0, sizeof(x))
+    x.c = c
     for i in range(BATCH):
         iov[i].iov_base = arena + <size_t>SLOT * i + RX_OFF
         iov[i].iov_len = SLOT - RX_OFF
@@ -717,21 +715,13 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
                 pfd.revents = 0
                 poll(&pfd, 1, POLL_MS)
                 continue
-            t = eng.table
+            x.t = eng.table
             for i in range(got):
-                buf = arena + <size_t>SLOT * i + RX_OFF
-                if vxlan_decap_one(t, <uint16_t>port, ntohl(names[i].sin_addr.s_addr),
-                                   outer_tos(&msgs[i].msg_hdr), buf, msgs[i].msg_len, &r,
-                                   c) != VERDICT_DELIVER:
-                    continue
-                f = buf + r.off
-                memset(f - VNET_HLEN, 0, VNET_HLEN)     # a plain frame: no offloads
-                fd = t.maps[r.map_index].tun_fd
-                if fd < 0 or write(fd, f - VNET_HLEN, r.out_len + VNET_HLEN) < 0:
-                    inc(c, DROP_RX_TUN_WRITE)
-                else:
-                    inc(c, RX_PACKETS)
-                    add(c, RX_BYTES, r.out_len)
+                rx_cmsgs(&msgs[i].msg_hdr, &otos, &gso)
+                vx_rx_message(&x, <uint16_t>port, ntohl(names[i].sin_addr.s_addr), otos,
+                              arena + <size_t>SLOT * i + RX_OFF, msgs[i].msg_len, gso,
+                              arena + <size_t>SLOT * (i + 1))
+            vx_flush(&x)
             if got < BATCH:
                 nanosleep(&nap, NULL)
     free(arena)

@@ -6,6 +6,9 @@ cdef extern from "<errno.h>" nogil:
     enum:
         EINTR
         EMSGSIZE
+        EINVAL
+        EOPNOTSUPP
+        ENOPROTOOPT
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -49,6 +52,7 @@ cdef extern from "<sys/socket.h>" nogil:
     cmsghdr *CMSG_FIRSTHDR(msghdr *m)
     cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c)
     unsigned char *CMSG_DATA(cmsghdr *c)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, void *timeout)
     enum:

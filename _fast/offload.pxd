@@ -18,6 +18,7 @@ cdef enum:
     VNET_F_NEEDS_CSUM = 1           # checksum from csum_start to the end still to be done
     VNET_GSO_NONE = 0
     VNET_GSO_TCPV4 = 1
+    VNET_GSO_UDP_L4 = 5             # UDP segmentation (VIRTIO_NET_HDR_GSO_UDP_L4)
     VNET_GSO_ECN = 0x80             # CWR set in the superpacket: keep it on the first segment
     TCP_HLEN = 20
     TCP_OFF_SEQ = 4
@@ -30,7 +31,7 @@ cdef enum:
     TCP_PSH = 0x08
     TCP_ACK = 0x10
     TCP_CWR = 0x80
-    SEG_HDR_MAX = ETH_HLEN + IPV4_HLEN + 60 + 60  # Ethernet, outer, inner IPv4 + TCP header
+    TCP_MIN_MSS = 88                # the kernel's least MSS: a smaller gso_size is no TSO
 
 # Fields in host byte order: a TUN uses the host's ("legacy virtio") endianness.
 cdef struct vnet_hdr:

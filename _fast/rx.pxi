@@ -15,6 +15,7 @@ cdef struct rx_out:
     uint32_t bytes              # their inner bytes
     uint32_t gso_size           # payload of the first segment
     uint32_t thl                # TCP header length; 0: not TCP
+    uint32_t room               # the most IPv4 bytes pkt may grow to in its buffer
     bint open                   # may take more segments
     bint csum_ok                # the first segment's TCP checksum was verified
     bint kernel_gro             # merged by the underlay's GRO before we saw it
@@ -26,7 +27,7 @@ cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept
     cdef uint32_t pay = len - IPV4_HLEN - thl
     cdef uint32_t have = o.len - IPV4_HLEN - o.thl
     cdef uint8_t flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
-    if not o.open or pay > o.gso_size or o.len + pay > 0xffff:
+    if not o.open or pay > o.gso_size or o.len + pay > o.room:
         return False
     if load32(p + IPV4_HLEN + TCP_OFF_SEQ) != load32(o.pkt + IPV4_HLEN + TCP_OFF_SEQ) + have:
         return False
@@ -37,7 +38,9 @@ cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept
         o.csum_ok = True
     if not tcp_csum_ok(p, IPV4_HLEN, len):
         return False
-    memcpy(o.pkt + o.len, p + IPV4_HLEN + thl, pay)
+    # memmove: in a VXLAN datagram the kernel's UDP GRO coalesced, the payload moves back
+    # over the headers just read (vxlan.pxi)
+    memmove(o.pkt + o.len, p + IPV4_HLEN + thl, pay)
     o.len += pay
     o.segs += 1
     o.bytes += len
@@ -91,6 +94,7 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     o.segs = 1
     o.bytes = len
     o.thl = thl                 # every TCP output, so that its connection stops the scan
+    o.room = 0xffff             # each datagram has a SLOT of its own
     o.gso_size = seg_max if kernel_gro else len - IPV4_HLEN - thl
     o.open = candidate and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)
     o.csum_ok = False
@@ -98,10 +102,11 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     return n + 1
 
 
-cdef void rx_finish(rx_out *o) noexcept nogil:
-    """Put the virtio header in front of an output; a superpacket also gets its IP total
-    length, header checksum and, in the TCP checksum field, the pseudo-header sum the
-    kernel completes (NEEDS_CSUM) if it ever splits the superpacket again."""
+cdef void rx_finish(rx_out *o, uint32_t l2) noexcept nogil:
+    """Put the virtio header in front of an output (and of its l2 bytes of Ethernet header
+    on a TAP); a superpacket also gets its IP total length, header checksum and, in the TCP
+    checksum field, the pseudo-header sum the kernel completes (NEEDS_CSUM) if it ever
+    splits the superpacket again."""
     cdef vnet_hdr h
     cdef uint16_t c16
     memset(&h, 0, sizeof(h))
@@ -113,11 +118,11 @@ cdef void rx_finish(rx_out *o) noexcept nogil:
     if o.segs > 1 or o.kernel_gro:
         h.flags = VNET_F_NEEDS_CSUM
         h.gso_type = VNET_GSO_TCPV4
-        h.hdr_len = IPV4_HLEN + o.thl
+        h.hdr_len = l2 + IPV4_HLEN + o.thl
         h.gso_size = o.gso_size
-        h.csum_start = IPV4_HLEN
+        h.csum_start = l2 + IPV4_HLEN
         h.csum_offset = TCP_OFF_CSUM
-    memcpy(o.pkt - VNET_HLEN, &h, VNET_HLEN)
+    memcpy(o.pkt - l2 - VNET_HLEN, &h, VNET_HLEN)
 
 
 cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int got,
@@ -133,7 +138,7 @@ cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int 
             n = rx_gather(outs, n, buf + r.off, r.out_len, r.map_index,
                           t.maps[r.map_index].mtu)
     for i in range(n):
-        rx_finish(&outs[i])
+        rx_finish(&outs[i], 0)
         if outs[i].kernel_gro:
             inc(c, RX_KERNEL_GRO)
     return n

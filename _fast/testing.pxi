@@ -70,9 +70,13 @@ cdef class Harness:
                     r.map_index)
         return Verdict(v), r.reason, b"", -1
 
-    def transmit(self, const uint8_t[:] vnet, const uint8_t[:] packet, bint vxlan=False):
+    def transmit(self, const uint8_t[:] vnet, const uint8_t[:] packet, bint vxlan=False,
+                 int gso_fd=-1):
         """One TUN read (virtio header + packet; vxlan: a TAP read, virtio header + frame,
-        from the TAP whose fd the map holds: -1 in tests) through tx_packet, as run_tx does:
+        from the TAP whose fd the map holds: -1 in tests) through tx_packet, as run_tx does.
+        gso_fd: a datagram socket (one end of a socketpair) that takes what VXLAN UDP GSO
+        would hand the packet socket, virtio header first, for the caller to read.
+        Returns
         (verdict, reason index or -1, outputs, underlay dst). outputs are the outer
         packets for VERDICT_SEND (one per TSO segment or fragment; an Ethernet frame when
         sent to a resolved neighbour, see Engine.set_neighbours), else the one buffer
@@ -98,6 +102,10 @@ cdef class Harness:
         q.nt = self.eng.neigh
         q.ip_id = self.ip_id
         q.kind = FAN_VXLAN if vxlan else FAN_IPIP
+        if gso_fd >= 0:
+            q.gso_fd = gso_fd
+            q.gso_msg.msg_name = NULL       # a socketpair takes no link-layer address
+            q.gso_msg.msg_namelen = 0
         memcpy(self.buf + HEADROOM - VNET_HLEN, &vnet[0], VNET_HLEN)
         if n:
             memcpy(self.buf + HEADROOM, &packet[0], n)
@@ -138,6 +146,38 @@ cdef class Harness:
                     PyBytes_FromStringAndSize(<char *>self.buf + RX_OFF + r.off, r.out_len),
                     r.map_index)
         return Verdict(v), r.reason, b"", -1
+
+    def vxlan_receive(self, messages, uint16_t port=8472):
+        """Received buffers through vx_rx_message, as run_rx_vxlan takes them: messages
+        are (payload, gso_size, outer source, outer TOS), payload one datagram or (gso_size
+        > 0) several of gso_size bytes but the last, as the kernel's UDP GRO hands them
+        over. Frames are written to the maps' tun_fd (a test passes a socketpair's end)."""
+        cdef vx_rx x
+        cdef uint8_t *arena
+        cdef const uint8_t[:] d
+        cdef int k
+        messages = list(messages)
+        if len(messages) > BATCH:
+            raise ValueError(f"at most {BATCH} buffers in a burst")
+        arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
+        if arena == NULL:
+            raise MemoryError()
+        memset(&x, 0, sizeof(x))
+        x.t = self.eng.table
+        x.c = self.c
+        try:
+            for k, (payload, gso, osrc, otos) in enumerate(messages):
+                d = payload
+                if d.shape[0] > SLOT - RX_OFF:
+                    raise ValueError("payload larger than any UDP datagram")
+                if d.shape[0]:
+                    memcpy(arena + <size_t>SLOT * k + RX_OFF, &d[0], d.shape[0])
+            for k, (payload, gso, osrc, otos) in enumerate(messages):
+                vx_rx_message(&x, port, osrc, otos, arena + <size_t>SLOT * k + RX_OFF,
+                              len(payload), gso, arena + <size_t>SLOT * (k + 1))
+            vx_flush(&x)
+        finally:
+            free(arena)
 
     def receive(self, datagrams):
         """A burst of at most BATCH datagrams through rx_batch, as run_rx does: a list of

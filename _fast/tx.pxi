@@ -13,6 +13,12 @@ cdef enum:
     TXQ = 128                   # segments queued per sendmmsg, per lane
     LANE_IP = 0                 # the raw IP socket: the kernel routes and resolves
     LANE_L2 = 1                 # the packet socket: frames to neighbours already resolved
+    # the largest headers of one queued segment: Ethernet, outer IPv4/UDP/VXLAN, inner
+    # Ethernet, IPv4 and TCP with options
+    SEG_HDR_MAX = ETH_HLEN + VXLAN_OUTER + ETH_HLEN + 60 + 60
+    GSO_SEGS = 64               # segments per UDP GSO send (the kernel's UDP_MAX_SEGMENTS)
+    GSO_SEG_HDR = VXLAN_HLEN + ETH_HLEN + 60 + 60   # headers in front of a segment's payload
+    GSO_HDR = VNET_HLEN + ETH_HLEN + IPV4_HLEN + UDP_HLEN   # in front of a GSO superpacket
 
 
 cdef struct lane:
@@ -38,6 +44,14 @@ cdef struct txq:
     lane lanes[2]
     uint8_t *icmp               # VNET_HLEN zero bytes, then an ICMP to write to the TUN
     uint8_t *quote              # the inner packet of a refused message, gathered for ICMP
+    # VXLAN UDP GSO (vxlan.pxi tx_vxlan_gso): a packet socket with PACKET_VNET_HDR
+    int gso_fd                  # -1: none (every segment on the lanes)
+    int gso_off                 # the kernel refused UDP GSO once: segments from now on
+    uint8_t *gso_hdr            # GSO_HDR bytes: virtio header, Ethernet, IPv4, UDP
+    uint8_t *gso_segs           # GSO_SEGS x GSO_SEG_HDR: each segment's own headers
+    iovec *gso_iov              # the headers, then two per segment: headers, payload
+    sockaddr_ll gso_sll
+    msghdr gso_msg
 
 
 cdef struct tx_route:          # where one packet, or every segment of one, goes
@@ -85,15 +99,26 @@ cdef void lane_release(lane *l) noexcept nogil:
 
 cdef int txq_init(txq *q, int cap, int sock_fd, int packet_fd, int tun_fd,
                   uint64_t *c) noexcept nogil:
+    """A queue for one sending loop. The caller sets q.gso_fd for VXLAN UDP GSO."""
     memset(q, 0, sizeof(txq))
     q.cap = cap
     q.tun_fd = tun_fd
     q.c = c
+    q.gso_fd = -1
     q.icmp = <uint8_t *>calloc(1, VNET_HLEN + ICMP_MAX_LEN)
     q.quote = <uint8_t *>malloc(ICMP_QUOTE_MAX)
+    q.gso_hdr = <uint8_t *>malloc(GSO_HDR)
+    q.gso_segs = <uint8_t *>malloc(GSO_SEGS * GSO_SEG_HDR)
+    q.gso_iov = <iovec *>calloc(1 + 2 * GSO_SEGS, sizeof(iovec))
+    q.gso_sll.sll_family = AF_PACKET
+    q.gso_sll.sll_protocol = htons(ETH_P_IP)
+    q.gso_msg.msg_name = &q.gso_sll
+    q.gso_msg.msg_namelen = sizeof(sockaddr_ll)
+    q.gso_msg.msg_iov = q.gso_iov
     if (lane_init(&q.lanes[LANE_IP], cap, sock_fd, 0) < 0
             or lane_init(&q.lanes[LANE_L2], cap, packet_fd, ETH_HLEN) < 0
-            or q.icmp == NULL or q.quote == NULL):
+            or q.icmp == NULL or q.quote == NULL or q.gso_hdr == NULL
+            or q.gso_segs == NULL or q.gso_iov == NULL):
         return -1
     return 0
 
@@ -103,6 +128,9 @@ cdef void txq_release(txq *q) noexcept nogil:
     lane_release(&q.lanes[LANE_L2])
     free(q.icmp)
     free(q.quote)
+    free(q.gso_hdr)
+    free(q.gso_segs)
+    free(q.gso_iov)
     memset(q, 0, sizeof(txq))
 
 
@@ -258,7 +286,7 @@ cdef int tx_frame(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
     r.reason = -1
     r.map_index = -1
     if h.gso_type != VNET_GSO_NONE:
-        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)   # the TAP is opened without TSO
+        return tx_frame_tso(q, h, frame, len, r)
     if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(frame, len, h):
         return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
     v = vxlan_encap_one(q.t, q.tun_fd, &q.ip_id, frame, len, r, q.c)
@@ -288,19 +316,44 @@ cdef void tx_fragments(txq *q, const tx_route *rt, uint8_t *o, uint32_t len,
         off += n
 
 
+cdef void tso_segment(uint8_t *ip, const uint8_t *src, uint32_t ihl, uint32_t thl,
+                      const uint8_t *payload, uint32_t n, uint32_t i, uint32_t mss,
+                      bint last) noexcept nogil:
+    """Write at ip the IPv4 and TCP headers of segment i (payload[0:n]) of the TCP
+    superpacket whose headers are src[0:ihl+thl], as the kernel's tcp_gso_segment does:
+    total length and header checksum set, ID + i, sequence + i * mss, CWR on the first
+    segment only, FIN and PSH on the last only, the TCP checksum computed in full."""
+    cdef uint8_t *tcp = ip + ihl
+    cdef uint8_t f = src[ihl + TCP_OFF_FLAGS]
+    cdef uint16_t c16
+    memcpy(ip, src, ihl + thl)
+    store16(ip + IPV4_OFF_TOT_LEN, ihl + thl + n)
+    store16(ip + IPV4_OFF_ID, <uint16_t>(load16(src + IPV4_OFF_ID) + i))
+    ipv4_set_header_csum(ip, ihl)
+    store32(tcp + TCP_OFF_SEQ, load32(src + ihl + TCP_OFF_SEQ) + i * mss)
+    if i:
+        f &= ~TCP_CWR
+    if not last:
+        f &= ~(TCP_FIN | TCP_PSH)
+    tcp[TCP_OFF_FLAGS] = f
+    tcp[TCP_OFF_CSUM] = 0
+    tcp[TCP_OFF_CSUM + 1] = 0
+    c16 = csum_fold(acc_add(acc_add(pseudo_header(ip, IPPROTO_TCP, thl + n),
+                                    csum_add(tcp, thl, 0)),
+                            csum_add(payload, n, 0)))
+    memcpy(tcp + TCP_OFF_CSUM, &c16, 2)
+
+
 cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
                 result *r) noexcept nogil:
     """Split a TCP superpacket into segments as the kernel's tcp_gso_segment does: headers
     copied, IP total length, ID (+1 per segment) and checksum set, TCP sequence advanced,
     CWR kept on the first segment only, FIN and PSH on the last only, TCP checksum computed
     in full. Routing, local delivery and the MTU check happen once, for the first segment."""
-    cdef uint32_t ihl, thl, hdrs, mss, off, n, seq, i = 0
-    cdef uint16_t id_in, id_out, c16
+    cdef uint32_t ihl, thl, hdrs, mss, off, n, i = 0
+    cdef uint16_t id_out
     cdef uint8_t *o
     cdef uint8_t *b
-    cdef uint8_t *ip
-    cdef uint8_t *tcp
-    cdef uint8_t flags, f
     cdef tx_route rt
     cdef int v
     r.reason = -1
@@ -325,9 +378,6 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
     tx_route_of(q, r, &rt)
     o = pkt - IPV4_HLEN
     id_out = load16(o + IPV4_OFF_ID)
-    id_in = load16(pkt + IPV4_OFF_ID)
-    seq = load32(pkt + ihl + TCP_OFF_SEQ)
-    flags = pkt[ihl + TCP_OFF_FLAGS]
     off = hdrs
     while off < len:
         n = len - off
@@ -338,25 +388,7 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
         store16(b + IPV4_OFF_TOT_LEN, IPV4_HLEN + hdrs + n)
         store16(b + IPV4_OFF_ID, <uint16_t>(id_out + i))
         ipv4_set_header_csum(b, IPV4_HLEN)
-        ip = b + IPV4_HLEN
-        memcpy(ip, pkt, hdrs)
-        store16(ip + IPV4_OFF_TOT_LEN, hdrs + n)
-        store16(ip + IPV4_OFF_ID, <uint16_t>(id_in + i))
-        ipv4_set_header_csum(ip, ihl)
-        tcp = ip + ihl
-        store32(tcp + TCP_OFF_SEQ, seq + i * mss)
-        f = flags
-        if i:
-            f &= ~TCP_CWR
-        if off + n < len:
-            f &= ~(TCP_FIN | TCP_PSH)
-        tcp[TCP_OFF_FLAGS] = f
-        tcp[TCP_OFF_CSUM] = 0
-        tcp[TCP_OFF_CSUM + 1] = 0
-        c16 = csum_fold(acc_add(acc_add(pseudo_header(ip, IPPROTO_TCP, thl + n),
-                                        csum_add(tcp, thl, 0)),
-                                csum_add(pkt + off, n, 0)))
-        memcpy(tcp + TCP_OFF_CSUM, &c16, 2)
+        tso_segment(b + IPV4_HLEN, pkt, ihl, thl, pkt + off, n, i, mss, off + n >= len)
         off += n
         i += 1
     q.ip_id = <uint16_t>(id_out + i - 1)

@@ -2,10 +2,11 @@
 # steered by the inner IPv4 destination or the ARP target, carried in UDP (docs/design.md
 # §12, transmit rules X1-X3, receive rules V1-V6).
 #
-# Transmit: run_tx reads a frame from the TAP -> tx_packet -> vxlan_encap_one writes outer
-# IPv4 + UDP + VXLAN (VXLAN_OUTER bytes) into the headroom in front of the frame -> the
-# lanes of tx.pxi send it like an IPIP packet (the raw socket takes any IPv4 packet with
-# IP_HDRINCL). Receive: run_rx_vxlan takes datagrams from the fan port's UDP socket (the
+# Transmit: run_tx reads a frame from the TAP -> tx_packet -> tx_frame: vxlan_encap_one
+# writes outer IPv4 + UDP + VXLAN (VXLAN_OUTER bytes) into the headroom in front of the
+# frame -> the lanes of tx.pxi send it like an IPIP packet (the raw socket takes any IPv4
+# packet with IP_HDRINCL). A TCP superpacket (TSO) -> tx_frame_tso: split into segments,
+# sent as UDP GSO superpackets (tx_vxlan_gso) or segment by segment on the lanes. Receive: run_rx_vxlan takes datagrams from the fan port's UDP socket (the
 # kernel has checked the outer IPv4 and UDP, checksum included), with the outer source
 # and TOS beside them -> vxlan_decap_one -> the frame is written to the map's TAP.
 
@@ -14,23 +15,23 @@ cdef enum:
                                 # the inner TTL: the frame is switched, not routed)
     RX_OFF = 16                 # receive offset in a slot: room for the virtio header
                                 # in front of the frame (VXLAN_HLEN + RX_OFF >= VNET_HLEN)
-    RX_CTL = 64                 # control buffer per message: one IP_TOS cmsg
+    RX_CTL = 64                 # control buffer per message: IP_TOS and UDP_GRO cmsgs
+    SOL_UDP_ = 17               # <netinet/udp.h> SOL_UDP and UDP_GRO: the kernel hands
+    UDP_GRO_ = 104              # over consecutive datagrams of a flow in one buffer
 
 
-cdef int vxlan_encap_one(const fan_table *t, int tap_fd, uint16_t *ip_id, uint8_t *frame,
-                         uint32_t len, result *r, uint64_t *c) noexcept nogil:
-    """Encapsulate the frame frame[0:len] read from the TAP tap_fd (rules X1-X3). frame
-    must have VXLAN_OUTER writable bytes in front of it: the outer headers go there."""
-    cdef uint8_t *p = frame + ETH_HLEN
-    cdef uint32_t n, ihl, key, under, ulen
-    cdef uint16_t ethertype, csum
-    cdef uint8_t ecn = ECN_NOT_ECT
+cdef int vxlan_route(const fan_table *t, int tap_fd, const uint8_t *frame, uint32_t len,
+                     result *r, uint8_t *ecn, uint64_t *c) noexcept nogil:
+    """Rules X1-X2 for the frame frame[0:len] read from the TAP tap_fd: VERDICT_SEND with
+    r.map_index, r.dst (the underlay host) and *ecn (the outer ECN) set, or a drop."""
+    cdef const uint8_t *p = frame + ETH_HLEN
+    cdef uint32_t n, ihl, key, under
+    cdef uint16_t ethertype
     cdef const fan_map *m
-    cdef uint8_t *o
-    cdef uint8_t *u
     cdef int i
     r.reason = -1
     r.map_index = -1
+    ecn[0] = ECN_NOT_ECT
     if len < ETH_HLEN:
         return drop(c, r, DROP_TX_MALFORMED)
     n = len - ETH_HLEN
@@ -44,9 +45,9 @@ cdef int vxlan_encap_one(const fan_table *t, int tap_fd, uint16_t *ip_id, uint8_
                 or load16(p + IPV4_OFF_TOT_LEN) > n:
             return drop(c, r, DROP_TX_MALFORMED)
         key = load32(p + IPV4_OFF_DST)
-        ecn = p[IPV4_OFF_TOS] & 3
-        if ecn == ECN_CE:       # CE -> ECT(0) as Linux does, as for IPIP (T3)
-            ecn = ECN_ECT0
+        ecn[0] = p[IPV4_OFF_TOS] & 3
+        if ecn[0] == ECN_CE:    # CE -> ECT(0) as Linux does, as for IPIP (T3)
+            ecn[0] = ECN_ECT0
     elif ethertype == ETH_P_ARP:
         if (n < ARP_LEN or load16(p) != 1 or load16(p + 2) != ETH_P_IP or p[4] != ETH_ALEN
                 or p[5] != 4):
@@ -67,22 +68,31 @@ cdef int vxlan_encap_one(const fan_table *t, int tap_fd, uint16_t *ip_id, uint8_
         return drop(c, r, DROP_TX_UNROUTABLE)
     if under == m.local:
         return drop(c, r, DROP_TX_TO_SELF)
-    # X3: outer IPv4 (DF clear, as the kernel's vxlan sends), UDP, VXLAN
-    o = frame - VXLAN_OUTER
+    return VERDICT_SEND
+
+
+cdef void vxlan_outer(const fan_map *m, uint32_t under, uint16_t ip_id, uint16_t sport,
+                      uint8_t ecn, uint8_t *o, uint32_t frame_len, const uint8_t *body,
+                      uint32_t body_len) noexcept nogil:
+    """Rule X3: write the outer IPv4, UDP and VXLAN headers at o, in front of a frame of
+    frame_len bytes whose first frame_len - body_len bytes follow them and whose last
+    body_len bytes are at body (a segment's payload, left where read() put it). The part
+    that follows the headers has an even length, so the checksum can be summed in two."""
+    cdef uint8_t *u = o + IPV4_HLEN
+    cdef uint32_t ulen = UDP_HLEN + VXLAN_HLEN + frame_len
+    cdef uint64_t acc
+    cdef uint16_t csum
     o[0] = 0x45
     o[IPV4_OFF_TOS] = ecn
-    store16(o + IPV4_OFF_TOT_LEN, VXLAN_OUTER + len)
-    ip_id[0] += 1
-    store16(o + IPV4_OFF_ID, ip_id[0])
-    store16(o + IPV4_OFF_FRAG, 0)
+    store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
+    store16(o + IPV4_OFF_ID, ip_id)
+    store16(o + IPV4_OFF_FRAG, 0)       # DF clear, as the kernel's vxlan sends
     o[IPV4_OFF_TTL] = VXLAN_TTL
     o[IPV4_OFF_PROTO] = IPPROTO_UDP
     store32(o + IPV4_OFF_SRC, m.local)
     store32(o + IPV4_OFF_DST, under)
     ipv4_set_header_csum(o, IPV4_HLEN)
-    u = o + IPV4_HLEN
-    ulen = UDP_HLEN + VXLAN_HLEN + len
-    store16(u + UDP_OFF_SPORT, vxlan_source_port(frame, len, t.hash_seed))
+    store16(u + UDP_OFF_SPORT, sport)
     store16(u + UDP_OFF_DPORT, m.port)
     store16(u + UDP_OFF_LEN, ulen)
     memset(u + UDP_OFF_CSUM, 0, 2)
@@ -91,14 +101,185 @@ cdef int vxlan_encap_one(const fan_table *t, int tap_fd, uint16_t *ip_id, uint8_
     store32(u + UDP_HLEN + 4, m.vni << 8)
     # A full UDP checksum, as the kernel's vxlan sends (receivers accept a zero one, but a
     # middlebox may not): ~80 ns for 1500 bytes.
-    csum = csum_fold(acc_add(pseudo_header(o, IPPROTO_UDP, ulen), csum_add(u, ulen, 0)))
+    acc = acc_add(pseudo_header(o, IPPROTO_UDP, ulen), csum_add(u, ulen - body_len, 0))
+    if body_len:
+        acc = acc_add(acc, csum_add(body, body_len, 0))
+    csum = csum_fold(acc)
     if csum == 0:
         csum = 0xffff
     memcpy(u + UDP_OFF_CSUM, &csum, 2)
+
+
+cdef int vxlan_encap_one(const fan_table *t, int tap_fd, uint16_t *ip_id, uint8_t *frame,
+                         uint32_t len, result *r, uint64_t *c) noexcept nogil:
+    """Encapsulate the frame frame[0:len] read from the TAP tap_fd (rules X1-X3). frame
+    must have VXLAN_OUTER writable bytes in front of it: the outer headers go there."""
+    cdef uint8_t ecn
+    cdef const fan_map *m
+    cdef int v = vxlan_route(t, tap_fd, frame, len, r, &ecn, c)
+    if v != VERDICT_SEND:
+        return v
+    m = &t.maps[r.map_index]
+    ip_id[0] += 1
+    vxlan_outer(m, r.dst, ip_id[0], vxlan_source_port(frame, len, t.hash_seed), ecn,
+                frame - VXLAN_OUTER, len, NULL, 0)
     r.out_len = VXLAN_OUTER + len
     if r.out_len > m.mtu:
         inc(c, TX_FRAGMENTED)   # sent as outer fragments (DF is clear), as the kernel would
     return VERDICT_SEND
+
+
+cdef int tx_frame_tso(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
+                      result *r) noexcept nogil:
+    """A TCP superpacket frame from the TAP (TSO): split into MSS-sized frames, each with
+    its own outer IPv4/UDP/VXLAN. To a resolved neighbour they leave as UDP GSO
+    superpackets (tx_vxlan_gso: one send for up to GSO_SEGS segments); otherwise, or if
+    the kernel refuses UDP GSO, one outer packet per segment on the lanes. All segments of
+    a flow share its source port, whichever way they leave."""
+    cdef uint8_t *ip = frame + ETH_HLEN
+    cdef uint32_t iplen, ihl, thl, hdrs, mss, off, n, i = 0
+    cdef uint16_t sport
+    cdef uint8_t ecn
+    cdef const fan_map *m
+    cdef tx_route rt
+    cdef uint8_t *o
+    cdef int v
+    r.reason = -1
+    r.map_index = -1
+    mss = h.gso_size
+    if ((h.gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 or mss < TCP_MIN_MSS
+            or len < ETH_HLEN + IPV4_HLEN or load16(frame + ETH_OFF_TYPE) != ETH_P_IP
+            or (ip[0] >> 4) != 4):
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    iplen = len - ETH_HLEN
+    ihl = ipv4_ihl(ip)
+    if ihl < IPV4_HLEN or load16(ip + IPV4_OFF_TOT_LEN) != iplen:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    thl = tcp_header_len(ip, iplen)
+    if thl == 0:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    v = vxlan_route(q.t, q.tun_fd, frame, len, r, &ecn, q.c)
+    if v != VERDICT_SEND:
+        return v
+    inc(q.c, TX_TSO_SPLIT)
+    m = &q.t.maps[r.map_index]
+    hdrs = ETH_HLEN + ihl + thl
+    sport = vxlan_source_port(frame, len, q.t.hash_seed)
+    tx_route_of(q, r, &rt)
+    if (rt.lane == LANE_L2 and q.gso_fd >= 0 and not q.gso_off
+            and VXLAN_OUTER + hdrs + mss <= m.mtu):
+        if tx_vxlan_gso(q, &rt, m, frame, len, ihl, thl, mss, sport, ecn) == 0:
+            return VERDICT_SEND
+        q.gso_off = 1           # this kernel or NIC takes no UDP GSO: segments from now on
+        inc(q.c, TX_GSO_FALLBACK)
+    off = hdrs
+    while off < len:
+        n = len - off
+        if n > mss:
+            n = mss
+        o = txq_add(q, &rt, NULL, VXLAN_OUTER + hdrs, frame + off, n)
+        memcpy(o + VXLAN_OUTER, frame, ETH_HLEN)
+        tso_segment(o + VXLAN_OUTER + ETH_HLEN, ip, ihl, thl, frame + off, n, i, mss,
+                    off + n >= len)
+        q.ip_id += 1
+        vxlan_outer(m, r.dst, q.ip_id, sport, ecn, o, hdrs + n, frame + off, n)
+        off += n
+        i += 1
+    return VERDICT_SEND
+
+
+cdef int tx_vxlan_gso(txq *q, const tx_route *rt, const fan_map *m, uint8_t *frame,
+                      uint32_t len, uint32_t ihl, uint32_t thl, uint32_t mss, uint16_t sport,
+                      uint8_t ecn) noexcept nogil:
+    """Send the TCP superpacket frame[0:len] to the resolved neighbour rt as UDP GSO
+    superpackets through the packet socket q.gso_fd (PACKET_VNET_HDR): one Ethernet frame
+    with one outer IPv4/UDP header, whose UDP payload is up to GSO_SEGS complete VXLAN
+    packets of one size (the last may be shorter), each a VXLAN header and an MSS-sized
+    inner frame. The kernel cuts it into those packets and gives each its own outer
+    IPv4 ID, lengths and checksums (a virtio header with gso_type UDP_L4 and a partial UDP
+    checksum asks for exactly that), or hands it whole to a device that takes UDP GSO.
+    Returns 0; -1 if the kernel refused the first send (nothing of the frame left)."""
+    cdef uint32_t hdrs = ETH_HLEN + ihl + thl
+    cdef uint32_t seg = VXLAN_HLEN + hdrs + mss         # UDP payload of a full segment
+    cdef uint32_t per = (0xffff - IPV4_HLEN - UDP_HLEN) // seg
+    cdef uint32_t off = hdrs, n, k, ulen, i = 0
+    cdef uint8_t *e = q.gso_hdr + VNET_HLEN
+    cdef uint8_t *o = e + ETH_HLEN
+    cdef uint8_t *u = o + IPV4_HLEN
+    cdef uint8_t *sh
+    cdef vnet_hdr vh
+    cdef uint16_t c16
+    cdef ssize_t sent
+    if per > GSO_SEGS:
+        per = GSO_SEGS
+    txq_flush(q)            # what was queued before goes first: a flow stays in order
+    q.gso_sll.sll_ifindex = m.ifindex
+    memcpy(e, rt.dmac, ETH_ALEN)
+    memcpy(e + ETH_ALEN, m.mac, ETH_ALEN)
+    store16(e + 2 * ETH_ALEN, ETH_P_IP)
+    q.gso_iov[0].iov_base = q.gso_hdr
+    q.gso_iov[0].iov_len = GSO_HDR
+    while off < len:
+        k = 0
+        ulen = UDP_HLEN
+        while off < len and k < per:
+            n = len - off
+            if n > mss:
+                n = mss
+            sh = q.gso_segs + <size_t>k * GSO_SEG_HDR
+            sh[0] = VXLAN_FLAG_I
+            memset(sh + 1, 0, 3)
+            store32(sh + 4, m.vni << 8)
+            memcpy(sh + VXLAN_HLEN, frame, ETH_HLEN)
+            tso_segment(sh + VXLAN_HLEN + ETH_HLEN, frame + ETH_HLEN, ihl, thl, frame + off,
+                        n, i, mss, off + n >= len)
+            q.gso_iov[1 + 2 * k].iov_base = sh
+            q.gso_iov[1 + 2 * k].iov_len = VXLAN_HLEN + hdrs
+            q.gso_iov[2 + 2 * k].iov_base = frame + off
+            q.gso_iov[2 + 2 * k].iov_len = n
+            ulen += VXLAN_HLEN + hdrs + n
+            off += n
+            i += 1
+            k += 1
+        memset(&vh, 0, sizeof(vh))
+        vh.flags = VNET_F_NEEDS_CSUM
+        vh.csum_start = ETH_HLEN + IPV4_HLEN
+        vh.csum_offset = UDP_OFF_CSUM
+        if k > 1:
+            vh.gso_type = VNET_GSO_UDP_L4
+            vh.gso_size = <uint16_t>seg
+            vh.hdr_len = ETH_HLEN + IPV4_HLEN + UDP_HLEN
+        memcpy(q.gso_hdr, &vh, VNET_HLEN)
+        o[0] = 0x45
+        o[IPV4_OFF_TOS] = ecn
+        store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
+        store16(o + IPV4_OFF_ID, <uint16_t>(q.ip_id + 1))  # the kernel counts up per segment
+        store16(o + IPV4_OFF_FRAG, 0)
+        o[IPV4_OFF_TTL] = VXLAN_TTL
+        o[IPV4_OFF_PROTO] = IPPROTO_UDP
+        store32(o + IPV4_OFF_SRC, m.local)
+        store32(o + IPV4_OFF_DST, rt.dst)
+        ipv4_set_header_csum(o, IPV4_HLEN)
+        store16(u + UDP_OFF_SPORT, sport)
+        store16(u + UDP_OFF_DPORT, m.port)
+        store16(u + UDP_OFF_LEN, ulen)
+        c16 = ~csum_fold(pseudo_header(o, IPPROTO_UDP, ulen))   # partial: the kernel ends it
+        memcpy(u + UDP_OFF_CSUM, &c16, 2)
+        q.gso_msg.msg_iovlen = 1 + 2 * k
+        sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+        while sent < 0 and errno == EINTR:
+            sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+        if sent < 0:
+            if i == k and (errno == EINVAL or errno == EOPNOTSUPP or errno == ENOPROTOOPT):
+                return -1
+            add(q.c, DROP_TX_SEND_ERROR, k)
+            continue
+        q.ip_id += k
+        inc(q.c, TX_GSO)
+        add(q.c, TX_PACKETS, k)
+        add(q.c, TX_L2, k)
+        add(q.c, TX_BYTES, (IPV4_HLEN + UDP_HLEN) * k + ulen - UDP_HLEN)
+    return 0
 
 
 cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8_t otos,
@@ -170,3 +351,106 @@ cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8
     r.off = VXLAN_HLEN
     r.out_len = n
     return VERDICT_DELIVER
+
+
+# -- receive: datagrams to TAP writes, TCP segments coalesced -----------------------------
+# The kernel's UDP GRO hands over up to 64 KiB of one UDP flow's consecutive datagrams in
+# one buffer, all of one size but the last. Each is checked on its own (vxlan_decap_one);
+# consecutive TCP segments of one inner flow are appended to the pending output in place
+# (the payload moves back over headers already read), which is written to the TAP as one
+# superpacket when the next frame cannot join it. One output pending at a time: it is
+# always the newest, so appending never overwrites anything not yet read or written.
+
+cdef struct vx_rx:
+    const fan_table *t
+    uint64_t *c
+    rx_out o                    # the pending output (an inner IPv4 packet in its frame)
+    bint pending
+
+
+cdef void vx_flush(vx_rx *x) noexcept nogil:
+    """Write the pending output to its map's TAP."""
+    cdef rx_out *o = &x.o
+    cdef int fd
+    if not x.pending:
+        return
+    x.pending = False
+    rx_finish(o, ETH_HLEN)
+    fd = x.t.maps[o.map_index].tun_fd
+    if fd < 0 or write(fd, o.pkt - ETH_HLEN - VNET_HLEN, o.len + ETH_HLEN + VNET_HLEN) < 0:
+        add(x.c, DROP_RX_TUN_WRITE, o.segs)
+    else:
+        add(x.c, RX_PACKETS, o.segs)
+        add(x.c, RX_BYTES, o.bytes)
+        add(x.c, RX_GRO_MERGED, o.segs - 1)
+
+
+cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
+                  uint32_t room) noexcept nogil:
+    """A delivered frame: appended to the pending output if it continues its TCP flow
+    (same MACs, the rules of rx_gather), else the pending output is written and this
+    frame becomes the pending one. room: how far its IPv4 packet may grow in its buffer."""
+    cdef uint8_t *p = f + ETH_HLEN
+    cdef uint32_t plen = flen - ETH_HLEN, thl = 0
+    cdef uint8_t flags = 0
+    cdef bint candidate = False
+    cdef rx_out *o = &x.o
+    if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == 0x45
+            and load16(p + IPV4_OFF_TOT_LEN) == plen):
+        thl = tcp_header_len(p, plen)
+    if thl:
+        flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
+        candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
+                     and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
+        if (x.pending and candidate and o.thl == thl and o.map_index == map_index
+                and memcmp(o.pkt - ETH_HLEN, f, ETH_HLEN) == 0
+                and gro_same_flow(o.pkt, p, thl) and gro_append(o, p, plen, thl)):
+            o.bytes += ETH_HLEN
+            return
+    vx_flush(x)
+    o.pkt = p
+    o.len = plen
+    o.map_index = map_index
+    o.segs = 1
+    o.bytes = flen
+    o.thl = thl
+    o.gso_size = plen - IPV4_HLEN - thl if thl else 0
+    o.open = candidate and not (flags & TCP_PSH)
+    o.csum_ok = False
+    o.kernel_gro = False
+    o.room = room if room < 0xffff else 0xffff
+    x.pending = True
+
+
+cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint8_t otos, uint8_t *buf,
+                        uint32_t total, uint32_t gso, const uint8_t *buf_end) noexcept nogil:
+    """One received buffer: a datagram, or (gso > 0) the kernel's UDP GRO of datagrams of
+    gso bytes each but the last. Each is decapsulated and its frame taken (vx_take)."""
+    cdef uint32_t step = gso if 0 < gso < total else total
+    cdef uint32_t off = 0, n
+    cdef result r
+    cdef uint8_t *f
+    if step < total:
+        add(x.c, RX_UDP_GRO, (total + step - 1) // step)
+    while off < total:
+        n = total - off if total - off < step else step
+        if vxlan_decap_one(x.t, port, osrc, otos, buf + off, n, &r, x.c) == VERDICT_DELIVER:
+            f = buf + off + r.off
+            vx_take(x, f, r.out_len, r.map_index, <uint32_t>(buf_end - f - ETH_HLEN))
+        off += n
+
+
+cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso) noexcept nogil:
+    """The outer TOS (IP_TOS, asked for with IP_RECVTOS) and the UDP GRO segment size of a
+    received message; 0 for what it does not carry."""
+    cdef cmsghdr *cm = CMSG_FIRSTHDR(h)
+    cdef int v
+    tos[0] = 0
+    gso[0] = 0
+    while cm != NULL:
+        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_TOS:
+            tos[0] = CMSG_DATA(cm)[0]
+        elif cm.cmsg_level == SOL_UDP_ and cm.cmsg_type == UDP_GRO_:
+            memcpy(&v, CMSG_DATA(cm), sizeof(int))
+            gso[0] = <uint32_t>v if v > 0 else 0
+        cm = CMSG_NXTHDR(h, cm)

@@ -145,11 +145,11 @@ class Dataplane:
 
     # -- loops -------------------------------------------------------------------------
     def start_tx(self, name: str, tun_fd: int, sock_fd: int, packet_fd: int,
-                 counters, vxlan: bool = False) -> LoopThread:
+                 counters, vxlan: bool = False, gso_fd: int = -1) -> LoopThread:
         """The transmit loop of one TUN, or TAP for vxlan (see fastpath.run_tx); counters:
-        its block."""
+        its block; gso_fd: the vnet-header packet socket for VXLAN UDP GSO, or -1."""
         return self._start(f"tx-{name}", fastpath.run_tx, tun_fd, sock_fd, packet_fd,
-                           counters, vxlan)
+                           counters, vxlan, gso_fd if vxlan else -1)
 
     def start_rx(self, sock_fd: int, counters) -> LoopThread:
         """The receive loop of the raw IPIP socket, writing to every IPIP fan's TUN."""

@@ -89,6 +89,7 @@ class Forwarder:
         self.counters = None
         self.sock = None
         self.packet_sock = None
+        self.gso_sock = None                        # VXLAN UDP GSO (a vnet-header socket)
         self.vxlan_socks: dict[int, object] = {}    # UDP port -> its socket
         self.vxlan_blocks: dict[int, int] = {}      # UDP port -> its counter block
         self.neighbours: Optional[NeighbourWatch] = None
@@ -118,6 +119,7 @@ class Forwarder:
             self.sock = open_socket()
             if self.send_frames:
                 self.packet_sock = open_packet_socket()
+                self.gso_sock = open_packet_socket(vnet_hdr=True)
                 self.neighbours = NeighbourWatch()
             self.forward_before = plumbing.enable_forwarding()
             self.publish()
@@ -160,8 +162,10 @@ class Forwarder:
 
     def _start_tx(self, fan: Fan) -> None:
         packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
+        gso_fd = self.gso_sock.fileno() if self.gso_sock is not None else -1
         self.dp.start_tx(fan.tun.name[4:], fan.tun.fd, self.sock.fileno(), packet_fd,
-                         self.counters.block(tx_block(fan.slot)), vxlan=fan.spec.vxlan)
+                         self.counters.block(tx_block(fan.slot)), vxlan=fan.spec.vxlan,
+                         gso_fd=gso_fd)
 
     def _sync_vxlan_ports(self) -> None:
         """One UDP socket and receive loop for each port a VXLAN fan uses, none for others.
@@ -276,9 +280,10 @@ class Forwarder:
             plumbing.nft_remove()
             self.sock.close()
             self.sock = None
-        if self.packet_sock is not None:
-            self.packet_sock.close()
-            self.packet_sock = None
+        for sock in (self.packet_sock, self.gso_sock):
+            if sock is not None:
+                sock.close()
+        self.packet_sock = self.gso_sock = None
         for sock in self.vxlan_socks.values():
             sock.close()
         self.vxlan_socks.clear()
