@@ -482,35 +482,6 @@ cdef class Engine:
         free(self.neigh_retired)
         self.neigh_retired = NULL
 
-    def dest(self, uint32_t addr):
-        """(map index, underlay host, routable) for an overlay address; index -1 if none."""
-        cdef int i = fan_lookup_overlay(self.table, addr, FAN_ANY)
-        if i < 0:
-            return -1, 0, False
-        u = fan_dest(&self.table.maps[i], addr)
-        return i, u, bool(fan_host_ok(&self.table.maps[i], u))
-
-    def map_batch(self, const uint32_t[::1] addrs, uint32_t[::1] out, uint8_t[::1] ok):
-        """The engine's own batch mapping (overlay address -> underlay host), for
-        comparison with fanmap's numpy form; ok[i] = 0 for no map or unroutable."""
-        cdef Py_ssize_t k, n = addrs.shape[0]
-        cdef int i
-        cdef uint32_t a, u
-        cdef const fan_table *t = self.table
-        if out.shape[0] < n or ok.shape[0] < n:
-            raise ValueError("output arrays shorter than the input")
-        with nogil:
-            for k in range(n):
-                a = addrs[k]
-                i = fan_lookup_overlay(t, a, FAN_ANY)
-                if i < 0:
-                    out[k] = 0
-                    ok[k] = 0
-                else:
-                    u = fan_dest(&t.maps[i], a)
-                    ok[k] = fan_host_ok(&t.maps[i], u)
-                    out[k] = u if ok[k] else 0
-
 
 cdef uint64_t *_counter_ptr(object counters, int need) except NULL:
     """A pointer into a writable, C-contiguous uint64 array (a counter block)."""
@@ -549,6 +520,15 @@ cdef class Loop:
         return (<volatile uint64_t *>&self.ctl.ticks)[0]
 
 
+cdef inline void wait_readable(int fd) noexcept nogil:
+    """Sleep until fd has input, at most POLL_MS (so a stop or a table swap is seen)."""
+    cdef pollfd pfd
+    pfd.fd = fd
+    pfd.events = POLLIN
+    pfd.revents = 0
+    poll(&pfd, 1, POLL_MS)
+
+
 cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
     return (<volatile int *>&ctl.stop)[0] != 0
 
@@ -565,7 +545,6 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
     cdef uint32_t lens[BATCH]
     cdef txq q
-    cdef pollfd pfd
     cdef result r
     cdef uint8_t *pkt
     cdef ssize_t got
@@ -596,10 +575,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
             if n == 0:
                 # Sleep only when the TUN is empty: under load the loop goes straight from
                 # one burst to the next without a poll() in between.
-                pfd.fd = tun_fd
-                pfd.events = POLLIN
-                pfd.revents = 0
-                poll(&pfd, 1, POLL_MS)
+                wait_readable(tun_fd)
                 continue
             q.t = eng.table
             q.nt = eng.neigh if packet_fd >= 0 else NULL
@@ -626,7 +602,6 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     cdef iovec iov[BATCH]
     cdef uint32_t lens[BATCH]
     cdef rx_out outs[BATCH]
-    cdef pollfd pfd
     cdef const fan_table *t
     cdef rx_out *o
     cdef int got, i, n, fd
@@ -646,10 +621,7 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
             ctl.ticks += 1
             got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:
-                pfd.fd = sock_fd    # empty (or EINTR): sleep until there is work
-                pfd.events = POLLIN
-                pfd.revents = 0
-                poll(&pfd, 1, POLL_MS)
+                wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
             t = eng.table
             for i in range(got):
@@ -680,7 +652,6 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
     cdef mmsghdr msgs[BATCH]
     cdef iovec iov[BATCH]
     cdef sockaddr_in names[BATCH]
-    cdef pollfd pfd
     cdef vx_rx x
     cdef uint8_t otos
     cdef uint32_t gso
@@ -710,10 +681,7 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
                 msgs[i].msg_hdr.msg_controllen = RX_CTL
             got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:
-                pfd.fd = sock_fd    # empty (or EINTR): sleep until there is work
-                pfd.events = POLLIN
-                pfd.revents = 0
-                poll(&pfd, 1, POLL_MS)
+                wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
             x.t = eng.table
             for i in range(got):

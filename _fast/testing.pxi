@@ -210,6 +210,36 @@ cdef class Harness:
             free(arena)
 
 
+def map_dest(Engine eng, uint32_t addr):
+    """(map index, underlay host, routable) for an overlay address; index -1 if none."""
+    cdef int i = fan_lookup_overlay(eng.table, addr, FAN_ANY)
+    if i < 0:
+        return -1, 0, False
+    u = fan_dest(&eng.table.maps[i], addr)
+    return i, u, bool(fan_host_ok(&eng.table.maps[i], u))
+
+def map_batch(Engine eng, const uint32_t[::1] addrs, uint32_t[::1] out, uint8_t[::1] ok):
+    """The engine's own batch mapping (overlay address -> underlay host), for
+    comparison with fanmap's numpy form; ok[i] = 0 for no map or unroutable."""
+    cdef Py_ssize_t k, n = addrs.shape[0]
+    cdef int i
+    cdef uint32_t a, u
+    cdef const fan_table *t = eng.table
+    if out.shape[0] < n or ok.shape[0] < n:
+        raise ValueError("output arrays shorter than the input")
+    with nogil:
+        for k in range(n):
+            a = addrs[k]
+            i = fan_lookup_overlay(t, a, FAN_ANY)
+            if i < 0:
+                out[k] = 0
+                ok[k] = 0
+            else:
+                u = fan_dest(&t.maps[i], a)
+                ok[k] = fan_host_ok(&t.maps[i], u)
+                out[k] = u if ok[k] else 0
+
+
 def internet_checksum(const uint8_t[:] data):
     """The RFC 1071 checksum of data as an int (big-endian value of the two bytes)."""
     cdef uint16_t c

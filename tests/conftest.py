@@ -11,6 +11,16 @@ from engine_impl import EngineImpl
 from oracle import Oracle
 
 
+class NoResolver:
+    """For maps given by address: looking up an interface or the default route fails."""
+
+    def interface_address(self, name):
+        raise AssertionError(name)
+
+    def default_interface(self):
+        raise AssertionError
+
+
 def classic_maps():
     """The announcement's fan plus an unaligned second one, as seen from 172.16.3.4."""
     return [FanMap.parse("241.0.0.0/8", "172.16.3.4/16"),

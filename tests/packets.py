@@ -35,6 +35,22 @@ def outer(payload: bytes, src="172.16.3.4", dst="172.16.6.7", tos=0, ttl=64, pro
 PAYLOAD = bytes(i * 7 & 0xFF for i in range(20000))
 
 
+def mutate(rng, data: bytes, span: int = 44) -> bytes:
+    """One to three random edits of data, as a hostile or broken sender makes them:
+    truncate, extend, or flip a bit in its first `span` bytes (the headers)."""
+    p = bytearray(data)
+    for _ in range(rng.randrange(1, 4)):
+        what = rng.randrange(6)
+        if what == 0 and p:
+            del p[rng.randrange(len(p)):]                   # truncate
+        elif what == 1:
+            p += rng.randbytes(rng.randrange(1, 8))         # extend
+        elif p:
+            i = rng.randrange(min(len(p), span))            # flip a header bit
+            p[i] ^= 1 << rng.randrange(8)
+    return bytes(p)
+
+
 def vnet(flags=0, gso_type=0, hdr_len=0, gso_size=0, start=0, offset=0) -> bytes:
     return struct.pack("=BBHHHH", flags, gso_type, hdr_len, gso_size, start, offset)
 

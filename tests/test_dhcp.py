@@ -9,21 +9,15 @@ import pytest
 
 from fanpkt import dhcp
 from fanpkt.config import make_spec
+
+from conftest import NoResolver
 from fanpkt.dhcp import command, pool
 from fanpkt.errors import FanError
 from fanpkt.fanmap import ip
 
 
-class Resolver:
-    def interface_address(self, name):
-        raise AssertionError(name)
-
-    def default_interface(self):
-        raise AssertionError
-
-
 def spec(overlay, underlay, *flags):
-    return make_spec(overlay, underlay, ["bridge", "fanbr0", "dhcp", *flags], Resolver())
+    return make_spec(overlay, underlay, ["bridge", "fanbr0", "dhcp", *flags], NoResolver())
 
 
 def test_pool_is_the_slice_above_the_host_reserve():

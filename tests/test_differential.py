@@ -11,6 +11,7 @@ from fanpkt.fanmap import FanMap
 
 from engine_impl import EngineImpl
 from oracle import Oracle, with_checksum
+from packets import mutate
 
 N_PACKETS = 100_000
 ID_START = 65536 - 500
@@ -38,20 +39,6 @@ def random_ipv4(rng: random.Random) -> bytes:
     body = bytes([rng.choice([3, 8, 0, 11])]) + rng.randbytes(size - len(hdr) - 1) \
         if size > len(hdr) else b""
     return hdr + body
-
-
-def mutate(rng: random.Random, pkt: bytes) -> bytes:
-    p = bytearray(pkt)
-    for _ in range(rng.randrange(1, 4)):
-        what = rng.randrange(6)
-        if what == 0 and p:
-            del p[rng.randrange(len(p)):]                   # truncate
-        elif what == 1:
-            p += rng.randbytes(rng.randrange(1, 8))         # extend
-        elif p:
-            i = rng.randrange(min(len(p), 44))              # flip a header byte
-            p[i] ^= 1 << rng.randrange(8)
-    return bytes(p)
 
 
 def outer_for(rng: random.Random, inner: bytes) -> bytes:

@@ -10,6 +10,8 @@ import pytest
 
 from fanpkt import dhcp
 from fanpkt.config import make_spec
+
+from conftest import NoResolver
 from fanpkt.plumbing import NFT_RESET, NFT_TABLE, Plumbing, nft_ruleset
 
 # ICMP header (8 bytes), then the quoted IP header, whose protocol is its byte 9
@@ -18,16 +20,8 @@ DROP_PROT_UNREACH = ("icmp type destination-unreachable icmp code prot-unreachab
                      f"@th,{QUOTED_PROTO_BITS},8 4 drop")
 
 
-class Resolver:
-    def interface_address(self, name):
-        raise AssertionError(name)
-
-    def default_interface(self):
-        raise AssertionError
-
-
 def spec(overlay, underlay, *flags):
-    return make_spec(overlay, underlay, list(flags), Resolver())
+    return make_spec(overlay, underlay, list(flags), NoResolver())
 
 
 def chains(ruleset: str) -> dict:

@@ -19,7 +19,7 @@ from fanpkt.fanmap import FanMap
 
 from engine_impl import VxlanEngineImpl
 from oracle import VxlanOracle, source_port, with_checksum
-from packets import a
+from packets import a, mutate
 
 VNI = 0xF10000                      # LXD's default for 241.0.0.0/8: overlay >> 8
 TX_MAPS = [FanMap.parse("241.0.0.0/8", "172.16.3.4/16"),
@@ -218,20 +218,6 @@ def random_frame(rng: random.Random) -> bytes:
         bytes(rng.choice([0, 0, 0, 6]))
 
 
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    p = bytearray(data)
-    for _ in range(rng.randrange(1, 4)):
-        what = rng.randrange(5)
-        if what == 0 and p:
-            del p[rng.randrange(len(p)):]
-        elif what == 1:
-            p += rng.randbytes(rng.randrange(1, 8))
-        elif p:
-            i = rng.randrange(min(len(p), 50))
-            p[i] ^= 1 << rng.randrange(8)
-    return bytes(p)
-
-
 def whole(out):
     """The engine's outer fragments of one packet (a list) joined into the packet the
     oracle builds; anything else as it is."""
@@ -256,14 +242,14 @@ def test_differential_vxlan():
     for n in range(N_FRAMES):
         f = random_frame(rng)
         if rng.random() < 0.3:
-            f = mutate(rng, f)
+            f = mutate(rng, f, 50)
         if n % 2:
             o, e = tx[0].encap(f), tx[1].encap(f)
             e = (*e[:2], whole(e[2]), e[3])
         else:
             data = struct.pack("!BBBBI", 8, 0, 0, 0, rng.choice(VNIS + [1]) << 8) + f
             if rng.random() < 0.2:
-                data = mutate(rng, data)
+                data = mutate(rng, data, 50)
             osrc = rng.choice([0xAC100304, 0xAC100607, 0x0A000001, 0xAC090909])
             otos = rng.randrange(4)
             ro, re = rxs[rng.random() < 0.2]
