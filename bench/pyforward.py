@@ -14,14 +14,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from fanpkt import plumbing  # noqa: E402
 from fanpkt.config import FanSpec  # noqa: E402
 from fanpkt.fanmap import FanMap  # noqa: E402
-from fanpkt.forwarder import _set_thread_name  # noqa: E402
+from fanpkt.engine import set_thread_name  # noqa: E402
 from fanpkt.tun import Tun  # noqa: E402
 from fanpkt.underlay import interface_of, open_socket  # noqa: E402
 from oracle import Oracle  # noqa: E402
 
 
 def named(name, f):
-    _set_thread_name(name)
+    set_thread_name(name)
     f()
 
 
@@ -30,7 +30,7 @@ def main(overlay, underlay):
     mtu = interface_of(m.host).mtu
     tun = Tun(m.device_name, mtu - 20, offload=False)
     os.set_blocking(tun.fd, True)
-    plumbing.attach(FanSpec(m, underlay), tun.index, mtu - 20)
+    plumbing.attach(FanSpec(m), tun.index, mtu - 20, "/tmp")
     sock = open_socket()
     tx, rx = Oracle([m], mtu=mtu), Oracle([m], mtu=mtu)
 

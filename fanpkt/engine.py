@@ -71,7 +71,7 @@ def new_counters(blocks: int = 1) -> array.array:
     return array.array("Q", bytes(8 * COUNTER_BLOCK * blocks))
 
 
-def _set_thread_name(name: str) -> None:
+def set_thread_name(name: str) -> None:
     """The kernel's name for this thread (15 chars), so `top -H` and the benchmark can
     tell the loops apart."""
     try:
@@ -95,7 +95,7 @@ class LoopThread:
         self.thread.start()
 
     def _run(self, target, args) -> None:
-        _set_thread_name(f"fanpkt-{self.name}")
+        set_thread_name(f"fanpkt-{self.name}")
         try:
             target(self.loop, *args)
         except BaseException as e:      # noqa: BLE001 - reported by check()
