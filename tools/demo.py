@@ -1,6 +1,7 @@
-"""fanpkt demo: three hosts on one underlay, each running fanpkt-forward, with a
-container on two of them. Shows pings across the fan, a TCP transfer, `fanpkt show`
-and `fanpkt stats`; removes everything at the end, also on Ctrl-C or an error.
+"""fanpkt demo: three hosts on one underlay, each running fanpkt-forward with two fans
+side by side - an IPIP fan 241.0.0.0/8 (fanctl's) and a VXLAN fan 250.0.0.0/8 (LXD's) -
+with a container on two of them. Shows pings across both fans, a TCP transfer, `fanpkt
+show` and `fanpkt stats`; removes everything at the end, also on Ctrl-C or an error.
 
     sudo tools/demo.sh        (sets up the machine first)
 """
@@ -30,14 +31,19 @@ def main():
         sys.exit("demo: run as root (it creates network namespaces)")
     lab = Lab(f"fandemo{os.getpid() % 10000}-")
     try:
-        say("underlay 172.16.0.0/16: three hosts on one bridge; overlay 241.0.0.0/8")
+        say("underlay 172.16.0.0/16: three hosts on one bridge; an IPIP fan 241.0.0.0/8 and "
+            "a VXLAN fan 250.0.0.0/8 on each (one /etc/network/fan-style file a host)")
         hosts = {}
         for i, addr in ((1, "172.16.3.4"), (2, "172.16.6.7"), (3, "172.16.9.1")):
             ns = lab.host(f"host{i}", addr)
-            bridge = ["bridge", "fanbr"] if i != 2 else []
-            lab.forward(ns, "-o", "241.0.0.0/8", "-u", f"{addr}/16", *bridge)
+            bridge = " bridge fanbr" if i != 2 else ""
+            conf = f"/tmp/{ns}.fan"
+            with open(conf, "w") as f:
+                f.write(f"241.0.0.0/8 {addr}/16{bridge}\n250.0.0.0/8 {addr}/16 type vxlan\n")
+            lab.forward(ns, "-c", conf)
             hosts[i] = ns
-            print(f"{ns}: {addr} owns 241.{addr.split('.', 2)[2]}.0/24")
+            tail = addr.split(".", 2)[2]
+            print(f"{ns}: {addr} owns 241.{tail}.0/24 (IPIP) and 250.{tail}.0/24 (VXLAN)")
         c1 = lab.container(hosts[1], "c1", "241.3.4.10", "241.3.4.1")
         c3 = lab.container(hosts[3], "c3", "241.9.1.30", "241.9.1.1")
         say(f"fanpkt show  (on {hosts[1]})")
@@ -47,6 +53,9 @@ def main():
         say("ping host1 -> host2's slice gateway, container c1 -> container c3")
         show(hosts[1], "ping", "-n", "-c", "3", "-i", "0.2", "241.6.7.1")
         show(c1, "ping", "-n", "-c", "3", "-i", "0.2", "241.9.1.30")
+        say("the VXLAN fan: host1 -> host3's gateway; ARP crossed the fan as unicast VXLAN")
+        show(hosts[1], "ping", "-n", "-c", "3", "-i", "0.2", "250.9.1.1")
+        show(hosts[1], "ip", "neigh", "show", "dev", "fanbr-250")
         say("fanpkt map: where does 241.9.1.30 live?")
         print(subprocess.run([*FANPKT, "map", "-o", "241.0.0.0/8", "-u", "172.16.0.0/16",
                               "241.9.1.30"], capture_output=True, text=True).stdout.strip())
@@ -71,6 +80,8 @@ def main():
         lab.close()
         for ns, log in lab.logs.items():
             os.unlink(log)
+            if os.path.exists(f"/tmp/{ns}.fan"):
+                os.unlink(f"/tmp/{ns}.fan")
         print("done")
 
 
