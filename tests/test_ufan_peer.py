@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ class UfanPeer:
 
     def down(self) -> None:
         subprocess.run([str(PEER), "down"], env=self.env, capture_output=True, timeout=60)
+        shutil.rmtree(self.env["UFAN_RUN"], ignore_errors=True)    # its initrd, its logs
 
 
 @pytest.fixture
