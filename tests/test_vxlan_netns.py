@@ -79,10 +79,17 @@ def test_containers_get_address_and_mtu_by_dhcp(lab):
 
 
 def test_eight_hosts_full_mesh(lab):
+    """Every host reaches every other (each ping resolves the peer by ARP across the fan
+    first); a transfer and every UDP size between the two ends of the underlay."""
     hosts = vxlan_hosts(lab, 8)
     for i, ns in enumerate(hosts, 1):
         for j in range(1, 9):
             assert ping(ns, f"241.{j}.1.1", count=1).returncode == 0, (i, j)
+        assert len(json.loads(nsx(ns, "ip", "-j", "neigh", "show", "dev",
+                                  "fanbr-241").stdout)) == 7, i      # the 7 others
+    sent, got = tcp_transfer(hosts[0], hosts[7], "241.8.1.1", 16 << 20)
+    assert sent == got and int(got[0]) == 16 << 20
+    assert udp_sizes(hosts[7], hosts[0], "241.1.1.1", 1422) == ["1422", "1", "1422"]
 
 
 SNIFF_VXLAN = """
