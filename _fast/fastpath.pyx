@@ -179,6 +179,7 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     cdef const fan_map *m
     cdef uint8_t *o
     cdef uint8_t ecn
+    cdef bint tso
     cdef int i
     r.reason = -1
     r.map_index = -1
@@ -208,7 +209,8 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
             return VERDICT_LOCAL
         return drop(c, r, DROP_TX_LOCAL_UNUSED)
     frag = load16(pkt + IPV4_OFF_FRAG)
-    if wire == 0:
+    tso = wire != 0
+    if not tso:
         wire = len
     if wire + IPV4_HLEN > m.mtu:
         if frag & IPV4_FLAG_DF:
@@ -221,10 +223,11 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
                 inc(c, TX_ICMP_FRAG_NEEDED)
                 return VERDICT_ICMP
             return VERDICT_DROP
-        if wire != len:
+        if tso or len + IPV4_HLEN > 0xffff:
             # A TSO superpacket without DF whose segments do not fit: no sane TCP sends one
             # (the TUN's MTU is underlay - 20), and splitting segments into fragments too
-            # is not worth the code.
+            # is not worth the code. An inner packet of 65516 bytes or more has no outer
+            # total length: its fragments could never be reassembled.
             return drop(c, r, DROP_TX_TOO_BIG)
         # Without DF the sender allows fragmentation: the outer packet is built whole here
         # and sent as fragments (tx_fragments), as the kernel's ipip would.

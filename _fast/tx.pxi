@@ -359,8 +359,10 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
     r.reason = -1
     r.map_index = -1
     mss = h.gso_size
-    if ((h.gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 or mss == 0 or len < IPV4_HLEN
-            or (pkt[0] >> 4) != 4):
+    # A gso_size below the least MSS no kernel sends: 64 KiB at gso_size 1 would be 65,000
+    # outer packets from one read.
+    if ((h.gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 or mss < TCP_MIN_MSS
+            or len < IPV4_HLEN or (pkt[0] >> 4) != 4):
         return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
     ihl = ipv4_ihl(pkt)
     if ihl < IPV4_HLEN or load16(pkt + IPV4_OFF_TOT_LEN) != len:

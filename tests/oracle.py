@@ -121,7 +121,10 @@ class Oracle:
             if icmp:
                 return "VERDICT_ICMP", "DROP_TX_TOO_BIG", icmp, 0
             return "VERDICT_DROP", "DROP_TX_TOO_BIG", b"", 0
-        # without DF a packet too big is sent all the same, in outer fragments
+        # without DF a packet too big is sent all the same, in outer fragments - if it has
+        # an outer total length at all
+        if len(pkt) + 20 > 0xFFFF:
+            return "VERDICT_DROP", "DROP_TX_TOO_BIG", b"", 0
         ecn = pkt[1] & 3
         if ecn == 3:            # CE is encapsulated as ECT(0)
             ecn = 2

@@ -157,6 +157,15 @@ def test_big_packets(impl_factory):
     assert (verdict, reason) == ("VERDICT_ICMP", "DROP_TX_TOO_BIG")
 
 
+@pytest.mark.parametrize("size", [65516, 65535])
+def test_no_outer_length_no_packet(impl_factory, size):
+    """An inner packet of 65516 bytes or more would wrap the outer 16-bit total length:
+    its fragments could never be reassembled. A counted drop, on any MTU."""
+    for mtu in (1500, 65535):
+        impl = impl_factory(classic_maps(), mtu=mtu)
+        assert impl.encap(inner(size=size))[:3] == ("VERDICT_DROP", "DROP_TX_TOO_BIG", b"")
+
+
 def test_padding_after_total_length_is_dropped_from_output(impl):
     pkt = inner(size=100)
     verdict, _, out, _ = impl.encap(pkt + b"\0" * 10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
@@ -117,3 +119,27 @@ def test_gro_never_merges_past_a_later_packet_of_the_connection():
     written = fastpath.Harness(rx, c).receive([outs[0], outer_probe, outs[1]])
     assert [w[1] for w in written] == [1, 1, 1]
     assert [IP(w[2][10:])[TCP].seq for w in written] == [1000, 999, 1000 + 1428]
+
+
+@pytest.mark.parametrize("gso_size", [1, 48, 87])
+def test_tso_below_the_least_mss_is_a_counted_drop(gso_size):
+    """A 20 KB read with gso_size 1 would become 20,000 outer packets (a hostile or broken
+    virtio header): a drop, counted, nothing sent."""
+    eng, c = fastpath.Engine([MapRow.of(TX)]), new_counters()
+    v, reason, outs, _ = fastpath.Harness(eng, c).transmit(vnet(1, 1, 52, gso_size, 20, 16),
+                                                           superpacket())
+    assert (v.name, outs) == ("VERDICT_DROP", [])
+    assert fastpath.counter_names()[reason] == "drop_tx_bad_offload"
+
+
+def test_single_segment_tso_too_big_without_df_is_dropped_not_sent_whole():
+    """A TSO read of one segment without DF that does not fit the underlay: the segment
+    path has no fragmenting, so it is a drop - not an oversize packet counted as
+    tx_fragmented."""
+    eng, c = fastpath.Engine([MapRow.of(TX, 1400)]), new_counters()
+    p = bytes(IP(src="241.3.4.9", dst="241.6.7.8", id=50) /
+              TCP(sport=4000, dport=5201, seq=1, flags="A") / Raw(b"q" * 1400))
+    v, reason, outs, _ = fastpath.Harness(eng, c).transmit(vnet(1, 1, 40, 1460, 20, 16), p)
+    names = fastpath.counter_names()
+    assert (v.name, outs, names[reason]) == ("VERDICT_DROP", [], "drop_tx_too_big")
+    assert c[names.index("tx_fragmented")] == 0
