@@ -30,7 +30,7 @@ log = logging.getLogger("fanpkt")
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_PACKET, PACKET_VNET_HDR = 263, 15
 SOL_UDP, UDP_GRO = 17, 104
-IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
+IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
 RCVBUF = 64 << 20           # a full buffer makes the kernel answer "protocol unreachable"
 SNDBUF = 8 << 20
 ARPHRD_ETHER = 1
@@ -49,7 +49,11 @@ def open_socket() -> socket.socket:
         s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
-        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+        # PROBE, not DO: refuse (EMSGSIZE) what exceeds the device MTU, which fanpkt answers
+        # with "fragmentation needed" (design §4 T5), but ignore path MTUs the kernel
+        # learnt: one forged ICMP quoting IPIP between two fan hosts would otherwise
+        # shrink their path for ten minutes.
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
     except OSError:
         s.close()
         raise

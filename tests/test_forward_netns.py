@@ -448,3 +448,27 @@ def test_error_already_running(lab):
     r = forward_once(h1, "-o", "10.0.0.0/8", "-u", "172.16.1.1/16")
     assert r.returncode == 7 and "already running" in r.stderr
     assert ping(h1, "241.1.1.1", count=1).returncode == 0
+
+
+FORGE_FRAG_NEEDED = """
+import sys
+from scapy.all import ICMP, IP, Raw, send
+victim, peer = sys.argv[1:3]
+quoted = IP(src=victim, dst=peer, proto=4, len=1420, flags="DF") / Raw(bytes(8))
+send(IP(src=peer, dst=victim) / ICMP(type=3, code=4, nexthopmtu=552) / quoted, verbose=0)
+"""
+
+
+def test_a_forged_frag_needed_does_not_shrink_the_path(lab):
+    """Anyone can forge "fragmentation needed, MTU 552" quoting h1 -> h2 protocol 4, with
+    predictable fan addresses. The kernel of h1 takes it; fanpkt's raw socket must not:
+    it keeps sending DF packets up to the device MTU (IP_PMTUDISC_PROBE)."""
+    h1, h2, _, _ = two_hosts(lab, "--underlay-send", "ip")
+    assert ping(h1, "241.2.1.1", "-M", "do", "-s", "1400", count=1).returncode == 0
+    evil = lab.host("evil", "172.16.9.9")
+    nsx(evil, sys.executable, "-c", FORGE_FRAG_NEEDED, "172.16.1.1", "172.16.2.1")
+    poll(lambda: "mtu 552" in nsx(h1, "ip", "route", "get", "172.16.2.1").stdout,
+         "h1's kernel never took the forged ICMP (the test would prove nothing)")
+    r = ping(h1, "241.2.1.1", "-M", "do", "-s", "1400", count=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert lab.stats(h1)["drop_tx_too_big"] == 0
