@@ -226,6 +226,11 @@ cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
     inc(q.c, DROP_TX_TOO_BIG)
     if m.kind == FAN_VXLAN:
         return              # a bridged frame: no IP hop of ours to answer from
+    # A refused outer fragment: its sender allowed fragmentation (no DF), and a later
+    # fragment's payload is no IP header - quoting it would forge an ICMP to any address.
+    if load16(<uint8_t *>v[0].iov_base + l.l2_len + IPV4_OFF_FRAG) & (IPV4_FLAG_MF
+                                                                      | IPV4_FRAG_OFFSET_MASK):
+        return
     # The inner packet's first bytes, from the header iovec and the payload iovec.
     n = head if head < ICMP_QUOTE_MAX else ICMP_QUOTE_MAX
     memcpy(q.quote, <uint8_t *>v[0].iov_base + l.l2_len + IPV4_HLEN, n)

@@ -324,6 +324,28 @@ def test_underlay_mtu_lowered_under_a_running_forwarder(lab, send):
     assert ping(h1, "241.2.1.1", "-M", "do", "-s", "1352", count=2).returncode == 0
 
 
+@pytest.mark.parametrize("send", ["frames", "ip"])
+def test_refused_fragments_never_make_icmp(lab, send):
+    """A packet without DF too big for the underlay leaves as outer fragments; with the
+    underlay MTU lowered under the forwarder, the socket refuses each (EMSGSIZE). A later
+    fragment's payload is no IP header: quoting it would forge an ICMP "fragmentation
+    needed" from the slice gateway to whatever its bytes say. Ping's 16-byte pattern
+    repeats through the payload; the second fragment starts 1452 bytes into the ICMP
+    data, pattern index 12, so its fake header reads version/IHL 0x45, flags DF, protocol
+    6 and source 172.16.99.99."""
+    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
+    if send == "frames":
+        wait_for_frames(lab, h1, "241.2.1.1")
+    else:
+        assert ping(h1, "241.2.1.1").returncode == 0
+    nsx(h1, "ip", "link", "set", "fan-241", "mtu", "3000")
+    nsx(h1, "ip", "link", "set", "eth0", "mtu", "1400")
+    ping(h1, "241.2.1.1", "-M", "dont", "-s", "2972", "-p", "11114000110611ffac10636345111111",
+         count=2)
+    s = lab.stats(h1)
+    assert s["drop_tx_too_big"] >= 4 and s["tx_icmp_frag_needed"] == 0, s
+
+
 def test_underlay_gro_superpackets_are_delivered(lab):
     """With GRO on the receiver's underlay NIC the kernel merges IPIP segments before the
     raw socket sees them (its IPIP GRO is built in even without the ipip module)."""
