@@ -101,12 +101,6 @@ cdef inline uint32_t tcp_header_len(const uint8_t *ip, uint32_t len) noexcept no
     return thl
 
 
-cdef inline bint tcp_same_connection(const uint8_t *a, const uint8_t *b) noexcept nogil:
-    """Same addresses and ports (both IPv4 without options, both TCP)."""
-    return (memcmp(a + IPV4_OFF_SRC, b + IPV4_OFF_SRC, 8) == 0
-            and memcmp(a + IPV4_HLEN, b + IPV4_HLEN, 4) == 0)
-
-
 cdef inline bint gro_same_flow(const uint8_t *a, const uint8_t *b, uint32_t thl) noexcept nogil:
     """Can segment b follow segment a in one superpacket, header-wise? (Both IPv4 without
     options, same TCP header length.) Everything the kernel would copy from the first

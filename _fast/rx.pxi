@@ -14,7 +14,10 @@ cdef struct rx_out:
     uint32_t segs               # underlay packets in it
     uint32_t bytes              # their inner bytes
     uint32_t gso_size           # payload of the first segment
-    uint32_t thl                # TCP header length; 0: not TCP
+    uint32_t thl                # TCP header length; 0: not a segment GRO may take
+    bint tcp                    # a TCP packet (any): conn identifies its connection
+    bint ports                  # conn holds its ports (not a non-first fragment)
+    uint8_t conn[12]            # source and destination address, source and dest port
     uint32_t room               # the most IPv4 bytes pkt may grow to in its buffer
     bint open                   # may take more segments
     bint csum_ok                # the first segment's TCP checksum was verified
@@ -52,18 +55,46 @@ cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept
     return True
 
 
+cdef bint tcp_connection(const uint8_t *p, uint32_t len, uint8_t *conn,
+                         bint *ports) noexcept nogil:
+    """Is p[0:len] (a well-formed IPv4 packet) TCP, of any shape - no payload, IP options,
+    a fragment? If so conn gets its addresses, and its ports where the packet carries
+    them (ports[0] False for a non-first fragment)."""
+    cdef uint32_t ihl = ipv4_ihl(p)
+    if p[IPV4_OFF_PROTO] != IPPROTO_TCP:
+        return False
+    memcpy(conn, p + IPV4_OFF_SRC, 8)
+    ports[0] = ((load16(p + IPV4_OFF_FRAG) & IPV4_FRAG_OFFSET_MASK) == 0
+                and ihl + 4 <= len)
+    if ports[0]:
+        memcpy(conn + 8, p + ihl, 4)
+    return True
+
+
+cdef inline bint same_connection(const rx_out *o, const uint8_t *conn,
+                                 bint ports) noexcept nogil:
+    """Could o be of this connection? Without ports on either side (a fragment), the
+    addresses decide: better a superpacket closed early than a segment reordered."""
+    return (memcmp(o.conn, conn, 8) == 0
+            and (not (o.ports and ports) or memcmp(o.conn + 8, conn + 8, 4) == 0))
+
+
 cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
                    uint32_t mtu) noexcept nogil:
     """Add a decapsulated packet to the batch's outputs: merged into its connection's
     newest output if that can take it, else as a new output. Never into an older one: that
     would deliver the segment ahead of the packets in between. mtu is the map's underlay
-    MTU. Returns the new number of outputs."""
+    MTU. Any TCP packet of the connection, mergeable or not (a pure ACK, a bare FIN or
+    RST, one with IP options, a fragment), closes the scan: the segment after it may not
+    join a superpacket before it. Returns the new number of outputs."""
     cdef uint32_t thl = 0, seg_max = 0
     cdef uint8_t flags
+    cdef uint8_t conn[12]
     cdef rx_out *o
     cdef int k
-    cdef bint kernel_gro = False, candidate = False
-    if p[0] == 0x45:
+    cdef bint kernel_gro = False, candidate = False, tcp, ports = False
+    tcp = tcp_connection(p, len, conn, &ports)
+    if tcp and p[0] == 0x45:
         thl = tcp_header_len(p, len)
     if thl:
         # Longer than any one segment from a peer with our MTU: the underlay NIC's GRO
@@ -78,10 +109,11 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
             flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
             candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
                          and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
+    if tcp:
         k = n - 1
         while k >= 0 and k >= n - GRO_SCAN:
             o = &outs[k]
-            if o.thl and o.map_index == map_index and tcp_same_connection(o.pkt, p):
+            if o.tcp and o.map_index == map_index and same_connection(o, conn, ports):
                 if (candidate and o.thl == thl and gro_same_flow(o.pkt, p, thl)
                         and gro_append(o, p, len, thl)):
                     return n
@@ -93,7 +125,10 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     o.map_index = map_index
     o.segs = 1
     o.bytes = len
-    o.thl = thl                 # every TCP output, so that its connection stops the scan
+    o.thl = thl
+    o.tcp = tcp                 # every TCP output, so that its connection stops the scan
+    o.ports = ports
+    memcpy(o.conn, conn, 12)
     o.room = 0xffff             # each datagram has a SLOT of its own
     o.gso_size = seg_max if kernel_gro else len - IPV4_HLEN - thl
     o.open = candidate and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, IPOption_RR
 from scapy.packet import Raw
 
 from fanpkt.fanmap import FanMap
@@ -143,3 +143,34 @@ def test_single_segment_tso_too_big_without_df_is_dropped_not_sent_whole():
     names = fastpath.counter_names()
     assert (v.name, outs, names[reason]) == ("VERDICT_DROP", [], "drop_tx_too_big")
     assert c[names.index("tx_fragmented")] == 0
+
+
+def between(kind: str) -> bytes:
+    """A packet of the superpacket's connection (or addresses) that GRO cannot merge."""
+    ip = dict(src="241.3.4.9", dst="241.6.7.8")
+    tcp = dict(sport=4000, dport=5201, seq=999, ack=7)
+    return bytes({
+        "pure-ack": IP(flags="DF", **ip) / TCP(flags="A", **tcp),
+        "bare-fin": IP(flags="DF", **ip) / TCP(flags="FA", **tcp),
+        "bare-rst": IP(flags="DF", **ip) / TCP(flags="R", **tcp),
+        "ip-options": IP(flags="DF", options=[IPOption_RR(routers=["1.2.3.4"])], **ip) /
+                      TCP(flags="A", **tcp) / Raw(b"o" * 10),
+        "fragment": IP(flags=0, frag=100, proto=6, **ip) / Raw(b"f" * 64),
+    }[kind])
+
+
+@pytest.mark.parametrize("kind", ["pure-ack", "bare-fin", "bare-rst", "ip-options",
+                                  "fragment"])
+def test_gro_never_merges_past_a_packet_it_cannot_merge(kind):
+    """A packet of the connection that GRO cannot take (no payload, IP options, a
+    fragment) closes the connection's superpacket: the next segment must not be appended
+    to the one before it, which would deliver it ahead of that packet."""
+    tx, rx = fastpath.Engine([MapRow.of(TX)]), fastpath.Engine([MapRow.of(RX)])
+    c = new_counters()
+    h = fastpath.Harness(tx, c)
+    _, _, outs, _ = h.transmit(vnet(1, 1, 52, 1428, 20, 16),
+                               superpacket(PAYLOAD[:2856], flags="A"))
+    _, _, (middle,), _ = h.transmit(vnet(), between(kind))
+    written = fastpath.Harness(rx, c).receive([outs[0], middle, outs[1]])
+    assert [w[1] for w in written] == [1, 1, 1]
+    assert bytes(IP(written[1][2][10:])) == between(kind)
