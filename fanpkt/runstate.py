@@ -15,14 +15,19 @@ import fcntl
 import json
 import mmap
 import os
+import stat
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .config import MAX_FANS
-from .errors import AlreadyRunning, NotRunning
+from .errors import AlreadyRunning, ConfigError, NotRunning
 
 RUN_ROOT = "/run/fanpkt"
 RX_BLOCK = 0
+LOCK_TRIES = 20             # x LOCK_WAIT: how long a start waits out a reader's brief lock
+LOCK_WAIT = 0.005
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC     # files in the run directory: never a symlink
 
 
 def tx_block(slot: int) -> int:
@@ -127,17 +132,49 @@ class RunState:
         return os.path.join(self.path, name)
 
     # -- the forwarder's side ----------------------------------------------------------
+    def _check_directory(self) -> None:
+        """Root acts on what it finds here (it deletes the interfaces a leftover record
+        names): the run directory and its parent must be real directories that only their
+        owner, this user, can write."""
+        os.makedirs(self.path, mode=0o755, exist_ok=True)
+        for d in (self.path, os.path.dirname(os.path.abspath(self.path))):
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"run directory {d} is not a directory (a symlink?)")
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise ConfigError(f"run directory {d} must belong to uid {os.geteuid()} and "
+                                  f"be writable by it alone (it is uid {st.st_uid}, mode "
+                                  f"{stat.S_IMODE(st.st_mode):o})")
+
     def acquire(self) -> Optional[State]:
         """Take the lock; return the state a crashed predecessor left, if any."""
-        os.makedirs(self.path, mode=0o755, exist_ok=True)
-        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self._check_directory()
+        path = self.file("lock")
+        for _ in range(LOCK_TRIES):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+            except OSError as e:
+                raise ConfigError(f"cannot open {path}: {e.strerror}") from None
+            os.fchmod(fd, 0o600)    # 0644 from an older fanpkt: nobody else may hold it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)        # a forwarder, or for a moment `fanpkt show`
+                time.sleep(LOCK_WAIT)
+                continue
+            # A stopping forwarder unlinks the lock before it lets go: a lock on that old
+            # file is no lock at all once another start has made a new one.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
+        else:
             state = self._read_state("state.json")
             raise AlreadyRunning(f"fanpkt-forward is already running in this network "
-                                 f"namespace (pid {state.pid if state else '?'})") from None
+                                 f"namespace (pid {state.pid if state else '?'})")
         self.lock_fd = fd
         # Set a crashed run's state aside at once: `fanpkt show` must not list its fans as
         # running while they are being cleaned up. It stays until forget_leftovers().
@@ -156,7 +193,8 @@ class RunState:
 
     def create_counters(self, blocks: int, block_len: int) -> Counters:
         size = blocks * block_len * 8
-        fd = os.open(self.file("counters"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(self.file("counters"), os.O_RDWR | os.O_CREAT | os.O_TRUNC | NOFOLLOW,
+                     0o644)
         try:
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -167,7 +205,8 @@ class RunState:
 
     def write_state(self, state: State) -> None:
         tmp = self.file("state.json.tmp")
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
+        with open(fd, "w") as f:
             json.dump(state.to_json(), f, indent=1)
         os.replace(tmp, self.file("state.json"))
 

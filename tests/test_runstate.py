@@ -2,12 +2,16 @@
 it is running, a crashed run's leftovers, and the live counter file."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
+import threading
 
 import pytest
 
-from fanpkt.errors import AlreadyRunning, NotRunning
+from fanpkt import runstate
+from fanpkt.errors import AlreadyRunning, ConfigError, NotRunning
 from fanpkt.runstate import RX_BLOCK, FanState, RunState, State, netns_dir, tx_block
 
 NAMES = ["tx_packets", "drop_tx_no_map", "rx_packets"]
@@ -164,3 +168,63 @@ def test_no_forwarder_is_not_running(tmp_path):
     (tmp_path / "lock").touch()                      # a lock nobody holds
     with pytest.raises(NotRunning):
         RunState(str(tmp_path)).read_state()
+
+
+def test_the_lock_is_root_only(run):
+    """A user who could open the lock could hold it shared after a crash and keep every
+    start out (exit 7, which systemd does not retry)."""
+    os.makedirs(run.path)
+    with open(run.file("lock"), "w"):
+        os.chmod(run.file("lock"), 0o644)              # as an older fanpkt left it
+    run.acquire()
+    assert stat.S_IMODE(os.stat(run.file("lock")).st_mode) == 0o600
+    run.release()
+
+
+def test_a_readers_brief_lock_does_not_fail_a_start(run):
+    os.makedirs(run.path)
+    fd = os.open(run.file("lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)                     # `fanpkt show` at that moment
+    threading.Timer(0.03, os.close, (fd,)).start()
+    assert run.acquire() is None
+    run.release()
+
+
+def test_a_lock_on_an_unlinked_file_is_no_lock(run, monkeypatch):
+    """Between open and flock a stopping forwarder may unlink the lock file and another
+    start create a new one: holding the old file's lock, this one must try again."""
+    os.makedirs(run.path)
+    real = fcntl.flock
+    calls = []
+
+    def flock(fd, op):
+        real(fd, op)
+        if not calls:                                  # the first time only
+            os.unlink(run.file("lock"))
+            os.close(os.open(run.file("lock"), os.O_CREAT | os.O_RDWR, 0o600))
+        calls.append(fd)
+    monkeypatch.setattr(runstate.fcntl, "flock", flock)
+    run.acquire()
+    assert len(calls) == 2
+    assert os.path.samestat(os.fstat(run.lock_fd), os.stat(run.file("lock")))
+    run.release()
+
+
+@pytest.mark.parametrize("make", ["world-writable", "symlinked-dir", "symlinked-lock"])
+def test_a_run_directory_others_control_is_refused(tmp_path, make):
+    """Root deletes what a leftover record there names: a directory others can write, or
+    a symlink anywhere in it, is a clear error and nothing is followed."""
+    path = tmp_path / "run"
+    if make == "world-writable":
+        path.mkdir()
+        path.chmod(0o777)
+    elif make == "symlinked-dir":
+        (tmp_path / "real").mkdir()
+        path.symlink_to(tmp_path / "real")
+    else:
+        path.mkdir(mode=0o755)
+        (path / "lock").symlink_to(tmp_path / "target")
+    with pytest.raises(ConfigError) as e:
+        RunState(str(path)).acquire()
+    assert e.value.exit_status == 2 and str(path) in str(e.value)
+    assert not (tmp_path / "target").exists()
