@@ -407,7 +407,10 @@ def test_clean_stop_leaves_nothing(lab):
     assert "snat to 172.16.1.1" in nsx(h1, "nft", "list", "ruleset").stdout
     t0 = time.monotonic()
     assert lab.stop(p) == 0
-    assert time.monotonic() - t0 < 1.5
+    # The loops see the stop within POLL_MS; the rest is the kernel tearing devices down,
+    # which on a loaded machine (the whole suite on two cores) once took over 1.5 s here.
+    # The bound says "promptly, no hang", not how fast.
+    assert time.monotonic() - t0 < 3
     for c, text in before.items():
         assert nsx(h1, *c.split()).stdout == text, c
     assert nsx(h1, "sysctl", "-n", "net.ipv4.ip_forward").stdout == fwd_before
