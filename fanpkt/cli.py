@@ -180,6 +180,7 @@ def run_forward(args) -> int:
     check_table(specs)
     fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
                     config_path=args.config, send_frames=args.underlay_send == "frames")
+    fwd.handle_signals()
     fwd.start()
     fwd.serve(load)
     return 0

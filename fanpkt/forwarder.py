@@ -311,12 +311,18 @@ class Forwarder:
                     "refreshed once a second only", e)
         return []
 
-    def serve(self, load_config: Optional[Callable[[], list[FanSpec]]] = None) -> None:
-        """Run until SIGTERM/SIGINT (or a loop dies: LoopError); SIGHUP re-reads the
-        configuration file."""
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload. Installed before start():
+        from the moment `fanpkt show` lists a fan, a SIGHUP (systemctl reload) must not
+        kill the process, and a stop asked for during start is honoured once it is up."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_wanted.set())
+
+    def serve(self, load_config: Optional[Callable[[], list[FanSpec]]] = None) -> None:
+        """Run until SIGTERM/SIGINT (or a loop dies: LoopError); SIGHUP re-reads the
+        configuration file."""
+        self.handle_signals()
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
         last_refresh, dirty = time.monotonic(), False
         try:

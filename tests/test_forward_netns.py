@@ -5,6 +5,8 @@ forwarders as operators do, and checks what arrives with ordinary tools and sock
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -396,6 +398,30 @@ def test_sighup_adds_and_removes(lab, tmp_path):
     poll(lambda: nsx(h1, "ip", "link", "show", "fan-241", check=False).returncode,
          "the removed fan's device stayed")
     assert ping(h1, "10.2.1.1").returncode == 0
+
+
+def test_sighup_as_soon_as_a_fan_is_listed(lab, tmp_path):
+    """From the moment `fanpkt show` lists a fan, a SIGHUP (systemctl reload) reloads: it
+    must never find the default action (death) still in place while start-up finishes."""
+    h1 = lab.host("h1", "172.16.1.1")
+    conf = tmp_path / "fan"
+    conf.write_text("241.0.0.0/8 172.16.1.1/16\n")
+    state = f"/run/fanpkt/net-{os.stat(f'/run/netns/{h1}').st_ino}/state.json"
+
+    def listed():       # what `fanpkt show` reads, without its interpreter's start-up time
+        try:
+            with open(state) as f:
+                return bool(json.load(f)["fans"])
+        except (OSError, ValueError):
+            return False
+    for _ in range(5):
+        p = lab.forward(h1, "-c", str(conf), wait=False)
+        poll(lambda: p.poll() is not None or listed(), "the forwarder never listed its fan",
+             timeout=20, every=0.001)
+        p.send_signal(signal.SIGHUP)
+        forwarder_logged(lab, h1, "forwarding (pid")
+        assert p.poll() is None, open(lab.logs[h1]).read()
+        assert lab.stop(p) == 0
 
 
 def test_clean_stop_leaves_nothing(lab):
