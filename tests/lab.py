@@ -174,6 +174,20 @@ def udp_sizes(src_ns, dst_ns, dst_addr, largest, port=7007) -> list[str]:
         echo.kill()
 
 
+def bulk_checks(lab, h1, h2, dst_addr, overlay_mtu) -> dict:
+    """64 MiB of TCP from h1 to dst_addr on h2 with matching SHA-256, UDP of every size up
+    to what fits the overlay MTU, and counters that saw it all with no send or TUN/TAP
+    write error. Returns h2's counters."""
+    sent, got = tcp_transfer(h1, h2, dst_addr, 64 << 20)
+    assert sent == got and int(got[0]) == 64 << 20
+    largest = str(overlay_mtu - 28)                 # IPv4 and UDP headers
+    assert udp_sizes(h1, h2, dst_addr, overlay_mtu - 28) == [largest, "1", largest]
+    s1, s2 = lab.stats(h1), lab.stats(h2)
+    assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
+    assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
+    return s2
+
+
 def poll(check, what, timeout=10, every=0.1):
     """Call check() until it returns something true, and return that; fail after timeout
     seconds saying `what` never happened."""

@@ -14,10 +14,21 @@ import time
 
 import pytest
 
-from lab import (DHCP_DISCOVER, FANPKT, FORWARD, nsx, ping, poll, sh, start, tcp_transfer,
-                 udp_sizes)
+from lab import (DHCP_DISCOVER, FANPKT, FORWARD, bulk_checks, nsx, ping, poll, sh, start,
+                 tcp_transfer)
 
 FAN = ["-o", "241.0.0.0/8"]
+
+
+def resolved_hosts(lab, send):
+    """two_hosts with --underlay-send `send`, each past its first packets to the other: in
+    frames mode once the forwarder sends h2 frames, else once a ping went through."""
+    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
+    if send == "frames":
+        wait_for_frames(lab, h1, "241.2.1.1")
+    else:
+        assert ping(h1, "241.2.1.1").returncode == 0
+    return h1, h2
 
 
 def two_hosts(lab, *extra):
@@ -32,12 +43,7 @@ def test_two_hosts_ping_tcp_udp(lab):
     h1, h2, _, _ = two_hosts(lab)
     assert ping(h1, "241.2.1.1").returncode == 0
     assert ping(h2, "241.1.1.1").returncode == 0
-    sent, got = tcp_transfer(h1, h2, "241.2.1.1", 64 << 20)
-    assert sent == got and int(got[0]) == 64 << 20
-    assert udp_sizes(h1, h2, "241.2.1.1", 1452) == ["1452", "1", "1452"]   # 1..MTU-28
-    s1, s2 = lab.stats(h1), lab.stats(h2)
-    assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
-    assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
+    bulk_checks(lab, h1, h2, "241.2.1.1", 1480)
 
 
 def wait_for_frames(lab, ns, dst, timeout=10):
@@ -298,9 +304,7 @@ def test_path_mtu(lab):
 def test_too_big_without_df_crosses_in_fragments(lab, send):
     """With the TUN MTU raised past underlay - 20, a packet without DF no longer fits one
     IPIP packet: it leaves in outer fragments and the far kernel reassembles them."""
-    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
-    if send == "frames":
-        wait_for_frames(lab, h1, "241.2.1.1")
+    h1, h2 = resolved_hosts(lab, send)
     nsx(h1, "ip", "link", "set", "fan-241", "mtu", "1500")
     assert ping(h1, "241.2.1.1", "-M", "dont", "-s", "1472", count=2).returncode == 0
     s1 = lab.stats(h1)
@@ -312,11 +316,7 @@ def test_too_big_without_df_crosses_in_fragments(lab, send):
 def test_underlay_mtu_lowered_under_a_running_forwarder(lab, send):
     """The underlay socket refuses the packet (EMSGSIZE): fanpkt answers with the MTU that
     fits today, and the sender's next packets of that size pass."""
-    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
-    if send == "frames":
-        wait_for_frames(lab, h1, "241.2.1.1")
-    else:
-        assert ping(h1, "241.2.1.1").returncode == 0
+    h1, h2 = resolved_hosts(lab, send)
     nsx(h1, "ip", "link", "set", "eth0", "mtu", "1400")
     r = ping(h1, "241.2.1.1", "-M", "do", "-s", "1400", count=1)
     assert "Frag needed and DF set (mtu = 1380)" in r.stdout, r.stdout + r.stderr
@@ -335,11 +335,7 @@ def test_refused_fragments_never_make_icmp(lab, send):
     repeats through the payload; the second fragment starts 1452 bytes into the ICMP
     data, pattern index 12, so its fake header reads version/IHL 0x45, flags DF, protocol
     6 and source 172.16.99.99."""
-    h1, h2, _, _ = two_hosts(lab, "--underlay-send", send)
-    if send == "frames":
-        wait_for_frames(lab, h1, "241.2.1.1")
-    else:
-        assert ping(h1, "241.2.1.1").returncode == 0
+    h1, h2 = resolved_hosts(lab, send)
     nsx(h1, "ip", "link", "set", "fan-241", "mtu", "3000")
     nsx(h1, "ip", "link", "set", "eth0", "mtu", "1400")
     ping(h1, "241.2.1.1", "-M", "dont", "-s", "2972", "-p", "11114000110611ffac10636345111111",
