@@ -41,12 +41,15 @@ def impl(impl_factory):
 @pytest.fixture
 def lab(request):
     """A fresh underlay for one test; namespaces and forwarders always removed after."""
+    import os
     import zlib
 
     from lab import Lab, require_root
     require_root()
     tag = zlib.crc32(request.node.nodeid.encode()) % 100000
-    lab = Lab(f"fpt{tag}-")
+    # FANPKT_TEST_NS keeps two suites running at once (two checkouts) out of each other's
+    # namespaces.
+    lab = Lab(f"{os.environ.get('FANPKT_TEST_NS', 'fpt')}{tag}-")
     try:
         yield lab
     finally:
