@@ -57,6 +57,11 @@ cdef inline bint fan_host_ok(const fan_map *m, uint32_t h) noexcept nogil:
     cdef uint32_t hb = h & ~m.underlay_mask
     return hb != 0 and hb != (~m.underlay_mask)
 
+cdef inline bint fan_slice_edge(const fan_map *m, uint32_t a) noexcept nogil:
+    """Is a the network or broadcast address of its slice (§2: unusable, never routed)?"""
+    cdef uint32_t hb = a & ~m.slice_mask
+    return hb == 0 or hb == (~m.slice_mask)
+
 cdef inline int fan_lookup_overlay(const fan_table *t, uint32_t a, int kind) noexcept nogil:
     """Index of the map of type kind (or FAN_ANY) whose overlay holds a, or -1. Overlays
     never overlap, so the first match is the only one (longest-prefix by construction)."""

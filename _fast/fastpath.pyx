@@ -33,7 +33,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-from linux cimport (errno, EINTR, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
+from linux cimport (errno, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
                     CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmsg, sendmmsg, recvmmsg,
                     MSG_DONTWAIT,
                     AF_INET, AF_PACKET, IPPROTO_IP, IP_TOS, IPPROTO_IPIP, IPPROTO_TCP,
@@ -47,10 +47,11 @@ from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_
                    checksum, csum_update16, ipv4_header_csum_ok, ipv4_set_header_csum,
                    ipv4_set_ecn)
 from fanmap cimport (MAX_MAPS, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
-                     fan_dest, fan_slice, fan_host_ok, fan_lookup_overlay,
-                     fan_lookup_underlay)
+                     fan_dest, fan_slice, fan_host_ok, fan_slice_edge,
+                     fan_lookup_overlay, fan_lookup_underlay)
 from neigh cimport neigh_entry, neigh_table, neigh_slot, neigh_find
-from icmp cimport ICMP_MAX_LEN, ICMP_QUOTE_MAX, icmp_frag_needed
+from icmp cimport (ICMP_MAX_LEN, ICMP_QUOTE_MAX, icmp_budget, icmp_allow,
+                   icmp_frag_needed)
 from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4,
                       VNET_GSO_UDP_L4, VNET_GSO_ECN, TCP_OFF_SEQ, TCP_OFF_FLAGS,
                       TCP_OFF_CSUM, TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR, TCP_MIN_MSS,
@@ -68,8 +69,8 @@ cpdef enum Counter:
     # transmit (overlay -> underlay)
     TX_PACKETS                  # sent to the underlay
     TX_BYTES                    # outer bytes sent
-    TX_LOCAL                    # T4: delivered back to the TUN, no encapsulation
     TX_ICMP_FRAG_NEEDED         # T5: ICMP "fragmentation needed" written to the TUN
+    TX_ICMP_RATE_LIMITED        # T5: an ICMP not sent, over the loop's budget (icmp.pxd)
     TX_TSO_SPLIT                # TCP superpackets read from the TUN and split into segments
     TX_L2                       # of TX_PACKETS, sent as frames through the packet socket
     TX_FRAGMENTED               # T5 without DF: too big for the underlay, sent as outer
@@ -79,12 +80,14 @@ cpdef enum Counter:
     DROP_TX_NOT_IPV4            # T1
     DROP_TX_MALFORMED           # T1: an IPv4 header that does not hold together
     DROP_TX_NO_MAP              # T2
-    DROP_TX_UNROUTABLE          # T3: underlay network or broadcast (§2)
-    DROP_TX_LOCAL_UNUSED        # T4: local slice address not in use
+    DROP_TX_UNROUTABLE          # T3: underlay network or broadcast, slice network or
+                                # broadcast (§2)
+    DROP_TX_LOCAL_UNUSED        # T4: an address of this host's own slice reached the TUN
     DROP_TX_TOO_BIG             # T5, or EMSGSIZE from the underlay socket
     DROP_TX_BAD_OFFLOAD         # a virtio header we cannot honour (never from a sane kernel)
     DROP_TX_SEND_ERROR          # the underlay socket refused the packet
-    DROP_TX_TUN_WRITE           # a local/ICMP packet could not be written back
+    DROP_TX_TUN_WRITE           # an ICMP could not be written back to the TUN
+    DROP_TX_READ_ERROR          # read() from the TUN/TAP failed (not EAGAIN or EINTR)
     DROP_TX_ETHERTYPE           # X1: a frame neither IPv4 nor ARP (IPv6, LLDP, ...)
     DROP_TX_TO_SELF             # X2: a frame for this host's own slice (bridges flood)
     # receive (underlay -> overlay)
@@ -98,12 +101,14 @@ cpdef enum Counter:
     DROP_RX_BAD_OUTER           # R1: version, IHL or lengths
     DROP_RX_NOT_IPIP            # R1: protocol is not 4
     DROP_RX_SRC_NOT_UNDERLAY    # R2
+    DROP_RX_OUTER_DST           # R2: sent to no address of this host's (a broadcast)
     DROP_RX_BAD_INNER           # R3: version, IHL or lengths
     DROP_RX_BAD_INNER_CSUM      # R3: header checksum
     DROP_RX_NOT_LOCAL           # R4
     DROP_RX_SPOOFED_SRC         # R5
     DROP_RX_ECN_CE_NOT_ECT      # R6
     DROP_RX_TUN_WRITE           # the TUN refused the packet (EIO while the link is down)
+    DROP_RX_RECV_ERROR          # recvmmsg() failed (not EAGAIN or EINTR)
     DROP_RX_BAD_VXLAN           # V1: VXLAN flags other than I alone, or reserved bits set
     DROP_RX_UNKNOWN_VNI         # V1: no VXLAN fan with this VNI on this port
     DROP_RX_OWN_MAC             # V3: a frame from our own bridge's MAC came back
@@ -124,7 +129,6 @@ cdef extern from *:
 cpdef enum Verdict:
     VERDICT_DROP = 0
     VERDICT_SEND = 1            # outer packet at pkt - IPV4_HLEN, out_len bytes
-    VERDICT_LOCAL = 2           # write the inner packet back to the TUN
     VERDICT_ICMP = 3            # write the ICMP built in icmp_out back to the TUN
     VERDICT_DELIVER = 4         # decap: inner packet at off, out_len bytes
 
@@ -137,6 +141,7 @@ cdef enum:
     POLL_MS = 200               # how long a stop or a table swap may wait for a loop
     RX_NAP_NS = 50000           # pause after a short burst (see run_rx)
     RX_NAP_BYTES = 16384        # ... unless it brought this much (see run_rx_vxlan)
+    ERROR_PAUSE_NS = 1000000    # after a failed read: a device in error state is not spun on
 
 cdef struct result:
     uint32_t dst                # encap: underlay destination (host order)
@@ -166,8 +171,17 @@ cdef inline int drop(uint64_t *c, result *r, Counter reason) noexcept nogil:
     return VERDICT_DROP
 
 
+cdef bint icmp_source_ok(const fan_table *t, const uint8_t *pkt) noexcept nogil:
+    """A source a Fan slice cannot hold (its network or broadcast address) is no single
+    host (RFC 1812 4.3.2.7): no ICMP to it. icmp_frag_needed checks the rest."""
+    cdef uint32_t src = load32(pkt + IPV4_OFF_SRC)
+    cdef int j = fan_lookup_overlay(t, src, FAN_ANY)
+    return j < 0 or not fan_slice_edge(&t.maps[j], src)
+
+
 cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t len,
-                   uint32_t wire, result *r, uint8_t *icmp_out, uint64_t *c) noexcept nogil:
+                   uint32_t wire, result *r, uint8_t *icmp_out, icmp_budget *budget,
+                   uint64_t *c) noexcept nogil:
     """Encapsulate the overlay packet pkt[0:len] (design §4, rules T1-T5).
 
     pkt must have IPV4_HLEN writable bytes in front of it: the outer header goes there, so
@@ -200,13 +214,12 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     r.map_index = i
     under = fan_dest(m, dst)
     r.dst = under
-    if not fan_host_ok(m, under):
+    if not fan_host_ok(m, under) or fan_slice_edge(m, dst):
         return drop(c, r, DROP_TX_UNROUTABLE)
     if under == m.local:
-        if dst >= m.gateway and dst <= m.reserved_last:
-            r.out_len = len
-            inc(c, TX_LOCAL)
-            return VERDICT_LOCAL
+        # T4: the kernel delivers an address this host holds before it routes anything
+        # to the TUN, and reaches containers through the bridge. So this address is held
+        # by no one: written back, it would come straight back, until its TTL ran out.
         return drop(c, r, DROP_TX_LOCAL_UNUSED)
     frag = load16(pkt + IPV4_OFF_FRAG)
     tso = wire != 0
@@ -216,8 +229,13 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
         if frag & IPV4_FLAG_DF:
             inc(c, DROP_TX_TOO_BIG)
             r.reason = DROP_TX_TOO_BIG
-            r.out_len = icmp_frag_needed(icmp_out, pkt, len, m.gateway,
-                                         <uint16_t>(m.mtu - IPV4_HLEN), ip_id[0] + 1)
+            r.out_len = 0
+            if icmp_source_ok(t, pkt):
+                r.out_len = icmp_frag_needed(icmp_out, pkt, len, m.gateway,
+                                             <uint16_t>(m.mtu - IPV4_HLEN), ip_id[0] + 1)
+            if r.out_len and not icmp_allow(budget):
+                inc(c, TX_ICMP_RATE_LIMITED)
+                r.out_len = 0
             if r.out_len:
                 ip_id[0] += 1
                 inc(c, TX_ICMP_FRAG_NEEDED)
@@ -294,8 +312,13 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
     if buf[IPV4_OFF_PROTO] != IPPROTO_IPIP:
         return drop(c, r, DROP_RX_NOT_IPIP)
     osrc = load32(buf + IPV4_OFF_SRC)
-    if fan_lookup_underlay(t, osrc, FAN_IPIP) < 0:
+    j = fan_lookup_underlay(t, osrc, FAN_IPIP)
+    if j < 0:
         return drop(c, r, DROP_RX_SRC_NOT_UNDERLAY)
+    # A peer sends to the host that owns a slice, never to a broadcast: the raw socket
+    # sees IPIP to the underlay broadcast too, and one such datagram reaches every host.
+    if load32(buf + IPV4_OFF_DST) != t.maps[j].local:
+        return drop(c, r, DROP_RX_OUTER_DST)
     inner = buf + ihl
     ilen = len - ihl
     if ilen < IPV4_HLEN or (inner[0] >> 4) != 4:
@@ -307,7 +330,8 @@ cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
         return drop(c, r, DROP_RX_BAD_INNER_CSUM)
     idst = load32(inner + IPV4_OFF_DST)
     i = fan_lookup_overlay(t, idst, FAN_IPIP)
-    if i < 0 or (idst & t.maps[i].slice_mask) != t.maps[i].slice_net:
+    if (i < 0 or (idst & t.maps[i].slice_mask) != t.maps[i].slice_net
+            or fan_slice_edge(&t.maps[i], idst)):
         return drop(c, r, DROP_RX_NOT_LOCAL)
     if t.check_spoof:
         # A host may only send from its own slice: the inner source must map back to the
@@ -533,6 +557,13 @@ cdef inline void wait_readable(int fd) noexcept nogil:
     poll(&pfd, 1, POLL_MS)
 
 
+cdef inline void recv_failed(int got, uint64_t *c) noexcept nogil:
+    """Count a recvmmsg() failure that is not "nothing there" (ENOMEM, or an error a
+    peer's ICMP left on the socket): the next call goes on."""
+    if got < 0 and errno != EAGAIN and errno != EINTR:
+        inc(c, DROP_RX_RECV_ERROR)
+
+
 cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
     return (<volatile int *>&ctl.stop)[0] != 0
 
@@ -553,6 +584,10 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
     cdef uint8_t *pkt
     cdef ssize_t got
     cdef int n, i, v
+    cdef timespec pause
+    pause.tv_sec = 0
+    pause.tv_nsec = ERROR_PAUSE_NS
+    memset(&q, 0, sizeof(q))    # txq_release is safe on a queue never initialised
     if arena == NULL or txq_init(&q, TXQ, sock_fd, packet_fd, tun_fd, c) < 0:
         free(arena)
         txq_release(&q)
@@ -570,6 +605,11 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
                 if got < 0:
                     if errno == EINTR:
                         continue
+                    if errno != EAGAIN:
+                        # Counted, and paused on: poll() would report the error at once
+                        # and the loop would spin.
+                        inc(c, DROP_TX_READ_ERROR)
+                        nanosleep(&pause, NULL)
                     break           # EAGAIN: drained
                 if got < VNET_HLEN:
                     inc(c, DROP_TX_BAD_OFFLOAD)
@@ -586,10 +626,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
             for i in range(n):
                 pkt = arena + <size_t>SLOT * i + HEADROOM
                 v = tx_packet(&q, pkt, lens[i], &r)
-                if v == VERDICT_LOCAL:
-                    if write(tun_fd, pkt - VNET_HLEN, r.out_len + VNET_HLEN) < 0:
-                        inc(c, DROP_TX_TUN_WRITE)
-                elif v == VERDICT_ICMP:
+                if v == VERDICT_ICMP:
                     if write(tun_fd, q.icmp, r.out_len + VNET_HLEN) < 0:
                         inc(c, DROP_TX_TUN_WRITE)
             txq_flush(&q)
@@ -625,6 +662,7 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
             ctl.ticks += 1
             got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:
+                recv_failed(got, c)
                 wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
             t = eng.table
@@ -686,6 +724,7 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
                 msgs[i].msg_hdr.msg_controllen = RX_CTL
             got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:
+                recv_failed(got, c)
                 wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
             x.t = eng.table

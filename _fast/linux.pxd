@@ -5,6 +5,7 @@ cdef extern from "<errno.h>" nogil:
     int errno
     enum:
         EINTR
+        EAGAIN
         EMSGSIZE
         EINVAL
         EOPNOTSUPP

@@ -8,7 +8,9 @@ cdef class Harness:
     """One packet, or one burst, at a time through an Engine's data path.
 
     counters: a writable C-contiguous uint64 buffer of at least N_COUNTERS entries
-    (fanpkt.engine.new_counters()).
+    (fanpkt.engine.new_counters()). icmp_limit: apply a loop's ICMP budget (icmp.pxd) to
+    the ICMPs this harness builds; off by default, so that tests comparing every verdict
+    with the oracle see every ICMP.
     """
     cdef Engine eng
     cdef object counters_obj
@@ -16,8 +18,9 @@ cdef class Harness:
     cdef uint8_t *buf
     cdef uint8_t icmp[ICMP_MAX_LEN]
     cdef public uint16_t ip_id      # the last outer (or ICMP) IP ID used
+    cdef icmp_budget budget
 
-    def __cinit__(self, Engine eng, counters):
+    def __cinit__(self, Engine eng, counters, bint icmp_limit=False):
         self.eng = eng
         self.counters_obj = counters        # keeps the buffer alive
         self.c = _counter_ptr(counters, N_COUNTERS)
@@ -25,6 +28,8 @@ cdef class Harness:
         if self.buf == NULL:
             raise MemoryError()
         self.ip_id = 0
+        memset(&self.budget, 0, sizeof(self.budget))
+        self.budget.unlimited = not icmp_limit
 
     def __dealloc__(self):
         free(self.buf)
@@ -32,8 +37,8 @@ cdef class Harness:
     def encap(self, const uint8_t[:] packet):
         """encap_one: (verdict, reason index or -1, output bytes, underlay dst).
 
-        The output is the outer packet for VERDICT_SEND, the inner packet for
-        VERDICT_LOCAL, the ICMP for VERDICT_ICMP and b"" for a drop."""
+        The output is the outer packet for VERDICT_SEND, the ICMP for VERDICT_ICMP and
+        b"" for a drop."""
         cdef result r
         cdef uint32_t n = packet.shape[0]
         cdef int v
@@ -42,12 +47,10 @@ cdef class Harness:
         if n:
             memcpy(self.buf + HEADROOM, &packet[0], n)
         v = encap_one(self.eng.table, &self.ip_id, self.buf + HEADROOM, n, 0, &r,
-                      self.icmp, self.c)
+                      self.icmp, &self.budget, self.c)
         if v == VERDICT_SEND:
             out = PyBytes_FromStringAndSize(<char *>self.buf + HEADROOM - IPV4_HLEN,
                                             r.out_len)
-        elif v == VERDICT_LOCAL:
-            out = PyBytes_FromStringAndSize(<char *>self.buf + HEADROOM, r.out_len)
         elif v == VERDICT_ICMP:
             out = PyBytes_FromStringAndSize(<char *>self.icmp, r.out_len)
         else:
@@ -101,6 +104,7 @@ cdef class Harness:
         q.t = self.eng.table
         q.nt = self.eng.neigh
         q.ip_id = self.ip_id
+        q.budget = self.budget
         q.kind = FAN_VXLAN if vxlan else FAN_IPIP
         if gso_fd >= 0:
             q.gso_fd = gso_fd
@@ -111,6 +115,7 @@ cdef class Harness:
             memcpy(self.buf + HEADROOM, &packet[0], n)
         v = tx_packet(&q, self.buf + HEADROOM, n, &r)
         self.ip_id = q.ip_id
+        self.budget = q.budget
         outs = []
         if v == VERDICT_SEND:
             for w in range(2):
@@ -120,9 +125,6 @@ cdef class Harness:
                                                           l.iov[2 * k].iov_len)
                                 + PyBytes_FromStringAndSize(<char *>l.iov[2 * k + 1].iov_base,
                                                             l.iov[2 * k + 1].iov_len))
-        elif v == VERDICT_LOCAL:
-            outs.append(PyBytes_FromStringAndSize(<char *>self.buf + HEADROOM - VNET_HLEN,
-                                                  r.out_len + VNET_HLEN))
         elif v == VERDICT_ICMP:
             outs.append(PyBytes_FromStringAndSize(<char *>q.icmp, r.out_len + VNET_HLEN))
         txq_release(&q)
@@ -305,7 +307,7 @@ cdef class PacketBatch:
         with nogil:
             for k in range(self.n):
                 if encap_one(t, &self.ip_id, self.arena + <size_t>SLOT * k + HEADROOM,
-                             self.lens[k], 0, &r, self.icmp, c) == VERDICT_SEND:
+                             self.lens[k], 0, &r, self.icmp, NULL, c) == VERDICT_SEND:
                     sent += 1
         return sent
 

@@ -40,6 +40,7 @@ cdef struct txq:
     int tun_fd                  # the device read: where ICMP for EMSGSIZE goes
     int cap
     uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
+    icmp_budget budget          # the ICMPs this loop may still send (icmp.pxd)
     uint64_t *c
     lane lanes[2]
     uint8_t *icmp               # VNET_HLEN zero bytes, then an ICMP to write to the TUN
@@ -246,9 +247,14 @@ cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
     memcpy(ifr.ifr_name, m.ifname, 16)
     if ioctl(l.fd, SIOCGIFMTU, &ifr) < 0 or ifr.ifr_mtu < 68 + IPV4_HLEN:
         return
+    if not icmp_source_ok(q.t, q.quote):
+        return
     n = icmp_frag_needed(q.icmp + VNET_HLEN, q.quote, n, m.gateway,
                          <uint16_t>(ifr.ifr_mtu - IPV4_HLEN), q.ip_id + 1)
     if n == 0:
+        return
+    if not icmp_allow(&q.budget):
+        inc(q.c, TX_ICMP_RATE_LIMITED)
         return
     q.ip_id += 1
     inc(q.c, TX_ICMP_FRAG_NEEDED)
@@ -259,8 +265,8 @@ cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
 cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil:
     """One read from the TUN: the packet pkt[0:len], its virtio header in the VNET_HLEN
     bytes in front, HEADROOM bytes of room in all. Queues what goes to the underlay and
-    returns the verdict; the caller writes back VERDICT_LOCAL (pkt - VNET_HLEN, as read)
-    and VERDICT_ICMP (q.icmp, VNET_HLEN + r.out_len)."""
+    returns the verdict; the caller writes VERDICT_ICMP (q.icmp, VNET_HLEN + r.out_len)
+    back to the TUN."""
     cdef vnet_hdr h
     cdef tx_route rt
     cdef int v
@@ -269,7 +275,7 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
         return tx_frame(q, &h, pkt, len, r)
     if h.gso_type != VNET_GSO_NONE:
         return tx_tso(q, &h, pkt, len, r)
-    v = encap_one(q.t, &q.ip_id, pkt, len, 0, r, q.icmp + VNET_HLEN, q.c)
+    v = encap_one(q.t, &q.ip_id, pkt, len, 0, r, q.icmp + VNET_HLEN, &q.budget, q.c)
     if v == VERDICT_SEND:
         if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(pkt, r.out_len - IPV4_HLEN, &h):
             return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
@@ -378,7 +384,7 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
     hdrs = ihl + thl
     n = len - hdrs
     v = encap_one(q.t, &q.ip_id, pkt, len, hdrs + (mss if mss < n else n), r,
-                  q.icmp + VNET_HLEN, q.c)
+                  q.icmp + VNET_HLEN, &q.budget, q.c)
     if v != VERDICT_SEND:
         return v
     inc(q.c, TX_TSO_SPLIT)

@@ -64,7 +64,7 @@ cdef int vxlan_route(const fan_table *t, int tap_fd, const uint8_t *frame, uint3
     # X2: the underlay host; the bridge floods frames for local containers to the TAP too
     under = fan_dest(m, key)
     r.dst = under
-    if not fan_host_ok(m, under):
+    if not fan_host_ok(m, under) or fan_slice_edge(m, key):
         return drop(c, r, DROP_TX_UNROUTABLE)
     if under == m.local:
         return drop(c, r, DROP_TX_TO_SELF)
@@ -338,8 +338,8 @@ cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8
         return drop(c, r, DROP_RX_BAD_INNER)
     if memcmp(f + ETH_OFF_SRC, m.dev_mac, ETH_ALEN) == 0:
         return drop(c, r, DROP_RX_OWN_MAC)
-    # V4: for this host's slice
-    if (key & m.slice_mask) != m.slice_net:
+    # V4: for this host's slice, and not its network or broadcast address
+    if (key & m.slice_mask) != m.slice_net or fan_slice_edge(m, key):
         return drop(c, r, DROP_RX_NOT_LOCAL)
     # V5: the sender may only speak for its own slice (the kernel does not check)
     if t.check_spoof and ((ksrc & m.overlay_mask) != m.overlay or fan_dest(m, ksrc) != osrc):

@@ -10,7 +10,6 @@ class Counter(IntEnum):
 class Verdict(IntEnum):
     VERDICT_DROP: int
     VERDICT_SEND: int
-    VERDICT_LOCAL: int
     VERDICT_ICMP: int
     VERDICT_DELIVER: int
 

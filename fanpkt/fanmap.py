@@ -193,6 +193,12 @@ class FanMap:
             raise Unroutable(why)
         return self.dest(d)
 
+    def slice_edge(self, a: int) -> bool:
+        """Is overlay address a the network or broadcast address of its slice (design §2:
+        unusable, so the data path neither sends nor delivers to it)?"""
+        hb = a & hostmask(self.slice_len)
+        return hb == 0 or hb == hostmask(self.slice_len)
+
     def usable_range(self, h: int) -> tuple[int, int]:
         """First and last container address of host h's slice: past the host reserve,
         before the broadcast (design §2). dhcp hands out exactly these."""

@@ -108,12 +108,9 @@ class Oracle:
         if m is None:
             return "VERDICT_DROP", "DROP_TX_NO_MAP", b"", 0
         under = m.dest(dst)
-        if not m.routable(under):
+        if not m.routable(under) or m.slice_edge(dst):
             return "VERDICT_DROP", "DROP_TX_UNROUTABLE", b"", 0
-        if under == m.host:
-            net = m.local_slice
-            if net + 1 <= dst <= net + m.host_reserve:
-                return "VERDICT_LOCAL", None, pkt, 0
+        if under == m.host:     # an address of our own slice that no interface holds
             return "VERDICT_DROP", "DROP_TX_LOCAL_UNUSED", b"", 0
         frag = struct.unpack_from("!H", pkt, 6)[0]
         if len(pkt) + 20 > self.mtu and frag & DF:
@@ -138,8 +135,14 @@ class Oracle:
         frag = struct.unpack_from("!H", pkt, 6)[0]
         if pkt[9] == IPPROTO_ICMP and len(pkt) > ihl and pkt[ihl] in (3, 4, 5, 11, 12):
             return b""          # never an ICMP error about an ICMP error
-        if frag & OFFSET or src == 0 or src >> 28 == 0xE or src == 0xFFFFFFFF:
+        if frag & OFFSET or src >> 24 in (0, 127) or src >> 28 == 0xE or src == 0xFFFFFFFF:
+            return b""          # RFC 1812 4.3.2.7: no single host there
+        _, sm = self._map_for(src)
+        if sm is not None and sm.slice_edge(src):
             return b""
+        dst = struct.unpack_from("!I", pkt, 16)[0]
+        if dst >> 28 == 0xE or dst == 0xFFFFFFFF:
+            return b""          # nor to a packet sent to a group
         quote = pkt[:548]
         icmp = struct.pack("!BBHHH", 3, 4, 0, 0, self.mtu - 20) + quote
         icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
@@ -160,9 +163,12 @@ class Oracle:
             return drop("DROP_RX_BAD_OUTER")
         if d[9] != IPPROTO_IPIP:
             return drop("DROP_RX_NOT_IPIP")
-        osrc = struct.unpack_from("!I", d, 12)[0]
-        if not any(m.in_underlay(osrc) for m in self.maps):
+        osrc, odst = struct.unpack_from("!II", d, 12)
+        um = next((m for m in self.maps if m.in_underlay(osrc)), None)
+        if um is None:
             return drop("DROP_RX_SRC_NOT_UNDERLAY")
+        if odst != um.host:
+            return drop("DROP_RX_OUTER_DST")
         inner = bytearray(d[ihl:])
         if len(inner) < 20 or inner[0] >> 4 != 4:
             return drop("DROP_RX_BAD_INNER")
@@ -173,7 +179,8 @@ class Oracle:
             return drop("DROP_RX_BAD_INNER_CSUM")
         idst = struct.unpack_from("!I", inner, 16)[0]
         i, m = self._map_for(idst)
-        if m is None or idst & ~((1 << (32 - m.slice_len)) - 1) & 0xFFFFFFFF != m.local_slice:
+        if (m is None or idst & ~((1 << (32 - m.slice_len)) - 1) & 0xFFFFFFFF != m.local_slice
+                or m.slice_edge(idst)):
             return drop("DROP_RX_NOT_LOCAL")
         if self.check_spoof:
             isrc = struct.unpack_from("!I", inner, 12)[0]
@@ -264,7 +271,7 @@ class VxlanOracle:
             return drop("DROP_TX_NO_MAP")
         m, vni = found[0]
         under = m.dest(key)
-        if not m.routable(under):
+        if not m.routable(under) or m.slice_edge(key):
             return drop("DROP_TX_UNROUTABLE")
         if under == m.host:
             return drop("DROP_TX_TO_SELF")
@@ -314,7 +321,7 @@ class VxlanOracle:
             return drop("DROP_RX_BAD_INNER")
         if bytes(frame[6:12]) == self.dev_mac:
             return drop("DROP_RX_OWN_MAC")
-        if key & mask(m.slice_len) != m.local_slice:
+        if key & mask(m.slice_len) != m.local_slice or m.slice_edge(key):
             return drop("DROP_RX_NOT_LOCAL")
         if self.check_spoof and (not m.in_overlay(ksrc) or m.dest(ksrc) != osrc):
             return drop("DROP_RX_SPOOFED_SRC")

@@ -83,6 +83,9 @@ FROM = dict(src="172.16.6.7", dst="172.16.6.7")
     (outer(GOOD)[:-1], "DROP_RX_BAD_OUTER"),                       # total length mismatch
     (outer(GOOD, proto=17), "DROP_RX_NOT_IPIP"),
     (outer(GOOD, src="10.9.9.9"), "DROP_RX_SRC_NOT_UNDERLAY"),
+    # to the underlay broadcast (every host would take it), or to another host
+    (outer(GOOD, src="172.16.6.7", dst="172.16.255.255"), "DROP_RX_OUTER_DST"),
+    (outer(GOOD, src="172.16.6.7", dst="172.16.6.8"), "DROP_RX_OUTER_DST"),
     (outer(b"", src="172.16.3.4"), "DROP_RX_BAD_INNER"),
     (outer(GOOD[:19], src="172.16.3.4"), "DROP_RX_BAD_INNER"),
     (outer(b"\x65" + GOOD[1:], src="172.16.3.4"), "DROP_RX_BAD_INNER"),
@@ -91,6 +94,9 @@ FROM = dict(src="172.16.6.7", dst="172.16.6.7")
     (outer(bad_csum(GOOD), src="172.16.3.4"), "DROP_RX_BAD_INNER_CSUM"),
     (outer(inner(dst="241.3.4.9", src="241.6.7.9"), **FROM), "DROP_RX_NOT_LOCAL"),
     (outer(inner(dst="10.0.0.1", src="241.6.7.9"), **FROM), "DROP_RX_NOT_LOCAL"),
+    # the slice's own network and broadcast addresses are no container's (§2)
+    (outer(inner(dst="241.6.7.0", src="241.6.7.9"), **FROM), "DROP_RX_NOT_LOCAL"),
+    (outer(inner(dst="241.6.7.255", src="241.6.7.9"), **FROM), "DROP_RX_NOT_LOCAL"),
     (outer(inner(dst="241.6.7.9", src="241.3.4.9"), **FROM), "DROP_RX_SPOOFED_SRC"),
 ])
 def test_hostile(impl_factory, datagram, reason):

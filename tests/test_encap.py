@@ -87,7 +87,7 @@ def test_ids_count_up_by_one_per_outer_packet(impl):
     assert [ident(inner(), "VERDICT_SEND") for _ in range(3)] == [1, 2, 3]
     assert ident(inner(**TOO_BIG), "VERDICT_ICMP") == 4
     assert impl.encap(inner(dst="10.1.2.3"))[0] == "VERDICT_DROP"
-    assert impl.encap(inner(dst="241.3.4.1"))[0] == "VERDICT_LOCAL"
+    assert impl.encap(inner(dst="241.3.4.1"))[0] == "VERDICT_DROP"
     icmp_error = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") / ICMP(type=3, code=1)
                        / (b"x" * 1500))
     assert impl.encap(icmp_error)[:2] == ("VERDICT_DROP", "DROP_TX_TOO_BIG")
@@ -218,6 +218,38 @@ def test_no_icmp_about_icmp_errors(impl):
     assert impl.encap(err)[:2] == ("VERDICT_DROP", "DROP_TX_TOO_BIG")
 
 
+@pytest.mark.parametrize("src", [
+    "127.0.0.5",        # loopback: no single host on the wire
+    "0.1.2.3",          # "this network"
+    "241.3.4.0",        # a slice's network address
+    "241.3.4.255",      # ... and its broadcast address
+    "100.64.195.255",   # the broadcast of a /22 slice of the second map
+])
+def test_no_icmp_to_sources_that_are_no_single_host(impl, src):
+    """RFC 1812 4.3.2.7: an ICMP error never goes to a source that names no single host."""
+    pkt = inner(src=src, dst="241.6.7.8", size=1481, df=True, proto="tcp")
+    assert impl.encap(pkt)[:3] == ("VERDICT_DROP", "DROP_TX_TOO_BIG", b"")
+
+
+def test_icmp_is_rate_limited_per_loop():
+    """A container that floods oversized DF packets (any source it likes) gets at most a
+    burst of ICMPs and then about one per millisecond; the rest are counted."""
+    import time
+    eng = fastpath.Engine([MapRow.of(MAP, 1500)])
+    c = new_counters()
+    h = fastpath.Harness(eng, c, icmp_limit=True)
+    pkt = inner(**TOO_BIG)
+    start = time.monotonic()
+    verdicts = [h.encap(pkt)[0].name for _ in range(2000)]
+    elapsed_ms = (time.monotonic() - start) * 1000
+    sent = verdicts.count("VERDICT_ICMP")
+    limited = c[COUNTER_NAMES.index("tx_icmp_rate_limited")]
+    assert sent + limited == 2000 and c[COUNTER_NAMES.index("drop_tx_too_big")] == 2000
+    assert verdicts[:50] == ["VERDICT_ICMP"] * 50                   # the burst
+    assert 50 <= sent <= 50 + elapsed_ms + 1                       # then 1000 a second
+    assert c[COUNTER_NAMES.index("tx_icmp_frag_needed")] == sent
+
+
 def test_largest_fitting_packet_is_sent(impl):
     assert impl.encap(inner(size=1480, df=True))[0] == "VERDICT_SEND"
 
@@ -226,16 +258,20 @@ def test_largest_fitting_packet_is_sent(impl):
     ("10.1.2.3", "VERDICT_DROP", "DROP_TX_NO_MAP"),
     ("241.255.255.9", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),      # -> underlay broadcast
     ("241.0.0.9", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),          # -> underlay network
-    ("241.3.4.1", "VERDICT_LOCAL", None),                         # own gateway
+    # Own slice: an address the host held would never reach the TUN, so none of them is
+    # written back (that looped until the TTL ran out, for host-reserve addresses).
+    ("241.3.4.1", "VERDICT_DROP", "DROP_TX_LOCAL_UNUSED"),        # own gateway, removed
+    ("241.3.4.2", "VERDICT_DROP", "DROP_TX_LOCAL_UNUSED"),        # host reserve, unused
     ("241.3.4.9", "VERDICT_DROP", "DROP_TX_LOCAL_UNUSED"),        # own slice, no bridge
+    ("241.6.7.0", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),          # a slice's network
+    ("241.6.7.255", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),        # a slice's broadcast
+    ("100.64.192.0", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),       # the /22 slice's network
+    ("100.64.195.255", "VERDICT_DROP", "DROP_TX_UNROUTABLE"),     # ... and broadcast
     ("100.64.196.1", "VERDICT_SEND", None),                       # second, unaligned map
 ])
 def test_destinations(impl, dst, verdict, reason):
     pkt = inner(src="241.3.4.1", dst=dst)
-    got = impl.encap(pkt)
-    assert got[:2] == (verdict, reason)
-    if verdict == "VERDICT_LOCAL":
-        assert got[2] == pkt
+    assert impl.encap(pkt)[:2] == (verdict, reason)
 
 
 def test_second_map_destination(impl):

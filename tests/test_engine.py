@@ -73,3 +73,62 @@ def test_missing_core_is_exit_status_8():
     assert r.returncode == 8, r.stderr
     assert "compiled core fanpkt._fastpath is missing" in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def run_loop_until(target, args, until, timeout=10):
+    """Run a forwarding loop (run_tx or run_rx) on a thread until until() holds, then stop
+    it; fails if the loop raises or does not stop."""
+    from lab import poll
+    loop = fastpath.Loop()
+    errors = []
+
+    def body():
+        try:
+            target(*args[:1], loop, *args[1:])
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    try:
+        poll(until, "the loop never got there", timeout)
+    finally:
+        loop.stop()
+        t.join(10)
+    assert not t.is_alive() and not errors, errors
+
+
+def test_a_failing_read_is_counted_not_taken_for_an_empty_device():
+    """read() on the device fails with something other than EAGAIN (here EISDIR: a
+    directory that poll() calls readable, so an uncounted error would also spin)."""
+    import os
+    from fanpkt.engine import COUNTER_NAMES, new_counters
+    eng = fastpath.Engine([MapRow.of(MAP)])
+    c = new_counters()
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        run_loop_until(fastpath.run_tx, (eng, fd, -1, -1, c),
+                       lambda: c[COUNTER_NAMES.index("drop_tx_read_error")] >= 3)
+    finally:
+        os.close(fd)
+
+
+def test_a_failing_receive_is_counted():
+    """An error a peer's ICMP leaves on the socket (here ECONNREFUSED on a UDP socket whose
+    datagram met a closed port) fails one recvmmsg(): counted, and the loop goes on."""
+    import socket
+    from fanpkt.engine import COUNTER_NAMES, new_counters
+    eng = fastpath.Engine([MapRow.of(MAP)])
+    c = new_counters()
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    s.connect(("127.0.0.1", port))
+    s.send(b"x")
+    try:
+        run_loop_until(fastpath.run_rx, (eng, s.fileno(), c),
+                       lambda: c[COUNTER_NAMES.index("drop_rx_recv_error")] == 1)
+    finally:
+        s.close()

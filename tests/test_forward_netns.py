@@ -288,6 +288,45 @@ def test_hostile_traffic(lab, spoof_check):
     assert count_prot_unreach(lab, h2) == before         # none left while fanpkt ran
 
 
+def test_ipip_to_the_underlay_broadcast_is_dropped(lab):
+    """One IPIP datagram to the underlay broadcast reaches every host's raw socket; its
+    inner packet is well formed and not spoofed (evil speaks for its own slice), so only
+    the outer destination gives it away."""
+    h2 = lab.host("h2", "172.16.2.1")
+    evil = lab.host("evil", "172.16.9.9")
+    lab.forward(h2, *FAN, "-u", "172.16.2.1/16")
+    hostile(lab, evil, "172.16.9.9", "241.9.9.1", dst="172.16.255.255")
+    s = poll(lambda: (lambda s: s if s["drop_rx_outer_dst"] == 5 else None)(lab.stats(h2)),
+             "the broadcast datagrams were not counted")
+    assert s["rx_packets"] == 0
+
+
+def test_host_reserve_address_nobody_holds_does_not_loop(lab):
+    """host-reserve 3 without a bridge: slice.2 and slice.3 are the host's to use, but
+    nothing holds them. A packet for one comes in, goes to the TUN, and the kernel routes
+    it straight back into the TUN: it is dropped there once, not bounced until its TTL
+    runs out."""
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "host-reserve", "3")
+    lab.forward(h2, *FAN, "-u", "172.16.2.1/16")
+    assert ping(h2, "241.1.1.1", count=1).returncode == 0       # the gateway is held
+    before, redirects = lab.stats(h1), icmp_redirects(h1)
+    assert ping(h2, "241.1.1.2", "-t", "64", count=1).returncode != 0
+    s = poll(lambda: (lambda s: s if s["drop_tx_local_unused"] > before["drop_tx_local_unused"]
+                      else None)(lab.stats(h1)), "the packet for slice.2 was never dropped")
+    assert s["rx_packets"] - before["rx_packets"] == 1
+    assert s["drop_tx_local_unused"] - before["drop_tx_local_unused"] == 1
+    # All that went back: the kernel's own ICMP redirect (it routed the packet out of the
+    # device it came in on), if it sent one.
+    assert s["tx_packets"] - before["tx_packets"] == icmp_redirects(h1) - redirects <= 1
+
+
+def icmp_redirects(ns) -> int:
+    out = nsx(ns, "nstat", "-az", "IcmpOutRedirects").stdout
+    return int(out.split("IcmpOutRedirects")[1].split()[0])
+
+
 def test_path_mtu(lab):
     h1, h2, _, _ = two_hosts(lab)
     assert ping(h1, "241.2.1.1", "-M", "do", "-s", "1452", count=2).returncode == 0

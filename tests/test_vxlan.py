@@ -91,8 +91,10 @@ def test_arp_goes_to_the_owner_of_the_target(vx):
     (frame(dst="241.3.4.77"), "DROP_TX_TO_SELF"),            # a local container
     (arp(pdst="241.3.4.77"), "DROP_TX_TO_SELF"),
     (frame(dst="241.255.255.9"), "DROP_TX_UNROUTABLE"),
+    (frame(dst="241.6.7.255"), "DROP_TX_UNROUTABLE"),         # a slice's broadcast
+    (arp(pdst="241.6.7.0"), "DROP_TX_UNROUTABLE"),            # ... and network (§2)
 ], ids=["ipv6", "lldp", "short", "short-ipv4", "short-arp", "broadcast", "to-self",
-        "arp-to-self", "unroutable"])
+        "arp-to-self", "unroutable", "slice-broadcast", "arp-slice-network"])
 def test_transmit_drops(vx, f, reason):
     tx, _ = vx
     assert tx.encap(f)[:2] == ("VERDICT_DROP", reason)
@@ -133,9 +135,11 @@ def payload(f: bytes, vni=VNI, flags=0x08, reserved=0) -> bytes:
     (payload(frame()[:30]), "172.16.3.4", "DROP_RX_BAD_INNER"),
     (payload(frame(dst="241.6.8.8")), "172.16.3.4", "DROP_RX_NOT_LOCAL"),
     (payload(arp(pdst="241.6.8.8")), "172.16.3.4", "DROP_RX_NOT_LOCAL"),
+    (payload(frame(dst="241.6.7.255")), "172.16.3.4", "DROP_RX_NOT_LOCAL"),
+    (payload(arp(pdst="241.6.7.0")), "172.16.3.4", "DROP_RX_NOT_LOCAL"),
 ], ids=["truncated", "wrong-vni", "no-i-flag", "extra-flag", "reserved-bits",
         "outside-underlay", "spoofed-source", "spoofed-arp-sender", "own-mac", "ipv6",
-        "cut-ipv4", "not-local", "arp-not-local"])
+        "cut-ipv4", "not-local", "arp-not-local", "slice-broadcast", "arp-slice-network"])
 def test_hostile_input_is_dropped_and_counted(vx, data, osrc, reason):
     """Each of these reaches nothing: a counted drop by its reason."""
     _, rx = vx
