@@ -83,7 +83,13 @@ def format_show(state) -> str:
 
 def cmd_stats(args) -> int:
     from .runstate import RunState
-    snap = RunState.find(args.run_dir).read_counters()
+    run = RunState.find(args.run_dir)
+    if args.watch is not None:
+        from .watch import seconds, watch
+        if args.json:
+            raise ConfigError("--watch prints rates as text; --json takes one reading")
+        return watch(run.read_counters, seconds(args.watch))
+    snap = run.read_counters()
     print(json.dumps(snap, indent=2) if args.json else format_stats(snap))
     return 0
 
@@ -117,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_show)
     st = sub.add_parser("stats", help="live counters of the running forwarder")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", nargs="?", const="1", metavar="SECONDS",
+                    help="packets/s, bytes/s and drops/s per fan, refreshed every SECONDS "
+                         "(default 1) until Ctrl-C")
     st.add_argument("--run-dir", help="state directory of the forwarder (default: per netns)")
     st.set_defaults(func=cmd_stats)
     return p
@@ -147,6 +156,10 @@ def build_forward_parser() -> argparse.ArgumentParser:
                         "policy routes do not see them); ip: every packet through the "
                         "kernel's IP output path")
     p.add_argument("--run-dir", help="state directory (default: per network namespace)")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
+                        "default; e.g. 127.0.0.1:9477, reachable from this network "
+                        "namespace only)")
     p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form and flags")
     p.set_defaults(func=run_forward)
     return p
@@ -180,8 +193,13 @@ def run_forward(args) -> int:
     check_table(specs)
     fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
                     config_path=args.config, send_frames=args.underlay_send == "frames")
+    if args.metrics:
+        from .metrics import Exporter       # prometheus_client only when asked for
+        fwd.exporter = Exporter(args.metrics, fwd)  # binds now: before anything is set up
     fwd.handle_signals()
     fwd.start()
+    if fwd.exporter is not None:
+        fwd.exporter.start()
     fwd.serve(load)
     return 0
 

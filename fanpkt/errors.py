@@ -53,3 +53,8 @@ class BuildError(FanError):
 class LoopError(FanError):
     """A forwarding loop died: the process stops, so that its supervisor restarts it."""
     exit_status = 9
+
+
+class AddressInUse(FanError):
+    """An address fanpkt-forward is told to listen on (--metrics) is taken."""
+    exit_status = 10

@@ -72,7 +72,7 @@ class Fan:
                         overlay=str(m.overlay_net), underlay=f"{ip(m.host)}/{m.underlay_len}",
                         slice=f"{ip(m.local_slice)}/{m.slice_len}", flags=self.spec.flags,
                         mtu=self.overlay_mtu, plumbing=self.plumbing.to_json(),
-                        type=self.spec.type)
+                        type=self.spec.type, port=self.spec.port if self.spec.vxlan else 0)
 
 
 class Forwarder:
@@ -98,6 +98,7 @@ class Forwarder:
         self.forward_before: Optional[str] = None
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
+        self.exporter = None        # fanpkt/metrics.py's, with --metrics
 
     # -- bring up ----------------------------------------------------------------------
     def start(self) -> None:
@@ -272,6 +273,9 @@ class Forwarder:
     # -- take down ---------------------------------------------------------------------
     def stop(self) -> None:
         """Stop every loop and remove everything this run created. Safe to call twice."""
+        if self.exporter is not None:   # first: a scrape reads what is removed below
+            self.exporter.close()
+            self.exporter = None
         self.dp.stop()
         for fan in list(self.fans.values()):
             self._remove_fan(fan)

@@ -57,6 +57,7 @@ class FanState:
     mtu: int                    # overlay MTU
     plumbing: dict              # plumbing.Plumbing.to_json()
     type: str = "ipip"          # or "vxlan"
+    port: int = 0               # a VXLAN fan's UDP port (its receive loop's); 0 for IPIP
 
 
 @dataclass
@@ -89,6 +90,10 @@ class Counters:
         self.block_len = block_len
         self._view = memoryview(mm).cast("Q")
 
+    def raw(self) -> bytes:
+        """A copy of the whole file, as a reader reading it would get."""
+        return self._mm[:]
+
     def block(self, idx: int) -> memoryview:
         return self._view[idx * self.block_len:(idx + 1) * self.block_len]
 
@@ -104,8 +109,22 @@ class Counters:
             pass
 
 
+def loop_fans(state: State) -> dict[str, list[str]]:
+    """The fans (devices) each loop counts for: a transmit loop its own fan, the IPIP
+    receive loop every IPIP fan, a VXLAN port's receive loop the VXLAN fans on that port.
+    A receive loop's counters are its fans' together: it cannot tell them apart."""
+    ipip = [f.device for f in state.fans if f.type != "vxlan"]
+    out = {}
+    for loop in state.counter_blocks:
+        kind, _, name = loop.partition(":")
+        out[loop] = ([name] if kind == "tx" else ipip if kind == "rx" else
+                     [f.device for f in state.fans if f.type == "vxlan" and str(f.port) == name])
+    return out
+
+
 def totals(state: State, raw: bytes) -> dict:
-    """Counters per loop and in total, from the counter file's bytes."""
+    """Counters per loop and in total, from the counter file's bytes, and which fans each
+    loop counts for."""
     vals = memoryview(raw).cast("Q")
     names, block = state.counter_names, state.counter_block
     loops = {}
@@ -113,7 +132,7 @@ def totals(state: State, raw: bytes) -> dict:
         loops[loop] = {n: int(vals[idx * block + k]) for k, n in enumerate(names)
                        if idx * block + k < len(vals)}
     total = {n: sum(loop.get(n, 0) for loop in loops.values()) for n in names}
-    return {"pid": state.pid, "total": total, "loops": loops,
+    return {"pid": state.pid, "total": total, "loops": loops, "loop_fans": loop_fans(state),
             "fans": [{"device": f.device, "type": f.type, "overlay": f.overlay,
                       "flags": f.flags} for f in state.fans]}
 
@@ -123,6 +142,7 @@ class RunState:
         self.path = path
         self.lock_fd: Optional[int] = None
         self.counters: Optional[Counters] = None
+        self.state: Optional[State] = None      # the forwarder's last published state
 
     @classmethod
     def find(cls, run_dir: Optional[str] = None) -> "RunState":
@@ -209,6 +229,16 @@ class RunState:
         with open(fd, "w") as f:
             json.dump(state.to_json(), f, indent=1)
         os.replace(tmp, self.file("state.json"))
+        self.state = state
+
+    def snapshot(self) -> Optional[dict]:
+        """The forwarder's own reading of its counters, as `fanpkt stats --json` reads
+        them (totals()); None before the first publish or after release."""
+        state, counters = self.state, self.counters
+        if state is None or counters is None:
+            return None
+        raw = counters.raw()
+        return totals(state, raw)
 
     def release(self) -> None:
         """Remove everything published; the lock goes last, while still held."""
@@ -258,6 +288,10 @@ class RunState:
 
     def read_counters(self) -> dict:
         state = self.read_state()
-        with open(self.file("counters"), "rb") as f:
-            raw = f.read()
+        try:
+            with open(self.file("counters"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:   # it stopped between the two reads
+            raise NotRunning("no fanpkt-forward is running in this network namespace") \
+                from None
         return totals(state, raw[:len(raw) - len(raw) % 8])

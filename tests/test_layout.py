@@ -167,6 +167,13 @@ def test_forwarder_does_not_load_numpy():
     assert (p.returncode, p.stdout, p.stderr) == (0, "False\n", "")
 
 
+def test_forwarder_without_metrics_does_not_load_prometheus_client():
+    p = subprocess.run([sys.executable, "-c", "import fanpkt.forwarder, fanpkt.cli, fanpkt.watch,"
+                        " sys; print('prometheus_client' in sys.modules)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "False\n", "")
+
+
 # Built from pieces, so that this file does not contain what it looks for.
 OUTSIDE_REFERENCES = [".." + "/shared", "fan" + "-spec", "FIELD" + "-NOTES"]
 PEER_TOOL = "ufan" + "-peer"

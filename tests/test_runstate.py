@@ -228,3 +228,50 @@ def test_a_run_directory_others_control_is_refused(tmp_path, make):
         RunState(str(path)).acquire()
     assert e.value.exit_status == 2 and str(path) in str(e.value)
     assert not (tmp_path / "target").exists()
+
+
+def test_which_fans_each_loop_counts_for(run):
+    """A transmit loop its fan; the IPIP receive loop every IPIP fan; a VXLAN port's
+    receive loop the VXLAN fans on that port (state.json names each VXLAN fan's port)."""
+    vx = [FanState(device=d, bridge=None, overlay="240.0.0.0/8", underlay="172.16.3.4/16",
+                   slice="240.3.4.0/24", flags=[], mtu=1450, plumbing={}, type="vxlan",
+                   port=p) for d, p in (("fan-240", 8472), ("fan-239", 4789), ("fan-238", 8472))]
+    s = state(fans=[fan(), fan("fan-10", None, ()), *vx])
+    s.counter_blocks.update({"rx-vxlan:8472": 17, "rx-vxlan:4789": 18})
+    assert runstate.loop_fans(s) == {
+        "rx": ["fan-241", "fan-10"], "tx:fan-241": ["fan-241"], "tx:fan-10": ["fan-10"],
+        "rx-vxlan:8472": ["fan-240", "fan-238"], "rx-vxlan:4789": ["fan-239"]}
+    assert State.from_json(json.loads(json.dumps(s.to_json()))).fans[3].port == 4789
+    run.acquire()
+    run.create_counters(19, BLOCK)
+    run.write_state(s)
+    assert RunState(run.path).read_counters()["loop_fans"] == runstate.loop_fans(s)
+
+
+def test_the_forwarders_own_snapshot_is_what_readers_read(run):
+    run.acquire()
+    assert run.snapshot() is None                   # nothing published yet
+    c = run.create_counters(3, BLOCK)
+    run.write_state(state())
+    c.block(tx_block(1))[0] = 11
+    c.block(RX_BLOCK)[2] = 7
+    assert run.snapshot() == RunState(run.path).read_counters()
+    assert run.snapshot()["loops"]["tx:fan-10"]["tx_packets"] == 11
+    run.release()
+    assert run.snapshot() is None
+
+
+def test_a_forwarder_stopping_between_the_two_reads_is_not_running(run, monkeypatch):
+    run.acquire()
+    run.create_counters(3, BLOCK)
+    run.write_state(state())
+    reader = RunState(run.path)
+    read_state = reader.read_state
+
+    def then_stop():
+        s = read_state()
+        os.unlink(run.file("counters"))             # as release() does, first
+        return s
+    monkeypatch.setattr(reader, "read_state", then_stop)
+    with pytest.raises(NotRunning):
+        reader.read_counters()
