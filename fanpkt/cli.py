@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 
+from . import privileges
 from .config import KernelResolver, check_table, make_spec, parse_file, resolve_underlay
 from .errors import ConfigError, FanError
 from .fanmap import FanMap, ip
@@ -200,6 +201,7 @@ def run_forward(args) -> int:
     fwd.start()
     if fwd.exporter is not None:
         fwd.exporter.start()
+    privileges.drop()       # what a reload and the stop need, nothing more
     fwd.serve(load)
     return 0
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import plumbing
+from . import plumbing, privileges
 from .config import MAX_FANS, FanSpec, check_table
 from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
 from .errors import ConfigError, PrivilegeError
@@ -36,18 +36,6 @@ log = logging.getLogger("fanpkt")
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
 NEIGH_EVENT_GAP = 0.2       # least time between refreshes the kernel's announcements cause
 TICK = 0.1                  # how long the main thread sleeps between looks at its events
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-
-
-def has_net_caps() -> bool:
-    """Effective CAP_NET_ADMIN and CAP_NET_RAW: what TUN, routes and raw sockets need
-    (root normally has them; a container or setpriv may have taken them away)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                eff = int(line.split()[1], 16)
-                return all(eff >> c & 1 for c in (CAP_NET_ADMIN, CAP_NET_RAW))
-    return os.geteuid() == 0
 
 
 @dataclass
@@ -102,7 +90,7 @@ class Forwarder:
 
     # -- bring up ----------------------------------------------------------------------
     def start(self) -> None:
-        if not has_net_caps():
+        if not privileges.has_net_caps():
             raise PrivilegeError("fanpkt-forward must run as root: it creates TUN devices, "
                                  "routes and raw sockets (CAP_NET_ADMIN, CAP_NET_RAW)")
         check_tun_available()
