@@ -50,7 +50,7 @@ def pool(spec: FanSpec) -> tuple[int, int]:
 
 def command(spec: FanSpec, overlay_mtu: int, run_dir: str) -> list[str]:
     m, (first, last) = spec.map, pool(spec)
-    base = os.path.join(run_dir, f"dhcp-{spec.bridge_name}")
+    base = os.path.join(os.path.abspath(run_dir), f"dhcp-{spec.bridge_name}")
     # VXLAN (LXD's layout): the whole overlay is on-link; IPIP: the slice is
     netmask = mask(m.overlay_len if spec.vxlan else m.slice_len)
     return ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",

@@ -99,9 +99,9 @@ class Forwarder:
         leftovers = self.run.acquire()
         try:
             if leftovers:
-                plumbing.cleanup_leftovers(
-                    [Plumbing.from_json(f.plumbing) for f in leftovers.fans],
-                    leftovers.ip_forward_before, leftovers.pid)
+                plumbing.cleanup_leftovers([f.plumbing for f in leftovers.fans],
+                                           leftovers.ip_forward_before, leftovers.pid,
+                                           self.run.path)
                 self.run.forget_leftovers()
             self.counters = self.run.create_counters(vxlan_rx_block(MAX_FANS),
                                                      COUNTER_BLOCK)

@@ -13,7 +13,9 @@ hosts with one bridge MAC break host-to-fan traffic) and the same at every resta
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -133,6 +135,9 @@ def detach(rec: Plumbing) -> None:
         idx = link_index(ipr, rec.bridge)
         if idx is None:
             return
+        if link_kind(ipr, idx) != "bridge":     # attach() only ever used a bridge
+            log.warning("%s is no longer a bridge: left alone", rec.bridge)
+            return
         try:
             if rec.bridge_created:
                 ipr.link("del", index=idx)
@@ -205,13 +210,55 @@ def nft_remove() -> None:
         _nft(NFT_RESET)
 
 
-def cleanup_leftovers(fans: list[Plumbing], ip_forward_before: Optional[str],
-                      pid) -> None:
+def _ifname_ok(name) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 15 and name.isascii()
+            and name.isprintable() and not any(c in name for c in "/: ") and name not in
+            (".", ".."))
+
+
+def leftover_problem(d, run_dir: str) -> Optional[str]:
+    """Why a crashed run's plumbing record d (JSON) is not one fanpkt would have written,
+    or None. The record is root's to act on but sits in a file: before anything it names
+    is deleted, ended or unlinked, it must name only what attach() itself creates - a
+    bridge by a valid name, an IPv4 address on it, a dnsmasq whose files are the ones
+    dhcp.command() puts in this run directory."""
+    try:
+        rec = Plumbing.from_json(d)
+        ipaddress.IPv4Address(rec.gateway)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        return f"malformed ({e.__class__.__name__}: {e})"
+    if rec.bridge is not None and not _ifname_ok(rec.bridge):
+        return f"bridge name {rec.bridge!r} is no interface name"
+    if rec.addr is not None:
+        try:
+            ipaddress.IPv4Address(rec.addr[1])
+        except ValueError:
+            return f"address {rec.addr[1]!r} is not IPv4"
+        if rec.addr[0] != rec.bridge or rec.addr[1] != rec.gateway or not 0 < rec.addr[2] <= 32:
+            return f"address {rec.addr} is not its gateway on its bridge"
+    if rec.dhcp is not None:
+        base = os.path.join(os.path.abspath(run_dir), f"dhcp-{rec.bridge}")
+        if (rec.bridge is None or rec.dhcp.pid_file != base + ".pid"
+                or rec.dhcp.lease_file != base + ".leases" or rec.dhcp.pid <= 1):
+            return (f"dnsmasq record {rec.dhcp} is not this run directory's "
+                    f"({base}.pid, {base}.leases)")
+    return None
+
+
+def cleanup_leftovers(records: list, ip_forward_before, pid, run_dir: str) -> None:
     """Remove what a crashed run left (its TUNs died with it; bridges, dnsmasq and rules
-    did not)."""
+    did not). records are the plumbing records (JSON) of its state file: each is checked
+    first (leftover_problem), and one that fails the check is left alone, with a warning."""
     log.info("cleaning up after an earlier run (pid %s) that did not stop cleanly", pid)
-    for rec in fans:
-        detach(rec)
+    for d in records:
+        why = leftover_problem(d, run_dir)
+        if why:
+            log.warning("the earlier run's record %s: %s; not acting on it", d, why)
+            continue
+        detach(Plumbing.from_json(d))
     nft_remove()
-    if ip_forward_before is not None:
+    if ip_forward_before in ("0", "1"):
         restore_forwarding(ip_forward_before)
+    elif ip_forward_before is not None:
+        log.warning("the earlier run's ip_forward value %r is not 0 or 1: left as it is",
+                    ip_forward_before)

@@ -410,6 +410,58 @@ def test_kill9_restart_resumes(lab):
     assert "cleaning up after an earlier run" in open(lab.logs[h1]).read()
 
 
+def test_a_forged_leftover_record_is_not_acted_on(lab, tmp_path):
+    """A crashed run's state.json is root's to act on, but it is a file. One that names what
+    fanpkt never creates - the underlay NIC as 'our' bridge, an address it does not hold,
+    files outside the run directory as dnsmasq's, a process that is no dnsmasq of ours, an
+    ip_forward value that is no value - changes nothing; a valid record beside it is still
+    cleaned up."""
+    import pathlib
+    import shutil
+    h1 = lab.host("h1", "172.16.1.1")
+    run_dir = pathlib.Path(nsx(h1, sys.executable, "-c", "from fanpkt.runstate import "
+                               "netns_dir; print(netns_dir())").stdout.strip())
+    run_dir.mkdir(mode=0o755, parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    bystander = subprocess.Popen(["sleep", "60"])
+    nsx(h1, "ip", "link", "add", "fanbr", "type", "bridge")     # a valid leftover
+    forged = [
+        {"gateway": "241.1.1.1", "bridge": "eth0", "bridge_created": True},
+        {"gateway": "241.1.1.1", "bridge": "eth0", "addr": ["eth0", "172.16.1.1", 16]},
+        {"gateway": "241.1.1.1", "bridge": "fanbr",
+         "dhcp": {"pid": bystander.pid, "pid_file": str(victim),
+                  "lease_file": str(victim)}},
+        {"gateway": "not an address", "bridge": "fanbr", "bridge_created": True},
+        {"gateway": "241.1.1.1", "bridge": "../../x", "bridge_created": True},
+        "not even an object",
+    ]
+    valid = {"gateway": "241.1.1.1", "bridge": "fanbr", "bridge_created": True}
+    fans = [{"device": "fan-241", "bridge": r.get("bridge") if isinstance(r, dict) else None,
+             "overlay": "241.0.0.0/8", "underlay": "172.16.1.1/16", "slice": "241.1.1.0/24",
+             "flags": [], "mtu": 1480, "plumbing": r} for r in forged + [valid]]
+    (run_dir / "state.json").write_text(json.dumps({
+        "pid": 999999, "config": None, "check_spoof": True, "ip_forward_before": "x; rm",
+        "counter_names": [], "counter_block": 64, "fans": fans}))
+    try:
+        p = lab.forward(h1, *FAN, "-u", "172.16.1.1/16")
+        log = open(lab.logs[h1]).read()
+        assert "cleaning up after an earlier run" in log
+        # the first passes the record check and meets the device check: eth0 is no bridge
+        assert "eth0 is no longer a bridge: left alone" in log
+        assert log.count("not acting on it") == len(forged) - 1, log
+        assert nsx(h1, "ip", "-4", "addr", "show", "eth0").stdout.count("172.16.1.1/16") == 1
+        assert victim.read_text() == "keep me" and bystander.poll() is None
+        assert nsx(h1, "ip", "link", "show", "fanbr", check=False).returncode != 0
+        assert "is not 0 or 1" in log
+        assert ping(h1, "241.1.1.1").returncode == 0
+        assert lab.stop(p) == 0
+    finally:
+        bystander.kill()
+        bystander.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)      # gone with a clean stop anyway
+
+
 def test_sighup_adds_and_removes(lab, tmp_path):
     h1 = lab.host("h1", "172.16.1.1")
     h2 = lab.host("h2", "172.16.2.1")
