@@ -196,9 +196,10 @@ class ControlServer:
             os.chmod(path, 0o600)       # SO_PEERCRED is checked as well
             self.listener.listen(BACKLOG)
             self.listener.setblocking(False)
-        except BaseException:
+        except OSError as e:            # a --run-dir path too long for AF_UNIX, say
             self.close()
-            raise
+            raise ConfigError(f"cannot create the control socket {path}: "
+                              f"{e.strerror or e}") from None
 
     def fds(self) -> list:
         if self.listener is None:

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 
 from lab import FANPKT, nsx, ping, poll
 
@@ -62,9 +61,15 @@ def test_up_at_runtime_carries_traffic_and_down_removes_it(lab):
     # fanctl's option form on h1 (with plumbing to see removed), its positional form on h2
     ok(h1, "up", "-o", "10.0.0.0/8", "-u", f"{H1}/16", "bridge", "fb10", "nat")
     ok(h2, "up", "10.0.0.0/8", f"{H2}/16")
-    assert ping(h1, "10.2.1.1").returncode == 0         # the new fan, at once
+    ok(h1, "up", "-o", "240.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan")
+    ok(h2, "up", "240.0.0.0/8", f"{H2}/16", "type", "vxlan")
+    assert ping(h1, "10.2.1.1").returncode == 0         # the new fans, at once
+    assert ping(h1, "240.2.1.1").returncode == 0
     lossless(busy)                                       # the old one lost nothing
-    assert shown(h1) == ["241.0.0.0/8", "10.0.0.0/8"]
+    assert shown(h1) == ["241.0.0.0/8", "10.0.0.0/8", "240.0.0.0/8"]
+    ok(h1, "down", "-o", "240")                          # fanctl's short overlay
+    ok(h2, "down", "-o", "240.0.0.0/8")
+    assert nsx(h1, "ip", "link", "show", "fanbr-240", check=False).returncode != 0
     assert "snat to 172.16.1.1" in nsx(h1, "nft", "list", "ruleset").stdout
     assert "10.1.1.1/24" in nsx(h1, "ip", "-4", "addr", "show", "fb10").stdout
 
