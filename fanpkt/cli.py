@@ -1,4 +1,4 @@
-"""Command-line entry points: `fanpkt map|show|stats` and `fanpkt-forward`.
+"""Command-line entry points: `fanpkt map|show|stats|up|down` and `fanpkt-forward`.
 
 Errors are FanError subclasses: printed as one line, `fanpkt: <message>`, with the class's
 exit status. Modules that need the compiled core (the forwarder) are imported inside that
@@ -109,6 +109,67 @@ def format_stats(snap: dict) -> str:
     return "\n".join(lines)
 
 
+# -- fanpkt up / down ------------------------------------------------------------------
+def cmd_up_down(args) -> int:
+    """fanctl's up/down forms, sent to the running forwarder's control socket
+    (fanpkt/control.py); the forwarder parses the fans, as it parses its config file."""
+    import os
+
+    from .control import request
+    from .runstate import CONTROL_SOCKET, RunState
+    opts = [w for k in ("type", "vni", "port") if getattr(args, k, None) is not None
+            for w in (k, getattr(args, k))]
+    every = getattr(args, "every", False)
+    if args.all or every or args.config:
+        if args.overlay or args.underlay or args.words or opts or (args.all and every):
+            raise ConfigError(f"{args.command} -a/-e take no fan, flags or other options")
+        if not (args.all or every):
+            raise ConfigError("-c FILE goes with -a")
+        req = {"op": args.command, "every": True} if every else \
+            {"op": args.command, "all": True,
+             "config": os.path.abspath(args.config) if args.config else None}
+    elif args.overlay or args.underlay:
+        if args.command == "up" and not (args.overlay and args.underlay):
+            raise ConfigError("give both -o OVERLAY and -u UNDERLAY")
+        if not args.overlay or (args.command == "down" and args.words):
+            raise ConfigError("down takes -o OVERLAY [-u UNDERLAY] and no flags")
+        fan = [args.overlay] + ([args.underlay] if args.underlay else [])
+        req = {"op": args.command, "fans": [fan + args.words + opts]}
+    elif len(args.words) >= 2 and (args.command == "up" or len(args.words) == 2):
+        req = {"op": args.command, "fans": [args.words + opts]}
+    else:
+        forms = ("-o OVERLAY -u UNDERLAY [flags], OVERLAY UNDERLAY [flags], or -a"
+                 if args.command == "up" else
+                 "-o OVERLAY [-u UNDERLAY], OVERLAY UNDERLAY, -a or -e")
+        raise ConfigError(f"{args.command}: use {forms}")
+    request(RunState.find(args.run_dir).file(CONTROL_SOCKET), req)
+    return 0
+
+
+def add_up_down(sub) -> None:
+    up = sub.add_parser("up", help="bring up a fan in the running forwarder (runtime only)",
+                        epilog="Forms: up -o 241.0.0.0/8 -u 172.16.3.4/16 [flags]; "
+                               f"up 241.0.0.0/8 172.16.3.4/16 [flags]; up -a. {FLAGS_HELP}")
+    down = sub.add_parser("down", help="take down fans of the running forwarder "
+                                       "(runtime only)",
+                          epilog="Forms: down -o 241.0.0.0/8 [-u 172.16.3.4/16]; "
+                                 "down 241.0.0.0/8 172.16.3.4/16; down -a; down -e")
+    for p in (up, down):
+        p.add_argument("-o", "--overlay")
+        p.add_argument("-u", "--underlay")
+        p.add_argument("-a", "--all", action="store_true",
+                       help="every non-'off' fan of the config file")
+        p.add_argument("-c", "--config", help="the file for -a (default: the forwarder's "
+                                              "-c file, else /etc/network/fan)")
+        p.add_argument("--run-dir", help="state directory of the forwarder "
+                                         "(default: per netns)")
+        p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form")
+        p.set_defaults(func=cmd_up_down)
+    for k in ("type", "vni", "port"):
+        up.add_argument(f"--{k}", help=f"the flag '{k}' of the fan")
+    down.add_argument("-e", "--every", action="store_true", help="every running fan")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fanpkt", description="Fan networking in userspace (IPIP and VXLAN).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -129,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 1) until Ctrl-C")
     st.add_argument("--run-dir", help="state directory of the forwarder (default: per netns)")
     st.set_defaults(func=cmd_stats)
+    add_up_down(sub)
     return p
 
 

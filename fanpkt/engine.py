@@ -179,6 +179,11 @@ class Dataplane:
             lt.thread.join()
         self.loops.clear()
 
+    def ticks(self) -> dict[str, int]:
+        """Every loop's tick: it advances at each wake-up, busy or idle (an idle loop's
+        poll() times out every POLL_MS), so one that stops advancing is stuck."""
+        return {name: lt.loop.ticks for name, lt in self.loops.items()}
+
     def check(self) -> None:
         """Raise LoopError if a loop has died."""
         for lt in self.loops.values():

@@ -19,15 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import plumbing, privileges
+from . import control, plumbing, privileges
 from .config import MAX_FANS, FanSpec, check_table
 from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
 from .errors import ConfigError, PrivilegeError
 from .fanmap import ip
 from .neighbours import NeighbourWatch
+from .notify import Notifier, Watchdog
 from .plumbing import Plumbing
 from .netlink import mac_bytes
-from .runstate import RX_BLOCK, FanState, RunState, State, tx_block, vxlan_rx_block
+from .runstate import CONTROL_SOCKET, RX_BLOCK, FanState, RunState, State, tx_block, vxlan_rx_block
 from .tun import Tun, check_tun_available
 from .underlay import (Interface, interface_of, open_packet_socket, open_socket,
                        open_vxlan_socket)
@@ -87,6 +88,9 @@ class Forwarder:
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
         self.exporter = None        # fanpkt/metrics.py's, with --metrics
+        # systemd's notification socket, if any, taken out of the environment before
+        # start() runs children (dnsmasq), which must not speak for this process
+        self.notifier = Notifier.from_env()
 
     # -- bring up ----------------------------------------------------------------------
     def start(self) -> None:
@@ -223,8 +227,9 @@ class Forwarder:
             fans=[f.state() for f in self.fans.values()]))
 
     # -- reload ------------------------------------------------------------------------
-    def reload(self, specs: list[FanSpec]) -> None:
-        """Bring up added fans, take down removed ones; unchanged fans keep forwarding."""
+    def reload(self, specs: list[FanSpec]) -> list[tuple[FanSpec, Exception]]:
+        """Bring up added fans, take down removed ones; unchanged fans keep forwarding.
+        Returns the added fans that failed to come up, with why (the others are up)."""
         specs = [s for s in specs if not s.off]
         check_table(specs)
         wanted = {s.key(): s for s in specs}
@@ -236,13 +241,14 @@ class Forwarder:
             self._install_table()
         for fan in removed:
             self._remove_fan(fan)
-        added = []
+        added, failed = [], []
         for key, spec in wanted.items():
             if key not in self.fans:
                 try:
                     added.append(self._add_fan(spec))
                 except Exception as e:      # one bad new fan must not stop the others
                     log.error("cannot bring up %s: %s", spec.map.overlay_net, e)
+                    failed.append((spec, e))
         self.specs = [f.spec for f in self.fans.values()]
         self._install_table()
         self._sync_vxlan_ports()
@@ -252,6 +258,7 @@ class Forwarder:
         self.publish()
         log.info("reloaded: %d fan(s) up, %d added, %d removed", len(self.fans), len(added),
                  len(removed))
+        return failed
 
     def _remove_fan(self, fan: Fan) -> None:
         fan.tun.close()
@@ -311,19 +318,37 @@ class Forwarder:
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_wanted.set())
 
+    def status(self) -> str:
+        """systemd's STATUS= line."""
+        return (f"forwarding {len(self.fans)} fan(s)"
+                + "".join(f" {f.tun.name}" for f in self.fans.values()))
+
+    def _control(self, req: dict) -> dict:
+        reply = control.apply(self, req)
+        self.notifier.send(f"STATUS={self.status()}")
+        return reply
+
     def serve(self, load_config: Optional[Callable[[], list[FanSpec]]] = None) -> None:
         """Run until SIGTERM/SIGINT (or a loop dies: LoopError); SIGHUP re-reads the
-        configuration file."""
+        configuration file; `fanpkt up`/`down` arrive on the control socket. systemd
+        hears READY=1 once every fan is up (start() has returned), and STOPPING=1."""
         self.handle_signals()
+        watchdog = Watchdog(self.notifier)
+        ctl = None
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
         last_refresh, dirty = time.monotonic(), False
         try:
+            ctl = control.ControlServer(self.run.file(CONTROL_SOCKET), self._control)
             bells = self._listen()
+            self.notifier.ready(self.status())
             while not self.stop_event.is_set():
                 # A signal handler only sets an event: select() resumes after it, so a
                 # stop is seen within TICK.
-                ready = select.select(bells, [], [], TICK)[0]
+                ready = select.select(bells + ctl.fds(), [], [], TICK)[0]
                 self.dp.check()
+                ctl.service(ready)
+                watchdog.poll(self.dp.ticks())
+                ready = [r for r in ready if r in bells]
                 if ready:
                     try:
                         dirty |= self.neighbours.changed(ready)
@@ -338,11 +363,17 @@ class Forwarder:
                     if load_config is None:
                         log.info("SIGHUP: no configuration file to re-read")
                         continue
+                    self.notifier.reloading()
                     try:
                         self.reload(load_config())
                     except Exception as e:  # a bad file must not take the fans down
                         log.error("reload refused, keeping the running fans: %s", e)
+                    self.notifier.ready(self.status())
         finally:
             log.info("stopping")
+            self.notifier.stopping()
+            if ctl is not None:
+                ctl.close()
             self.stop()
+            self.notifier.close()
             log.info("stopped; everything fanpkt created is removed")

@@ -25,6 +25,7 @@ from .errors import AlreadyRunning, ConfigError, NotRunning
 
 RUN_ROOT = "/run/fanpkt"
 RX_BLOCK = 0
+CONTROL_SOCKET = "control"  # the forwarder's control socket (fanpkt/control.py)
 LOCK_TRIES = 20             # x LOCK_WAIT: how long a start waits out a reader's brief lock
 LOCK_WAIT = 0.005
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC     # files in the run directory: never a symlink
@@ -244,7 +245,7 @@ class RunState:
         """Remove everything published; the lock goes last, while still held."""
         if self.lock_fd is None:
             return
-        for name in ("state.json", "counters", "lock"):
+        for name in (CONTROL_SOCKET, "state.json", "counters", "lock"):
             try:
                 os.unlink(self.file(name))
             except FileNotFoundError:

@@ -69,11 +69,13 @@ class Lab:
         nsx(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
         nsx(ns, "ip", "link", "set", "eth0", "up")
 
-    def forward(self, ns: str, *args, wait=True) -> subprocess.Popen:
+    def forward(self, ns: str, *args, wait=True, env=None) -> subprocess.Popen:
+        """Start fanpkt-forward in ns; env: variables to add to its environment."""
         log = f"/tmp/{ns}-fwd.log"        # kept for a failing test to show
         f = open(log, "w")
         p = subprocess.Popen(["ip", "netns", "exec", ns, *FORWARD, *args], stdout=f,
-                             stderr=subprocess.STDOUT)
+                             stderr=subprocess.STDOUT,
+                             env=None if env is None else {**os.environ, **env})
         self.procs.append(p)
         self.logs[ns] = log
         if wait:
