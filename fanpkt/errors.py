@@ -58,3 +58,9 @@ class LoopError(FanError):
 class AddressInUse(FanError):
     """An address fanpkt-forward is told to listen on (--metrics) is taken."""
     exit_status = 10
+
+
+class NotABridge(FanError):
+    """`bridge NAME` names an existing interface that is no bridge (eth0, a typo): nothing
+    is changed. Its own status, since no restart fixes it and the name is the operator's."""
+    exit_status = 11

@@ -26,7 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import dhcp
 from .config import FanSpec
-from .errors import DeviceError, FanError
+from .errors import DeviceError, FanError, NotABridge
 from .fanmap import ip
 from .netlink import link_index, link_kind
 from .tun import disable_ipv6
@@ -92,7 +92,7 @@ def attach(spec: FanSpec, dev_index: int, overlay_mtu: int, run_dir: str) -> Plu
                     if spec.vxlan:
                         ipr.link("set", index=idx, address=bridge_mac(spec))
                 elif link_kind(ipr, idx) != "bridge":
-                    raise DeviceError(f"{bridge} exists and is not a bridge: name a bridge "
+                    raise NotABridge(f"{bridge} exists and is not a bridge: name a bridge "
                                       f"(or a free name) with 'bridge NAME'")
                 ipr.link("set", index=idx, mtu=overlay_mtu, state="up")
                 plen = m.overlay_len if spec.vxlan else m.slice_len

@@ -566,6 +566,22 @@ def test_error_device_taken(lab):
     assert nsx(h1, *FANPKT, "show", check=False).returncode == 6
 
 
+@pytest.mark.parametrize("kind", ["ipip", "vxlan"])
+def test_error_bridge_names_a_non_bridge(lab, kind):
+    """`bridge eth0` (a typo for a bridge's name): exit 11, and the underlay interface keeps
+    its MTU and addresses - nothing is changed, nothing left behind."""
+    h1 = lab.host("h1", "172.16.1.1")
+    before = {c: nsx(h1, *c.split()).stdout for c in ("ip -4 addr", "ip link", "ip -4 route")}
+    r = forward_once(h1, *FAN, "-u", "172.16.1.1/16", "type", kind, "bridge", "eth0")
+    assert r.returncode == 11, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "fanpkt: eth0 exists and is not a bridge: name a bridge (or a free name) with "
+        "'bridge NAME'"], r.stderr
+    for c, text in before.items():
+        assert nsx(h1, *c.split()).stdout == text, c
+    assert nsx(h1, *FANPKT, "show", check=False).returncode == 6
+
+
 def test_error_not_root(lab):
     h1 = lab.host("h1", "172.16.1.1")
     r = nsx(h1, "setpriv", "--bounding-set=-net_admin,-net_raw", "--inh-caps=-all",
