@@ -28,7 +28,8 @@ from .neighbours import NeighbourWatch
 from .notify import Notifier, Watchdog
 from .plumbing import Plumbing
 from .netlink import mac_bytes
-from .runstate import CONTROL_SOCKET, RX_BLOCK, FanState, RunState, State, tx_block, vxlan_rx_block
+from .runstate import (CONTROL_SOCKET, RX_BLOCK, FanState, RunState, State, process_start,
+                       tx_block, vxlan_rx_block)
 from .tun import Tun, check_tun_available
 from .underlay import (Interface, interface_of, open_packet_socket, open_socket,
                        open_vxlan_socket)
@@ -224,7 +225,8 @@ class Forwarder:
             pid=os.getpid(), config=self.config_path, check_spoof=self.check_spoof,
             ip_forward_before=self.forward_before, counter_names=COUNTER_NAMES,
             counter_block=COUNTER_BLOCK, counter_blocks=blocks,
-            fans=[f.state() for f in self.fans.values()]))
+            fans=[f.state() for f in self.fans.values()],
+            started=process_start(os.getpid()) or 0))
 
     # -- reload ------------------------------------------------------------------------
     def reload(self, specs: list[FanSpec]) -> list[tuple[FanSpec, Exception]]:

@@ -42,6 +42,20 @@ def vxlan_rx_block(k: int) -> int:
     return 1 + MAX_FANS + k
 
 
+def process_start(pid: int) -> Optional[int]:
+    """When process pid started (clock ticks after boot, /proc/PID/stat field 22), or None
+    if there is no such process. A pid and its start time name one process for good."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            stat_line = f.read()
+    except (OSError, ValueError):
+        return None
+    try:    # the command name (field 2) may hold spaces and parentheses: skip past it
+        return int(stat_line[stat_line.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
 def netns_dir(root: str = RUN_ROOT) -> str:
     return os.path.join(root, f"net-{os.stat('/proc/self/ns/net').st_ino}")
 
@@ -72,6 +86,8 @@ class State:
     counter_block: int
     counter_blocks: dict[str, int] = field(default_factory=dict)   # loop name -> block
     fans: list[FanState] = field(default_factory=list)
+    started: int = 0            # process_start(pid): tells the forwarder from a later
+                                # process that got its pid after a crash
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -268,22 +284,22 @@ class RunState:
         except (FileNotFoundError, json.JSONDecodeError, TypeError, KeyError):
             return None
 
+    # Readers take no lock: a reader that held one, however briefly, could keep a start
+    # out (and a user able to open the lock could hold it forever). The forwarder removes
+    # state.json before it lets go of the lock; after a crash the file stays, naming a
+    # process that is gone, or a pid that another process got later (its start time tells).
+    @staticmethod
+    def _alive(state: State) -> bool:
+        started = process_start(state.pid)
+        return started is not None and state.started in (0, started)
+
     def is_running(self) -> bool:
-        try:
-            fd = os.open(self.file("lock"), os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        state = self._read_state("state.json")
+        return state is not None and self._alive(state)
 
     def read_state(self) -> State:
         state = self._read_state("state.json")
-        if state is None or not self.is_running():
+        if state is None or not self._alive(state):
             raise NotRunning("no fanpkt-forward is running in this network namespace")
         return state
 

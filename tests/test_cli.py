@@ -2,6 +2,7 @@
 forwarder's published state (a RunState this test holds). `fanpkt map` is test_cli_map.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +11,7 @@ import pytest
 from fanpkt import cli
 from fanpkt.config import make_spec
 from fanpkt.engine import COUNTER_NAMES
-from fanpkt.runstate import RX_BLOCK, FanState, RunState, State, tx_block
+from fanpkt.runstate import RX_BLOCK, FanState, RunState, State, process_start, tx_block
 
 
 class Resolver:
@@ -108,7 +109,9 @@ def running(tmp_path):
     rs = RunState(str(tmp_path / "run"))
     rs.acquire()
     c = rs.create_counters(3, 32)
-    rs.write_state(state())
+    # as published by a live process (this one): readers check the pid and start time
+    rs.write_state(dataclasses.replace(state(), pid=os.getpid(),
+                                       started=process_start(os.getpid())))
     c.block(RX_BLOCK)[COUNTER_NAMES.index("rx_packets")] = 7
     c.block(tx_block(0))[COUNTER_NAMES.index("tx_packets")] = 4
     c.block(tx_block(1))[COUNTER_NAMES.index("tx_packets")] = 5
@@ -121,7 +124,7 @@ def test_show_and_stats_commands(running, capsys):
     assert capsys.readouterr() == (SHOW + "\n", "")
     assert cli.main(["stats", "--run-dir", running.path]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "fanpkt-forward pid 4242"
+    assert out[0] == f"fanpkt-forward pid {os.getpid()}"
     assert "  tx_packets                   9" in out and "  rx_packets                   7" in out
     assert cli.main(["stats", "--json", "--run-dir", running.path]) == 0
     snap = json.loads(capsys.readouterr().out)

@@ -12,7 +12,8 @@ import pytest
 
 from fanpkt import runstate
 from fanpkt.errors import AlreadyRunning, ConfigError, NotRunning
-from fanpkt.runstate import RX_BLOCK, FanState, RunState, State, netns_dir, tx_block
+from fanpkt.runstate import (RX_BLOCK, FanState, RunState, State, netns_dir, tx_block,
+                             vxlan_rx_block)
 
 NAMES = ["tx_packets", "drop_tx_no_map", "rx_packets"]
 BLOCK = 4                   # one entry more than NAMES: a block may be padded
@@ -25,7 +26,9 @@ def fan(device="fan-241", bridge="fanbr0", flags=("dhcp", "bridge fanbr0")):
 
 
 def state(pid=None, **kw) -> State:
+    """A state as this test process would publish it, were it the forwarder."""
     kw.setdefault("fans", [fan(), fan("fan-10", None, ())])
+    kw.setdefault("started", runstate.process_start(os.getpid()) if pid is None else 0)
     return State(pid=os.getpid() if pid is None else pid, config="/etc/network/fan",
                  check_spoof=True, ip_forward_before="0", counter_names=NAMES,
                  counter_block=BLOCK, counter_blocks={"rx": RX_BLOCK, "tx:fan-241": tx_block(0),
@@ -62,13 +65,14 @@ def test_acquire_takes_the_lock(run):
     assert not os.path.exists(run.path)
     assert run.acquire() is None                    # no crashed predecessor
     assert os.path.isdir(run.path) and os.path.exists(run.file("lock"))
+    assert not RunState(run.path).is_running()      # listed only once it publishes
+    run.write_state(state())
     assert RunState(run.path).is_running()
-    run.write_state(state(pid=4242))
     second = RunState(run.path)
-    with pytest.raises(AlreadyRunning, match=r"already running .*\(pid 4242\)") as e:
+    with pytest.raises(AlreadyRunning, match=rf"already running .*\(pid {os.getpid()}\)") as e:
         second.acquire()
     assert e.value.exit_status == 7 and second.lock_fd is None
-    assert RunState(run.path).read_state() == state(pid=4242)     # the first one's, untouched
+    assert RunState(run.path).read_state() == state()      # the first one's, untouched
     run.release()
     assert not RunState(run.path).is_running()
     assert second.acquire() is None                 # free again once the first let go
@@ -154,6 +158,28 @@ def test_release_keeps_a_leftover_until_forgotten(run):
     nxt = RunState(run.path)
     assert nxt.acquire() == state(pid=999999)
     nxt.release()
+
+
+def test_readers_take_no_lock_and_know_a_dead_pid_from_a_reused_one(run):
+    """`fanpkt show`/`stats` never lock (a reader's lock could keep a start out): the pid
+    and start time in state.json say whether the forwarder lives. After a crash the pid
+    may belong to another process by now; its start time differs."""
+    run.acquire()
+    run.create_counters(vxlan_rx_block(16), BLOCK)
+    run.write_state(state())
+    real_flock = fcntl.flock
+    try:
+        fcntl.flock = lambda *a: pytest.fail("a reader took a lock")
+        assert RunState(run.path).read_state() == state()
+        assert "total" in RunState(run.path).read_counters()
+    finally:
+        fcntl.flock = real_flock
+    other = state(pid=1, started=runstate.process_start(1) + 1)     # pid 1, not its start
+    run.write_state(other)
+    with pytest.raises(NotRunning):
+        RunState(run.path).read_state()
+    run.write_state(state(pid=2 ** 22 + 1))                         # no such process
+    assert not RunState(run.path).is_running()
 
 
 def test_no_forwarder_is_not_running(tmp_path):
