@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then echo "tools/setup.sh: run as root (apt-get, netns)" >&2; exit 3; fi
 missing=""
 # qemu, static busybox, cpio and static libc: the ufan-peer interop tests boot a real
-# Ubuntu fan kernel with them
-for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio; do
+# Ubuntu fan kernel with them; lxc (its busybox template, from that static busybox): the
+# container tests and the demo
+for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio lxc-start; do
   command -v "$cmd" >/dev/null || missing=1
 done
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1
@@ -16,6 +17,9 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool dnsmasq-base procps gcc python3-dev \
     libc6-dev qemu-system-x86 busybox-static cpio >/dev/null
+  # without lxcfs, AppArmor and the download template's tools: nothing the busybox
+  # template needs
+  apt-get install -y -qq --no-install-recommends lxc >/dev/null
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
