@@ -143,8 +143,8 @@ class Lxc:
 
     def fetch(self, name: str, addr: str, timeout: float = 120) -> tuple[int, str]:
         """Fetch the blob another container serves at addr over TCP; (bytes, SHA-256)."""
-        r = self.run(name, "sh", "-c", f"wget -q -O /tmp/blob http://{addr}/blob && "
-                     "wc -c < /tmp/blob && sha256sum /tmp/blob && rm /tmp/blob",
+        r = self.run(name, "sh", "-c", f"wget -q -O /dev/shm/blob http://{addr}/blob && "
+                     "wc -c < /dev/shm/blob && sha256sum /dev/shm/blob && rm /dev/shm/blob",
                      timeout=timeout)
         size, digest = r.stdout.split()[:2]
         return int(size), digest

@@ -44,8 +44,9 @@ def dnsmasq_leases(ns) -> str:
 @pytest.mark.parametrize("fan_type, mtu, plen", FANS, ids=[f[0] for f in FANS])
 def test_lxc_containers_get_dhcp_and_talk_tcp(lab, lxc, fan_type, mtu, plen):
     h1, h2 = fan_hosts(lab, fan_type)
+    c1, c2 = f"{lab.prefix}c1", f"{lab.prefix}c2"       # LXC names, as namespaces have
     leases = {}
-    for i, (ns, name) in enumerate(((h1, "c1"), (h2, "c2")), 1):
+    for i, (ns, name) in enumerate(((h1, c1), (h2, c2)), 1):
         lxc.start(ns, name, "fanbr")
         got = leases[name] = lxc.lease(name)
         gw = f"241.{i}.1.1"
@@ -60,12 +61,12 @@ def test_lxc_containers_get_dhcp_and_talk_tcp(lab, lxc, fan_type, mtu, plen):
         veth = lxc.host_veth(name)
         assert nsx(ns, "cat", f"/sys/class/net/{veth}/mtu").stdout.strip() == "1500"
         assert " master fanbr " in nsx(ns, "ip", "-o", "link", "show", veth).stdout
-    a1, a2 = leases["c1"]["addr"], leases["c2"]["addr"]
-    for src, dst in (("c1", a2), ("c2", a1)):
+    a1, a2 = leases[c1]["addr"], leases[c2]["addr"]
+    for src, dst in ((c1, a2), (c2, a1)):
         r = lxc.run(src, "ping", "-c", "3", "-W", "2", dst, check=False)
         assert " 0% packet loss" in r.stdout, r.stdout + r.stderr
     # TCP both ways, full-sized segments at the fan's MTU, checked end to end
-    for server, client, addr in (("c2", "c1", a2), ("c1", "c2", a1)):
+    for server, client, addr in ((c2, c1, a2), (c1, c2, a1)):
         digest = lxc.serve(server, 8 << 20)
         assert lxc.fetch(client, addr) == (8 << 20, digest)
 
@@ -74,10 +75,10 @@ def test_close_leaves_no_container_process_veth_or_file(lab, tmp_path):
     ns = lab.host("h1", "172.16.1.1")
     nsx(ns, "ip", "link", "add", "fanbr", "type", "bridge")
     nsx(ns, "ip", "link", "set", "fanbr", "up")
-    lxc = Lxc(str(tmp_path / "lxc"))
+    lxc, c1 = Lxc(str(tmp_path / "lxc")), f"{lab.prefix}c1"
     try:
-        lxc.start(ns, "c1", "fanbr")
-        veth, init, monitor = lxc.host_veth("c1"), lxc.inits["c1"], lxc.monitors["c1"]
+        lxc.start(ns, c1, "fanbr")
+        veth, init, monitor = lxc.host_veth(c1), lxc.inits[c1], lxc.monitors[c1]
         assert os.path.exists(f"/proc/{init}")
         lock = LOCK_ROOT + lxc.path
         assert os.path.isdir(lock)
