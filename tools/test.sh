@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (tools/setup.sh) and runs the whole test suite, on the release build and again
-# on the FANPKT_DEBUG=1 build (bounds checks). Needs root: the data-path tests create
-# network namespaces, TUN devices and raw sockets.
+# on the FANPKT_DEBUG=1 build (bounds checks), then, once, the wheel's smoke test
+# (tools/wheel-smoke.sh). Needs root: the data-path tests create network namespaces, TUN
+# devices and raw sockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -11,3 +12,5 @@ echo "== tests, FANPKT_DEBUG=1 build"
 FANPKT_DEBUG=1 bash tools/setup.sh
 python3 -m pytest -q tests "$@"
 bash tools/setup.sh     # leave the release build installed
+echo "== the wheel: sdist and wheel built, the wheel smoke-tested in a clean venv"
+bash tools/wheel-smoke.sh
