@@ -45,9 +45,10 @@ def dnsmasq_leases(ns) -> str:
 def test_lxc_containers_get_dhcp_and_talk_tcp(lab, lxc, fan_type, mtu, plen):
     h1, h2 = fan_hosts(lab, fan_type)
     c1, c2 = f"{lab.prefix}c1", f"{lab.prefix}c2"       # LXC names, as namespaces have
+    for ns, name in ((h1, c1), (h2, c2)):
+        lxc.start(ns, name, "fanbr")
     leases = {}
     for i, (ns, name) in enumerate(((h1, c1), (h2, c2)), 1):
-        lxc.start(ns, name, "fanbr")
         got = leases[name] = lxc.lease(name)
         gw = f"241.{i}.1.1"
         # an address of the host's slice, the gateway as router, the fan's on-link prefix
@@ -63,7 +64,7 @@ def test_lxc_containers_get_dhcp_and_talk_tcp(lab, lxc, fan_type, mtu, plen):
         assert " master fanbr " in nsx(ns, "ip", "-o", "link", "show", veth).stdout
     a1, a2 = leases[c1]["addr"], leases[c2]["addr"]
     for src, dst in ((c1, a2), (c2, a1)):
-        r = lxc.run(src, "ping", "-c", "3", "-W", "2", dst, check=False)
+        r = lxc.run(src, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst, check=False)
         assert " 0% packet loss" in r.stdout, r.stdout + r.stderr
     # TCP both ways, full-sized segments at the fan's MTU, checked end to end
     for server, client, addr in ((c2, c1, a2), (c1, c2, a1)):

@@ -39,7 +39,8 @@ for f in $(cd "$repo" && git ls-files '_fast/*'); do
   grep -qx "$f" sdist.txt || fail "the sdist lacks $f"
 done
 ! grep -E '\.(so|c)$' sdist.txt || fail "the sdist holds build products (above)"
-grep -qE '^fanpkt/_fastpath\.cpython-.*\.so$' wheel.txt || fail "the wheel lacks the compiled core"
+grep -qE '^fanpkt/_fastpath\.cpython-.*\.so$' wheel.txt ||
+  fail "the wheel lacks the compiled core"
 for f in fanpkt/_fastpath.pyi fanpkt/py.typed fanpkt/cli.py; do
   grep -qx "$f" wheel.txt || fail "the wheel lacks $f"
 done
