@@ -6,16 +6,22 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then echo "tools/setup.sh: run as root (apt-get, netns)" >&2; exit 3; fi
 missing=""
 # qemu, static busybox, cpio and static libc: the ufan-peer interop tests boot a real
-# Ubuntu fan kernel with them
-for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio; do
+# Ubuntu fan kernel with them; lxc (its busybox template, from that static busybox): the
+# container tests and the demo
+for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio lxc-start; do
   command -v "$cmd" >/dev/null || missing=1
 done
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1
+# a venv with pip (Debian's python3 needs python3-venv): the wheel's smoke test
+python3 -c "import ensurepip, venv" 2>/dev/null || missing=1
 if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool dnsmasq-base procps gcc python3-dev \
-    libc6-dev qemu-system-x86 busybox-static cpio >/dev/null
+    libc6-dev qemu-system-x86 busybox-static cpio python3-venv >/dev/null
+  # without lxcfs, AppArmor and the download template's tools: nothing the busybox
+  # template needs
+  apt-get install -y -qq --no-install-recommends lxc >/dev/null
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

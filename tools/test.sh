@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Sets up (tools/setup.sh) and runs the whole test suite, on the release build and again
-# on the FANPKT_DEBUG=1 build (bounds checks). Needs root: the data-path tests create
-# network namespaces, TUN devices and raw sockets.
+# on the FANPKT_DEBUG=1 build (bounds checks); before them, once, the wheel's smoke test
+# (tools/wheel-smoke.sh). Needs root: the data-path tests create network namespaces, TUN
+# devices and raw sockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+# first, so that the suite's own summary closes the output
+echo "== the wheel: sdist and wheel built, the wheel smoke-tested in a clean venv"
+bash tools/wheel-smoke.sh
 echo "== tests, release build"
 python3 -m pytest -q tests "$@"
 echo "== tests, FANPKT_DEBUG=1 build"
