@@ -58,7 +58,9 @@ def command(spec: FanSpec, overlay_mtu: int, run_dir: str) -> list[str]:
             f"--interface={spec.bridge_name}", "--bind-dynamic", "--except-interface=lo",
             f"--dhcp-range={ip(first)},{ip(last)},{ip(netmask)},{LEASE_TIME}",
             f"--dhcp-option=option:router,{ip(m.gateway)}",
-            f"--dhcp-option=option:mtu,{overlay_mtu}",
+            # forced: sent even to clients that do not ask for it (busybox udhcpc, many
+            # others), as LXD's dnsmasq does; otherwise they stay at 1500 and black-hole
+            f"--dhcp-option-force=option:mtu,{overlay_mtu}",
             "--dhcp-authoritative",
             f"--dhcp-leasefile={base}.leases", f"--pid-file={base}.pid"]
 

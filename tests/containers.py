@@ -34,11 +34,12 @@ esac
 exit 0
 """
 # -f: stay in the foreground (rcS puts it in the background and it renews the lease);
-# -O mtu: dnsmasq sends only the options a client asks for; retry every second.
+# retry every second. No -O mtu: a stock client does not ask for the MTU, and fanpkt's
+# dnsmasq sends it all the same (as LXD's does).
 RCS = """#!/bin/sh
 mount -a
 ip link set lo up
-udhcpc -f -i eth0 -O mtu -t 5 -T 1 -A 1 -s /etc/udhcpc.script >/var/log/udhcpc 2>&1 &
+udhcpc -f -i eth0 -t 5 -T 1 -A 1 -s /etc/udhcpc.script >/var/log/udhcpc 2>&1 &
 """
 # No getty and no console shell: nothing to respawn, nothing reading the console.
 INITTAB = "::sysinit:/etc/init.d/rcS\n"

@@ -36,7 +36,7 @@ def test_command_serves_only_the_bridge_without_dns():
     assert "--interface=fanbr0" in cmd and "--bind-dynamic" in cmd
     assert "--dhcp-range=241.3.4.2,241.3.4.254,255.255.255.0,12h" in cmd
     assert "--dhcp-option=option:router,241.3.4.1" in cmd
-    assert "--dhcp-option=option:mtu,1480" in cmd
+    assert "--dhcp-option-force=option:mtu,1480" in cmd     # also to clients not asking
     assert cmd[-1] == "--pid-file=/run/x/dhcp-fanbr0.pid"
 
 
