@@ -642,7 +642,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else seed_from_env()
-    print(f"fuzz seed: {seed} (replay with FANPKT_FUZZ_SEED={seed})", flush=True)
+    print(f"fuzz seed: {seed} (replay with FANPKT_FUZZ_SEED={seed}); core "
+          f"{fastpath.__file__}", flush=True)
     start = time.monotonic()
     deadline = start + args.seconds
     total, rounds = 0, 0
