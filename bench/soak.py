@@ -145,9 +145,14 @@ def balance(ns: str) -> dict:
         drops = {k: v for k, v in c.items() if k.startswith("drop_tx_") and v}
         accounted = c["tx_packets"] + c["tx_local"] + sum(drops.values())
         multi = {k: c[k] for k in ("tx_tso_split", "tx_gso", "tx_fragmented")}
-        out[name] = {"read": read, "tx_packets": c["tx_packets"], "tx_local": c["tx_local"],
+        dev_stats = json.loads(nsx(ns, "ip", "-s", "-j", "link", "show", dev).stdout)[0]
+        out[name] = {"device_tx_dropped": dev_stats["stats64"]["tx"]["dropped"],
+                     "read": read, "tx_packets": c["tx_packets"], "tx_local": c["tx_local"],
                      "drops": drops, "accounted": accounted, "multi_output_reads": multi,
                      "balanced": read == accounted and not any(multi.values())}
+    # what the receive loops dropped, for a loss to be traced (not part of the balance)
+    out["rx_drops"] = {loop: {k: v for k, v in c.items() if k.startswith("drop_rx_") and v}
+                       for loop, c in snap["loops"].items() if loop.startswith("rx")}
     return out
 
 
@@ -265,8 +270,8 @@ def soak(lab: Lab, minutes: float, rate: float, log) -> dict:
     }
     report["checks"] = {
         "rss_and_fds_flat": all(m["ok"] for m in report["memory"].values()),
-        "counters_balance": all(f["balanced"] for b in report["balance"].values()
-                                for f in b.values()),
+        "counters_balance": all(b[fan]["balanced"] for b in report["balance"].values()
+                                for fan in FANS),
         "no_loss_on_unchanged_fans": all(v["lost"] == 0 and v["sent"] > 0
                                          for k, v in loss.items()
                                          if k.split("-", 1)[1] in UNCHANGED),
@@ -295,10 +300,14 @@ def markdown(r: dict) -> str:
     lines += ["", "| forwarder | fan | read from device | tx_packets | tx_local | drops | "
               "balanced |", "|---|---|---|---|---|---|---|"]
     for ns, b in r["balance"].items():
-        for fan, f in b.items():
+        for fan in FANS:
+            f = b[fan]
             drops = ", ".join(f"{k} {v}" for k, v in f["drops"].items()) or "-"
             lines.append(f"| {ns} | {fan} | {f['read']} | {f['tx_packets']} | "
                          f"{f['tx_local']} | {drops} | {'yes' if f['balanced'] else 'NO'} |")
+    lines += ["", "Receive-loop drops: " + "; ".join(
+        f"{ns} {loop}: {d or 'none'}" for ns, b in r["balance"].items()
+        for loop, d in b["rx_drops"].items())]
     lines += ["", "| stream (from host-fan) | sent | received | lost |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['sent']} | {v['received']} | {v['lost']} |"
               for k, v in r["loss"].items()]

@@ -46,14 +46,13 @@ import time
 
 from fanpkt.engine import COUNTER_NAMES, MapRow, fastpath, new_counters
 from fanpkt.errors import FanError
-from fanpkt.fanmap import FanMap
 
 from engine_impl import EngineImpl, VxlanEngineImpl
 from oracle import Oracle, VxlanOracle, checksum
 from packets import mutate, vnet
 
 # the differential tests' generators: random IPv4 packets, IPIP datagrams, VXLAN frames
-from test_differential import ADDRS, MAPS_RX, MAPS_TX, outer_for, random_ipv4
+from test_differential import MAPS_RX, MAPS_TX, outer_for, random_ipv4
 from test_vxlan import MY_MAC, PEER_MAC, RX_MAPS as VX_RX_MAPS, TX_MAPS as VX_TX_MAPS, \
     VNIS, random_frame, whole
 
@@ -439,7 +438,6 @@ class Fuzzer:
             messages = [(b"".join(burst), len(burst[0]), osrc, otos)]
         else:
             messages = [(p, 0, osrc, otos) for p in burst]
-        self.last = messages
         delivered = []
         for p in burst:
             v, _, frame, idx = self.vg_oracle.decap(p, osrc, otos)

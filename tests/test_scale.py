@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-from lab import nsx
 
 N_HOSTS = 32
 
