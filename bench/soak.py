@@ -10,8 +10,9 @@ Traffic: sequence-numbered UDP both ways on every fan (RATE datagrams/s per dire
 fan, 200 bytes), from an endpoint in each host to the other host's gateway on that fan.
 Churn, one event a second in turn:
   reload         rewrite both config files (churn toggled) and SIGHUP both forwarders
-  neighbour flap `ip neigh flush` of the underlay (eth0) on one host, of the VXLAN bridge's
-                 overlay neighbours on the other (ARP across the fan again)
+  neighbour flap `ip neigh flush` of the resolved underlay neighbours (eth0) on one host,
+                 of the VXLAN bridge's resolved overlay neighbours on the other (ARP
+                 across the fan again)
   link flap      down/up of a second underlay NIC (eth1, carrying no fan traffic: its
                  addresses and routes come and go) on one host, and of the churn fan's
                  TUN on the other (fan-side: its packets are lost while it is down)
@@ -55,6 +56,7 @@ WARMUP_SHARE, WARMUP_MIN = 0.2, 20.0
 # is not a leak. Two is the tolerance; a leak of one reload's loop arena (4 MiB) or of a
 # few KiB per reload over hundreds of reloads exceeds it.
 RSS_TOLERANCE_KB = 2048
+NUD_RESOLVED = ("nud", "reachable", "nud", "stale", "nud", "delay", "nud", "probe")
 
 
 # -- the traffic endpoint, run in each host's namespace -----------------------------------
@@ -227,8 +229,10 @@ def soak(lab: Lab, minutes: float, rate: float, log) -> dict:
                     h["proc"].send_signal(signal.SIGHUP)
                 events["reloads"] += 1
             elif tick % 3 == 1:
-                nsx(which, "ip", "neigh", "flush", "dev", "eth0", check=False)
-                nsx(other, "ip", "neigh", "flush", "dev", "fanbr-241", check=False)
+                # resolved entries only: deleting an INCOMPLETE one drops the packets the
+                # kernel queued on it (the host's loss, not the forwarder's)
+                for ns, dev in ((which, "eth0"), (other, "fanbr-241")):
+                    nsx(ns, "ip", "neigh", "flush", "dev", dev, *NUD_RESOLVED, check=False)
                 events["neighbour_flaps"] += 1
             else:
                 for ns, dev in ((which, "eth1"), (other, "fan-100-64")):
