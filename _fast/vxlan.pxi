@@ -432,6 +432,8 @@ cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint8_t otos, ui
     cdef uint8_t *f
     if step < total:
         add(x.c, RX_UDP_GRO, (total + step - 1) // step)
+    if total == 0:          # an empty datagram is one too: V1 counts it (drop_rx_truncated)
+        vxlan_decap_one(x.t, port, osrc, otos, buf, 0, &r, x.c)
     while off < total:
         n = total - off if total - off < step else step
         if vxlan_decap_one(x.t, port, osrc, otos, buf + off, n, &r, x.c) == VERDICT_DELIVER:

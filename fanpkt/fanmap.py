@@ -223,8 +223,11 @@ class FanMap:
     @property
     def local_slice(self) -> int:
         if self.host is None:
+            # a /31 or /32 has no host address to suggest (and .255.255.255 + 1 none at all)
+            example = (f", e.g. {ip(self.underlay + 1)}/{self.underlay_len}"
+                       if self.underlay_len <= 30 else "")
             raise ConfigError(f"underlay {self.underlay_net} names no host; give this host's "
-                              f"address, e.g. {ip(self.underlay + 1)}/{self.underlay_len}")
+                              f"address{example}")
         return self.slice_of(self.host)
 
     @property

@@ -69,6 +69,16 @@ def test_underlay_without_host_is_an_error_for_a_fan():
         make_spec("241", "172.16.0.0/16", [], R)
 
 
+@pytest.mark.parametrize("underlay", ["255.255.255.255/32", "172.16.0.0/32",
+                                      "172.16.0.0/31"])
+def test_underlay_with_no_host_bits_is_a_config_error(underlay):
+    """No address to suggest: a config error all the same, not a traceback (found by
+    tests/fuzz.py: the suggestion 255.255.255.255 + 1 raised AddressValueError)."""
+    with pytest.raises(ConfigError, match="names no host; give this host's address$"):
+        parse_lines([f"172.16.0.0/16 {underlay}"] if underlay.startswith("255") else
+                    [f"241.0.0.0/8 {underlay}"], "fan", R)
+
+
 def test_file(tmp_path):
     f = tmp_path / "fan"
     f.write_text("# fans of this host\n\n241.0.0.0/8 172.16.3.4/16 dhcp   # the classic\n"

@@ -474,3 +474,20 @@ def test_gro_never_joins_frames_of_other_macs():
         tap.close()
         reader.close()
     assert [Ether(w[10:]).src for w in writes] == [PEER_MAC, "02:f1:ac:10:03:99"]
+
+
+def test_an_empty_datagram_is_a_counted_drop():
+    """A zero-length UDP datagram on the VXLAN port is one datagram like any other: V1
+    counts it (drop_rx_truncated), nothing reaches the TAP. (Found by tests/fuzz.py: the
+    receive loop skipped it uncounted.)"""
+    tap, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        c = new_counters()
+        rx = fastpath.Harness(rx_engine(tap.fileno()), c)
+        rx.vxlan_receive([(b"", 0, a("172.16.3.4"), 0)])
+        assert written(reader) == []
+    finally:
+        tap.close()
+        reader.close()
+    names = fastpath.counter_names()
+    assert c[names.index("drop_rx_truncated")] == 1 and c[names.index("rx_packets")] == 0

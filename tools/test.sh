@@ -11,6 +11,10 @@ echo "== the wheel: sdist and wheel built, the wheel smoke-tested in a clean ven
 bash tools/wheel-smoke.sh
 echo "== tests, release build"
 python3 -m pytest -q tests "$@"
+echo "== soak, 2 minutes (bench/soak.py: traffic, reloads, flaps; fails on a leak, unbalanced counters or loss)"
+soak_out=$(mktemp -d)
+python3 bench/soak.py --minutes 2 --check --out "$soak_out"
+rm -rf "$soak_out"
 echo "== tests, FANPKT_DEBUG=1 build"
 FANPKT_DEBUG=1 bash tools/setup.sh
 python3 -m pytest -q tests "$@"
