@@ -4,6 +4,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 cdef enum:
     MAX_MAPS = 32
+    MAX_QUEUES = 8              # queues of one multi-queue TUN/TAP (fanpkt/config.py says why)
 
 # The fan types (docs/design.md §4 IPIP, §12 VXLAN); FAN_ANY matches either in lookups.
 cdef enum:
@@ -24,9 +25,11 @@ cdef struct fan_map:
     uint32_t reserved_last      # slice(H) + host_reserve: the host keeps gateway .. this
     uint32_t shift              # u - o, always > 0 (validated in Python)
     uint32_t mtu                # underlay MTU
-    int tun_fd                  # its TUN (IPIP) or TAP (VXLAN): decapsulated packets go
-                                # there, and a VXLAN frame read from it travels only in this
-                                # map (-1: none, in tests)
+    int tun_fd                  # its TUN (IPIP) or TAP (VXLAN), queue 0: a VXLAN frame read
+                                # from any queue of it travels only in this map (-1: none,
+                                # in tests)
+    int n_queues                # queue_fds[0 .. n_queues-1] (queue_fds[0] == tun_fd)
+    int queue_fds[MAX_QUEUES]   # decapsulated packets go to the queue of their flow (rx.pxi)
     uint32_t vni                # VXLAN network identifier (24 bits)
     uint16_t port               # VXLAN UDP destination port
     uint8_t dev_mac[6]          # VXLAN: the bridge's MAC; a frame from it coming back is ours

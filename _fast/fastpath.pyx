@@ -46,7 +46,7 @@ from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_
                    ECN_CE, ipv4_ihl, load16, load32, store16, store32, csum_add, csum_fold,
                    checksum, csum_update16, ipv4_header_csum_ok, ipv4_set_header_csum,
                    ipv4_set_ecn)
-from fanmap cimport (MAX_MAPS, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
+from fanmap cimport (MAX_MAPS, MAX_QUEUES, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
                      fan_dest, fan_slice, fan_host_ok, fan_slice_edge,
                      fan_lookup_overlay, fan_lookup_underlay)
 from neigh cimport neigh_entry, neigh_table, neigh_slot, neigh_find
@@ -58,7 +58,7 @@ from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV
                       vnet_hdr, acc_add,
                       pseudo_header, csum_complete, tcp_csum_ok, tcp_csum_is_partial,
                       tcp_header_len, gro_same_flow)
-from vxlan cimport (UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_LEN, UDP_OFF_CSUM,
+from vxlan cimport (flow_hash, UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_LEN, UDP_OFF_CSUM,
                     VXLAN_HLEN, VXLAN_FLAG_I, VXLAN_OUTER, ETH_OFF_SRC, ETH_OFF_TYPE, ARP_LEN,
                     ARP_OFF_SPA, ARP_OFF_TPA, vxlan_source_port)
 
@@ -414,6 +414,10 @@ cdef class Engine:
                     len(row.mac) != (ETH_ALEN if row.ifindex else 0):
                 raise ValueError(f"bad underlay interface {row.ifname!r} ({row.ifindex}, "
                                  f"MAC {bytes(row.mac).hex()})")
+            qfds = tuple(row.queue_fds)
+            if len(qfds) > MAX_QUEUES or (qfds and qfds[0] != row.tun_fd):
+                raise ValueError(f"bad queues {qfds}: at most {MAX_QUEUES}, the first the "
+                                 f"device's own fd {row.tun_fd}")
             if row.kind not in ("ipip", "vxlan"):
                 raise ValueError(f"bad fan type {row.kind!r}")
             if row.kind == "vxlan" and not (0 <= row.vni < 1 << 24 and 0 < row.port < 65536
@@ -442,6 +446,10 @@ cdef class Engine:
             m.reserved_last = m.slice_net + row.host_reserve
             m.mtu = row.mtu
             m.tun_fd = row.tun_fd
+            qfds = tuple(row.queue_fds) or (row.tun_fd,)
+            m.n_queues = len(qfds)
+            for k, fd in enumerate(qfds):
+                m.queue_fds[k] = fd
             memcpy(m.ifname, <char *>ifname, len(ifname))   # calloc'd: NUL-terminated
             m.ifindex = row.ifindex
             if row.ifindex:
@@ -569,12 +577,13 @@ cdef inline bint stopped(loop_ctl *ctl) noexcept nogil:
 
 
 def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counters,
-           bint vxlan=False, int gso_fd=-1):
+           bint vxlan=False, int gso_fd=-1, int dev_fd=-1):
     """Overlay -> underlay for one TUN (or, vxlan, one TAP) until loop.stop(). tun_fd is
     non-blocking and opened with IFF_VNET_HDR; sock_fd is a raw IPPROTO_IPIP socket with
     IP_HDRINCL (it sends VXLAN's UDP packets as well); packet_fd an AF_PACKET SOCK_RAW
     socket for frames to resolved neighbours, or -1 for none; gso_fd (vxlan) another one
-    with PACKET_VNET_HDR, for UDP GSO, or -1."""
+    with PACKET_VNET_HDR, for UDP GSO, or -1. For one queue of a multi-queue device, tun_fd
+    is the queue and dev_fd the device's own fd (its first queue, the map's tun_fd)."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
@@ -594,6 +603,8 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
         raise MemoryError()
     q.kind = FAN_VXLAN if vxlan else FAN_IPIP
     q.gso_fd = gso_fd
+    if dev_fd >= 0:
+        q.dev_fd = dev_fd       # tun_fd is one queue of a multi-queue device
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
@@ -671,7 +682,7 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
             n = rx_batch(t, arena, lens, got, outs, c)
             for i in range(n):
                 o = &outs[i]
-                fd = t.maps[o.map_index].tun_fd
+                fd = rx_queue_fd(&t.maps[o.map_index], o.pkt, o.len)
                 if fd < 0 or write(fd, o.pkt - VNET_HLEN, o.len + VNET_HLEN) < 0:
                     add(c, DROP_RX_TUN_WRITE, o.segs)
                 else:

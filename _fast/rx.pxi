@@ -24,6 +24,16 @@ cdef struct rx_out:
     bint kernel_gro             # merged by the underlay's GRO before we saw it
 
 
+cdef inline int rx_queue_fd(const fan_map *m, const uint8_t *ip, uint32_t len) noexcept nogil:
+    """The queue of m's device that a decapsulated packet is written to (ip: its IPv4
+    header and len bytes, or NULL for a frame without one). By its flow: a TUN or TAP
+    sends a flow to the queue that last wrote it (tun_automq_select_queue), so writing
+    every flow to queue 0 would put all their replies on one transmit loop."""
+    if m.n_queues <= 1 or ip == NULL or len < IPV4_HLEN:
+        return m.tun_fd
+    return m.queue_fds[(<uint64_t>flow_hash(ip, len, 0) * <uint32_t>m.n_queues) >> 32]
+
+
 cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept nogil:
     """Append segment p (same flow as o) to o if it continues it; False if it must start
     a superpacket of its own."""

@@ -37,7 +37,8 @@ cdef struct txq:
     const fan_table *t          # the tables of the current batch
     neigh_table *nt             # NULL: everything goes by LANE_IP
     int kind                    # FAN_IPIP: packets from a TUN; FAN_VXLAN: frames from a TAP
-    int tun_fd                  # the device read: where ICMP for EMSGSIZE goes
+    int tun_fd                  # the device queue read: where ICMP for EMSGSIZE goes
+    int dev_fd                  # the device's own fd (queue 0): which map a frame is from
     int cap
     uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
     icmp_budget budget          # the ICMPs this loop may still send (icmp.pxd)
@@ -104,6 +105,7 @@ cdef int txq_init(txq *q, int cap, int sock_fd, int packet_fd, int tun_fd,
     memset(q, 0, sizeof(txq))
     q.cap = cap
     q.tun_fd = tun_fd
+    q.dev_fd = tun_fd
     q.c = c
     q.gso_fd = -1
     q.icmp = <uint8_t *>calloc(1, VNET_HLEN + ICMP_MAX_LEN)
@@ -300,7 +302,7 @@ cdef int tx_frame(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
         return tx_frame_tso(q, h, frame, len, r)
     if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(frame, len, h):
         return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
-    v = vxlan_encap_one(q.t, q.tun_fd, &q.ip_id, frame, len, r, q.c)
+    v = vxlan_encap_one(q.t, q.dev_fd, &q.ip_id, frame, len, r, q.c)
     if v == VERDICT_SEND:
         tx_route_of(q, r, &rt)
         if r.out_len > q.t.maps[r.map_index].mtu:

@@ -40,26 +40,18 @@ cdef inline uint32_t hash_final(uint32_t h) noexcept nogil:
     return h ^ (h >> 16)
 
 
-cdef inline uint16_t vxlan_source_port(const uint8_t *frame, uint32_t len,
-                                       uint32_t seed) noexcept nogil:
-    """UDP source port for a frame, from a hash of its inner flow, as the kernel's vxlan
-    does (udp_flow_src_port): addresses, protocol and ports of an IPv4 frame, taken in
-    a fixed order so that both directions of a flow share the port; any other frame (ARP)
-    hashes its EtherType only, so all of them share one port. The frame is at least an
-    Ethernet header long (checked by the caller)."""
-    cdef uint16_t ethertype = load16(frame + ETH_OFF_TYPE)
-    cdef const uint8_t *ip = frame + 14
+cdef inline uint32_t flow_hash(const uint8_t *ip, uint32_t len, uint32_t seed) noexcept nogil:
+    """A hash of the IPv4 packet ip[0:len]'s flow: addresses, protocol and, for TCP and
+    UDP (not a fragment), ports, taken in a fixed order so that both directions of a flow
+    hash alike. len is at least an IPv4 header (checked by the caller)."""
     cdef uint32_t a, b, t, ports = 0, ihl
     cdef uint16_t p1, p2
     cdef uint8_t proto
-    if ethertype != ETH_P_IP or len < 14 + 20:
-        return SPORT_MIN + <uint16_t>((<unsigned long long>hash_final(hash_mix(seed, ethertype))
-                                       * SPORT_SPAN) >> 32)
     a = load32(ip + IPV4_OFF_SRC)
     b = load32(ip + IPV4_OFF_SRC + 4)
     proto = ip[IPV4_OFF_PROTO]
     ihl = ipv4_ihl(ip)
-    if ((proto == IPPROTO_TCP or proto == IPPROTO_UDP) and len >= 14 + ihl + 4
+    if ((proto == IPPROTO_TCP or proto == IPPROTO_UDP) and len >= ihl + 4
             and not (load16(ip + IPV4_OFF_FRAG) & (IPV4_FLAG_MF | IPV4_FRAG_OFFSET_MASK))):
         p1 = load16(ip + ihl)
         p2 = load16(ip + ihl + 2)
@@ -72,5 +64,19 @@ cdef inline uint16_t vxlan_source_port(const uint8_t *frame, uint32_t len,
         t = a
         a = b
         b = t
-    return SPORT_MIN + <uint16_t>((<unsigned long long>hash_final(
-        hash_mix(hash_mix(hash_mix(hash_mix(seed, a), b), proto), ports)) * SPORT_SPAN) >> 32)
+    return hash_final(hash_mix(hash_mix(hash_mix(hash_mix(seed, a), b), proto), ports))
+
+
+cdef inline uint16_t vxlan_source_port(const uint8_t *frame, uint32_t len,
+                                       uint32_t seed) noexcept nogil:
+    """UDP source port for a frame, from a hash of its inner flow, as the kernel's vxlan
+    does (udp_flow_src_port): flow_hash of an IPv4 frame, so that both directions of a
+    flow share the port; any other frame (ARP) hashes its EtherType only, so all of them
+    share one port. The frame is at least an Ethernet header long (checked by the
+    caller)."""
+    cdef uint16_t ethertype = load16(frame + ETH_OFF_TYPE)
+    if ethertype != ETH_P_IP or len < 14 + 20:
+        return SPORT_MIN + <uint16_t>((<unsigned long long>hash_final(hash_mix(seed, ethertype))
+                                       * SPORT_SPAN) >> 32)
+    return SPORT_MIN + <uint16_t>((<unsigned long long>flow_hash(frame + 14, len - 14, seed)
+                                   * SPORT_SPAN) >> 32)

@@ -158,7 +158,7 @@ cdef int tx_frame_tso(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
     thl = tcp_header_len(ip, iplen)
     if thl == 0:
         return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
-    v = vxlan_route(q.t, q.tun_fd, frame, len, r, &ecn, q.c)
+    v = vxlan_route(q.t, q.dev_fd, frame, len, r, &ecn, q.c)
     if v != VERDICT_SEND:
         return v
     inc(q.c, TX_TSO_SPLIT)
@@ -376,7 +376,9 @@ cdef void vx_flush(vx_rx *x) noexcept nogil:
         return
     x.pending = False
     rx_finish(o, ETH_HLEN)
-    fd = x.t.maps[o.map_index].tun_fd
+    fd = rx_queue_fd(&x.t.maps[o.map_index],
+                     o.pkt if load16(o.pkt - ETH_HLEN + ETH_OFF_TYPE) == ETH_P_IP else NULL,
+                     o.len)
     if fd < 0 or write(fd, o.pkt - ETH_HLEN - VNET_HLEN, o.len + ETH_HLEN + VNET_HLEN) < 0:
         add(x.c, DROP_RX_TUN_WRITE, o.segs)
     else:

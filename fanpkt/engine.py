@@ -55,14 +55,15 @@ class MapRow:
     vni: int = 0                # the VXLAN network identifier
     port: int = 0               # the VXLAN UDP port
     dev_mac: bytes = b""        # the fan bridge's MAC (a frame from it coming back is ours)
+    queue_fds: tuple = ()       # a multi-queue device's queues, tun_fd first; () = (tun_fd,)
 
     @classmethod
     def of(cls, m: FanMap, mtu: int = 1500, tun_fd: int = -1, ifname: str = "",
            ifindex: int = 0, mac: bytes = b"", kind: str = "ipip", vni: int = 0,
-           port: int = 0, dev_mac: bytes = b"") -> "MapRow":
+           port: int = 0, dev_mac: bytes = b"", queue_fds: tuple = ()) -> "MapRow":
         return cls(m.overlay, m.overlay_len, m.underlay, m.underlay_len, m.host,
                    m.host_reserve, mtu, tun_fd, ifname, ifindex, mac, kind, vni, port,
-                   dev_mac)
+                   dev_mac, tuple(queue_fds))
 
 
 def new_counters(blocks: int = 1) -> array.array:
