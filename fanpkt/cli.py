@@ -14,9 +14,10 @@ import logging
 import sys
 
 from . import privileges
-from .config import KernelResolver, check_table, make_spec, parse_file, resolve_underlay
+from .config import (MAX_QUEUES, KernelResolver, check_table, make_spec, parse_file,
+                     resolve_underlay)
 from .errors import ConfigError, FanError
-from .fanmap import FanMap, ip
+from .fanmap import FanMap, decimal, ip
 
 FLAGS_HELP = ("Flags: dhcp, host-reserve N, bridge NAME, nat, off, type ipip|vxlan, vni N, "
               "port N.")
@@ -219,6 +220,9 @@ def build_forward_parser() -> argparse.ArgumentParser:
                         "policy routes do not see them); ip: every packet through the "
                         "kernel's IP output path")
     p.add_argument("--run-dir", help="state directory (default: per network namespace)")
+    p.add_argument("--queues", metavar="N",
+                   help=f"queues per TUN/TAP and receive loops per VXLAN port, each a "
+                        f"thread (default: one per CPU, at most {MAX_QUEUES})")
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
                         "default; e.g. 127.0.0.1:9477, reachable from this network "
@@ -255,7 +259,9 @@ def run_forward(args) -> int:
                           "or -c /etc/network/fan")
     check_table(specs)
     fwd = Forwarder(specs, check_spoof=not args.no_spoof_check, run_dir=args.run_dir,
-                    config_path=args.config, send_frames=args.underlay_send == "frames")
+                    config_path=args.config, send_frames=args.underlay_send == "frames",
+                    queues=decimal(args.queues, "--queues", 1, MAX_QUEUES)
+                    if args.queues is not None else None)
     if args.metrics:
         from .metrics import Exporter       # prometheus_client only when asked for
         fwd.exporter = Exporter(args.metrics, fwd)  # binds now: before anything is set up

@@ -7,6 +7,7 @@ uses pyroute2, tests pass their own.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol
@@ -16,6 +17,13 @@ from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
 MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
+# Queues per TUN/TAP and receive loops per VXLAN port, each with its own thread (design §15):
+# one per CPU by default, at most this many (the engine's MAX_QUEUES, _fast/fanmap.pxd).
+MAX_QUEUES = 8
+
+
+def default_queues() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_QUEUES))
 VXLAN_PORT = 8472           # the kernel's vxlan default, which LXD's fan uses (dstport 0)
 IPIP_OVERHEAD = 20          # outer IPv4
 VXLAN_OVERHEAD = 50         # outer IPv4 + UDP + VXLAN + the frame's Ethernet header

@@ -146,20 +146,22 @@ class Dataplane:
 
     # -- loops -------------------------------------------------------------------------
     def start_tx(self, name: str, tun_fd: int, sock_fd: int, packet_fd: int,
-                 counters, vxlan: bool = False, gso_fd: int = -1) -> LoopThread:
-        """The transmit loop of one TUN, or TAP for vxlan (see fastpath.run_tx); counters:
-        its block; gso_fd: the vnet-header packet socket for VXLAN UDP GSO, or -1."""
-        return self._start(f"tx-{name}", fastpath.run_tx, tun_fd, sock_fd, packet_fd,
-                           counters, vxlan, gso_fd if vxlan else -1)
+                 counters, vxlan: bool = False, gso_fd: int = -1,
+                 dev_fd: int = -1) -> LoopThread:
+        """The transmit loop `name` of one TUN queue, or TAP queue for vxlan (see
+        fastpath.run_tx); counters: its block; gso_fd: the vnet-header packet socket for
+        VXLAN UDP GSO, or -1; dev_fd: the device's first queue, if tun_fd is another."""
+        return self._start(name, fastpath.run_tx, tun_fd, sock_fd, packet_fd,
+                           counters, vxlan, gso_fd if vxlan else -1, dev_fd)
 
     def start_rx(self, sock_fd: int, counters) -> LoopThread:
         """The receive loop of the raw IPIP socket, writing to every IPIP fan's TUN."""
         return self._start("rx", fastpath.run_rx, sock_fd, counters)
 
-    def start_rx_vxlan(self, port: int, sock_fd: int, counters) -> LoopThread:
-        """The receive loop of one VXLAN UDP port, writing to its fans' TAPs."""
-        return self._start(f"rx-vxlan-{port}", fastpath.run_rx_vxlan, sock_fd, port,
-                           counters)
+    def start_rx_vxlan(self, name: str, port: int, sock_fd: int, counters) -> LoopThread:
+        """A receive loop `name` of VXLAN UDP port `port` (one per socket of the port's
+        SO_REUSEPORT group), writing to its fans' TAPs."""
+        return self._start(name, fastpath.run_rx_vxlan, sock_fd, port, counters)
 
     def _start(self, name: str, run, *args) -> LoopThread:
         lt = LoopThread(name, lambda loop, *a: run(self.engine, loop, *a), *args)

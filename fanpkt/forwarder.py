@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import control, plumbing, privileges
-from .config import MAX_FANS, FanSpec, check_table
+from .config import MAX_FANS, FanSpec, check_table, default_queues
 from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
 from .errors import ConfigError, PrivilegeError
 from .fanmap import ip
@@ -28,11 +28,11 @@ from .neighbours import NeighbourWatch
 from .notify import Notifier, Watchdog
 from .plumbing import Plumbing
 from .netlink import mac_bytes
-from .runstate import (CONTROL_SOCKET, RX_BLOCK, FanState, RunState, State, process_start,
-                       tx_block, vxlan_rx_block)
+from .runstate import (CONTROL_SOCKET, N_BLOCKS, RX_BLOCK, FanState, RunState, State,
+                       process_start, tx_block, vxlan_rx_block)
 from .tun import Tun, check_tun_available
 from .underlay import (Interface, interface_of, open_packet_socket, open_socket,
-                       open_vxlan_socket)
+                       open_vxlan_sockets)
 
 log = logging.getLogger("fanpkt")
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
@@ -49,8 +49,10 @@ class Fan:
     plumbing: Plumbing
 
     @property
-    def loop_name(self) -> str:
-        return f"tx-{self.tun.name[4:]}"
+    def loop_names(self) -> list[str]:
+        """Its transmit loops, one per device queue: tx-241, tx-241.1, ..."""
+        base = f"tx-{self.tun.name[4:]}"
+        return [base if q == 0 else f"{base}.{q}" for q in range(len(self.tun.fds))]
 
     @property
     def overlay_mtu(self) -> int:
@@ -68,10 +70,11 @@ class Fan:
 class Forwarder:
     def __init__(self, specs: list[FanSpec], check_spoof: bool = True,
                  run_dir: Optional[str] = None, config_path: Optional[str] = None,
-                 send_frames: bool = True):
+                 send_frames: bool = True, queues: Optional[int] = None):
         self.specs = [s for s in specs if not s.off]
         self.check_spoof = check_spoof
         self.send_frames = send_frames
+        self.queues = queues or default_queues()    # per device, and per VXLAN port
         self.config_path = config_path
         self.run = RunState.find(run_dir)
         self.fans: dict[tuple, Fan] = {}
@@ -80,8 +83,8 @@ class Forwarder:
         self.sock = None
         self.packet_sock = None
         self.gso_sock = None                        # VXLAN UDP GSO (a vnet-header socket)
-        self.vxlan_socks: dict[int, object] = {}    # UDP port -> its socket
-        self.vxlan_blocks: dict[int, int] = {}      # UDP port -> its counter block
+        self.vxlan_socks: dict[int, list] = {}      # UDP port -> its sockets, one per loop
+        self.vxlan_blocks: dict[int, int] = {}      # UDP port -> k of its vxlan_rx_blocks
         self.neighbours: Optional[NeighbourWatch] = None
         self.neigh_entries: frozenset = frozenset()
         self.neigh_error: Optional[str] = None
@@ -108,8 +111,7 @@ class Forwarder:
                                            leftovers.ip_forward_before, leftovers.pid,
                                            self.run.path)
                 self.run.forget_leftovers()
-            self.counters = self.run.create_counters(vxlan_rx_block(MAX_FANS),
-                                                     COUNTER_BLOCK)
+            self.counters = self.run.create_counters(N_BLOCKS, COUNTER_BLOCK)
             self.sock = open_socket()
             if self.send_frames:
                 self.packet_sock = open_packet_socket()
@@ -137,7 +139,7 @@ class Forwarder:
         used = {f.slot for f in self.fans.values()}
         slot = min(set(range(MAX_FANS)) - used)     # check_table keeps fans <= MAX_FANS
         mtu = underlay.mtu - spec.overhead
-        tun = Tun(m.device_name, mtu, tap=spec.vxlan)
+        tun = Tun(m.device_name, mtu, tap=spec.vxlan, queues=self.queues)
         try:
             rec = plumbing.attach(spec, tun.index, mtu, self.run.path)
         except BaseException:
@@ -145,7 +147,8 @@ class Forwarder:
             raise
         fan = Fan(spec, slot, underlay, tun, rec)
         self.fans[spec.key()] = fan
-        self.counters.zero(tx_block(slot))
+        for q in range(self.queues):
+            self.counters.zero(tx_block(slot, q))
         self.publish()          # a crash from here on leaves a record of what to clean up
         log.info("up: %s over %s (%s%s), host %s, slice %s/%d, device %s%s", m.overlay_net,
                  m.underlay_net, spec.type,
@@ -157,26 +160,33 @@ class Forwarder:
     def _start_tx(self, fan: Fan) -> None:
         packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
         gso_fd = self.gso_sock.fileno() if self.gso_sock is not None else -1
-        self.dp.start_tx(fan.tun.name[4:], fan.tun.fd, self.sock.fileno(), packet_fd,
-                         self.counters.block(tx_block(fan.slot)), vxlan=fan.spec.vxlan,
-                         gso_fd=gso_fd)
+        for q, (name, fd) in enumerate(zip(fan.loop_names, fan.tun.fds)):
+            self.dp.start_tx(name, fd, self.sock.fileno(), packet_fd,
+                             self.counters.block(tx_block(fan.slot, q)), vxlan=fan.spec.vxlan,
+                             gso_fd=gso_fd, dev_fd=fan.tun.fd)
 
     def _sync_vxlan_ports(self) -> None:
         """One UDP socket and receive loop for each port a VXLAN fan uses, none for others.
         A port keeps the counter block it got when its loop started, for the loop's life."""
         ports = {f.spec.port for f in self.fans.values() if f.spec.vxlan}
         for port in [p for p in self.vxlan_socks if p not in ports]:
-            self.dp.stop_loop(f"rx-vxlan-{port}")
-            self.vxlan_socks.pop(port).close()
+            for q, sock in enumerate(self.vxlan_socks.pop(port)):
+                self.dp.stop_loop(self._vxlan_loop(port, q))
+                sock.close()
             self.vxlan_blocks.pop(port)
         for port in sorted(ports - set(self.vxlan_socks)):
             used = set(self.vxlan_blocks.values())
-            block = min(vxlan_rx_block(k) for k in range(MAX_FANS)
-                        if vxlan_rx_block(k) not in used)   # fewer ports than fans
-            self.vxlan_socks[port] = sock = open_vxlan_socket(port)
-            self.counters.zero(block)
-            self.vxlan_blocks[port] = block
-            self.dp.start_rx_vxlan(port, sock.fileno(), self.counters.block(block))
+            k = min(k for k in range(MAX_FANS) if k not in used)   # fewer ports than fans
+            self.vxlan_socks[port] = socks = open_vxlan_sockets(port, self.queues)
+            self.vxlan_blocks[port] = k
+            for q, sock in enumerate(socks):
+                self.counters.zero(vxlan_rx_block(k, q))
+                self.dp.start_rx_vxlan(self._vxlan_loop(port, q), port, sock.fileno(),
+                                       self.counters.block(vxlan_rx_block(k, q)))
+
+    @staticmethod
+    def _vxlan_loop(port: int, q: int) -> str:
+        return f"rx-vxlan-{port}" if q == 0 else f"rx-vxlan-{port}.{q}"
 
     def _install_table(self) -> None:
         rows = []
@@ -188,7 +198,8 @@ class Forwarder:
                                   u.index if frames else 0, u.mac if frames else b"",
                                   kind=s.type, vni=s.vni_value if s.vxlan else 0,
                                   port=s.port if s.vxlan else 0,
-                                  dev_mac=mac_bytes(f.plumbing.bridge_mac) if s.vxlan else b""))
+                                  dev_mac=mac_bytes(f.plumbing.bridge_mac) if s.vxlan else b"",
+                                  queue_fds=tuple(f.tun.fds)))
         self.dp.install(rows)
 
     def refresh_neighbours(self) -> None:
@@ -218,9 +229,12 @@ class Forwarder:
 
     def publish(self) -> None:
         blocks = {"rx": RX_BLOCK}
-        blocks.update({f"tx:{f.tun.name}": tx_block(f.slot) for f in self.fans.values()})
-        blocks.update({f"rx-vxlan:{port}": block
-                       for port, block in self.vxlan_blocks.items()})
+        for f in self.fans.values():
+            blocks.update({f"tx:{f.tun.name}" + (f":q{q}" if q else ""): tx_block(f.slot, q)
+                           for q in range(len(f.tun.fds))})
+        for port, k in self.vxlan_blocks.items():
+            blocks.update({f"rx-vxlan:{port}" + (f":q{q}" if q else ""): vxlan_rx_block(k, q)
+                           for q in range(len(self.vxlan_socks[port]))})
         self.run.write_state(State(
             pid=os.getpid(), config=self.config_path, check_spoof=self.check_spoof,
             ip_forward_before=self.forward_before, counter_names=COUNTER_NAMES,
@@ -237,7 +251,8 @@ class Forwarder:
         wanted = {s.key(): s for s in specs}
         gone = [k for k in self.fans if k not in wanted]
         for k in gone:
-            self.dp.stop_loop(self.fans[k].loop_name)
+            for name in self.fans[k].loop_names:
+                self.dp.stop_loop(name)
         removed = [self.fans.pop(k) for k in gone]
         if removed:
             self._install_table()
@@ -285,8 +300,9 @@ class Forwarder:
             if sock is not None:
                 sock.close()
         self.packet_sock = self.gso_sock = None
-        for sock in self.vxlan_socks.values():
-            sock.close()
+        for socks in self.vxlan_socks.values():
+            for sock in socks:
+                sock.close()
         self.vxlan_socks.clear()
         if self.neighbours is not None:
             self.neighbours.close()

@@ -5,8 +5,9 @@ One forwarder per network namespace, so the state directory is keyed by the name
 inode: `ip netns exec NS fanpkt stats` finds the forwarder of NS and no other.
 
 The counter file is an array of uint64 blocks of `counter_block` entries, one block per
-loop: block RX_BLOCK for the IPIP receive loop, tx_block(slot) for the transmit loop of
-the fan in that slot, vxlan_rx_block(slot) for a VXLAN port's receive loop. The loops increment their block in place through the mapping, so
+loop: block RX_BLOCK for the IPIP receive loop, tx_block(slot, queue) for the transmit loop
+of one queue of the fan in that slot, vxlan_rx_block(k, queue) for one receive loop of a
+VXLAN port. The loops increment their block in place through the mapping, so
 readers see the counters live and the loops pay nothing to publish them.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .config import MAX_FANS
+from .config import MAX_FANS, MAX_QUEUES
 from .errors import AlreadyRunning, ConfigError, NotRunning
 
 RUN_ROOT = "/run/fanpkt"
@@ -31,15 +32,18 @@ LOCK_WAIT = 0.005
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC     # files in the run directory: never a symlink
 
 
-def tx_block(slot: int) -> int:
-    """The counter block of the transmit loop of the fan in slot `slot`."""
-    return slot + 1
+def tx_block(slot: int, queue: int = 0) -> int:
+    """The counter block of the transmit loop of queue `queue` of the fan in slot `slot`."""
+    return 1 + slot * MAX_QUEUES + queue
 
 
-def vxlan_rx_block(k: int) -> int:
-    """The k-th counter block for VXLAN ports' receive loops (a port holds one for its
-    loop's life; there are never more ports than fans)."""
-    return 1 + MAX_FANS + k
+def vxlan_rx_block(k: int, queue: int = 0) -> int:
+    """The counter block of receive loop `queue` of the k-th VXLAN port (a port holds its
+    k for its loops' life; there are never more ports than fans)."""
+    return 1 + MAX_FANS * MAX_QUEUES + k * MAX_QUEUES + queue
+
+
+N_BLOCKS = vxlan_rx_block(MAX_FANS)     # the counter file: every block above, and RX_BLOCK
 
 
 def process_start(pid: int) -> Optional[int]:
@@ -134,6 +138,7 @@ def loop_fans(state: State) -> dict[str, list[str]]:
     out = {}
     for loop in state.counter_blocks:
         kind, _, name = loop.partition(":")
+        name = name.split(":")[0]       # "tx:fan-241:q1": queue 1's loop of fan-241
         out[loop] = ([name] if kind == "tx" else ipip if kind == "rx" else
                      [f.device for f in state.fans if f.type == "vxlan" and str(f.port) == name])
     return out

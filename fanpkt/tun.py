@@ -52,9 +52,12 @@ class Tun:
     """One TUN (or TAP) device. Keep the object alive: pytun closes the fd when it is
     collected."""
 
-    def __init__(self, name: str, mtu: int, offload: bool = True, tap: bool = False):
+    def __init__(self, name: str, mtu: int, offload: bool = True, tap: bool = False,
+                 queues: int = 1):
         """offload=False: plain packets, no virtio header (the Python baseline in bench/).
-        tap: Ethernet frames, for a VXLAN fan."""
+        tap: Ethernet frames, for a VXLAN fan. queues > 1: a multi-queue device
+        (IFF_MULTI_QUEUE) with that many fds, `fds`; the kernel sends each flow to one of
+        them (by its hash, or to the queue that last wrote the flow)."""
         check_tun_available()
         with IPRoute() as ipr:
             if link_index(ipr, name) is not None:
@@ -64,27 +67,37 @@ class Tun:
             # IFF_NO_PI: without it every packet carries a 4-byte prefix (pytun's default).
             # IFF_VNET_HDR: a 10-byte virtio_net_hdr instead, which carries the offloads.
             flags = ((pytun.IFF_TAP if tap else pytun.IFF_TUN) | pytun.IFF_NO_PI
-                     | (pytun.IFF_VNET_HDR if offload else 0))
-            self.dev = pytun.TunTapDevice(name=name, flags=flags)
+                     | (pytun.IFF_VNET_HDR if offload else 0)
+                     | (pytun.IFF_MULTI_QUEUE if queues > 1 else 0))
+            self.queues = [pytun.TunTapDevice(name=name, flags=flags)]
+            # each further TUNSETIFF with the same name attaches one more queue
+            self.queues += [pytun.TunTapDevice(name=name, flags=flags)
+                            for _ in range(queues - 1)]
         except pytun.Error as e:
+            self.close()
             raise DeviceError(f"cannot create {'TAP' if tap else 'TUN'} device {name}: "
                               f"{e}") from None
+        self.dev = self.queues[0]
         self.name = name
-        self.fd = self.dev.fileno()
+        self.fds = [q.fileno() for q in self.queues]
+        self.fd = self.fds[0]
         try:
-            if offload:
-                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+            for fd in self.fds:
+                if offload:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+                os.set_blocking(fd, False)
         except OSError as e:
-            self.dev.close()
+            self.close()
             raise DeviceError(f"cannot enable offloads on TUN device {name}: {e}") from None
-        os.set_blocking(self.fd, False)
         _tune(name)
         with IPRoute() as ipr:
             self.index = link_index(ipr, name)
             ipr.link("set", index=self.index, mtu=mtu, txqlen=TXQUEUELEN, state="up")
 
     def close(self) -> None:
-        """Closing the fd destroys the device, and with it its addresses and routes."""
-        if self.dev is not None:
-            self.dev.close()
-            self.dev = None
+        """Closing the fds (every queue's) destroys the device, and with it its addresses
+        and routes."""
+        for q in getattr(self, "queues", []):
+            q.close()
+        self.queues = []
+        self.dev = None

@@ -60,13 +60,31 @@ def open_socket() -> socket.socket:
     return s
 
 
-def open_vxlan_socket(port: int) -> socket.socket:
+def open_vxlan_sockets(port: int, n: int = 1) -> list[socket.socket]:
+    """n UDP sockets for one VXLAN port, one per receive loop. With n > 1 they form an
+    SO_REUSEPORT group: the kernel gives each datagram to one of them by a hash of its
+    addresses and ports, and since a peer's source port is its inner flow's hash, each
+    inner flow keeps to one socket (one loop, in order)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(open_vxlan_socket(port, reuseport=n > 1))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def open_vxlan_socket(port: int, reuseport: bool = False) -> socket.socket:
     """The UDP socket a VXLAN port's datagrams arrive on (the kernel checks their outer
     IPv4 and UDP headers first). IP_RECVTOS hands over each outer TOS, for ECN; UDP_GRO
     (Linux 5.0) lets the kernel hand over a flow's consecutive datagrams in one buffer:
     without it each comes alone, and rx_udp_gro stays 0."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
         try:

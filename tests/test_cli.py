@@ -11,7 +11,8 @@ import pytest
 from fanpkt import cli
 from fanpkt.config import make_spec
 from fanpkt.engine import COUNTER_NAMES
-from fanpkt.runstate import RX_BLOCK, FanState, RunState, State, process_start, tx_block
+from fanpkt.runstate import (N_BLOCKS, RX_BLOCK, FanState, RunState, State, process_start,
+                             tx_block)
 
 
 class Resolver:
@@ -108,7 +109,7 @@ def running(tmp_path):
     """A forwarder's side: lock held, state.json and counters published."""
     rs = RunState(str(tmp_path / "run"))
     rs.acquire()
-    c = rs.create_counters(3, 32)
+    c = rs.create_counters(N_BLOCKS, 32)
     # as published by a live process (this one): readers check the pid and start time
     rs.write_state(dataclasses.replace(state(), pid=os.getpid(),
                                        started=process_start(os.getpid())))

@@ -111,13 +111,14 @@ def test_vxlan_and_ipip_fans_and_their_loops(lab, tmp_path):
     h2 = lab.host("h2", "172.16.2.1")
     conf = tmp_path / "fan"
     conf.write_text("241.0.0.0/8 172.16.1.1/16\n240.0.0.0/8 172.16.1.1/16 type vxlan\n")
-    lab.forward(h1, "-c", str(conf), "--metrics", METRICS)
+    lab.forward(h1, "-c", str(conf), "--metrics", METRICS, "--queues", "2")
     lab.forward(h2, "-o", "240.0.0.0/8", "-u", "172.16.2.1/16", "--type", "vxlan")
     assert ping(h1, "240.2.1.1").returncode == 0
     got = samples(scrape(h1)[1])
     assert got[("fanpkt_fans", ())] == 2
     assert {dict(k[1])["loop"] for k in got if k[0] == "fanpkt_loop_up"} == \
-        {"tx-241", "tx-240", "rx", "rx-vxlan-8472"}
+        {"tx-241", "tx-241.1", "tx-240", "tx-240.1", "rx", "rx-vxlan-8472",
+         "rx-vxlan-8472.1"}                 # one per queue, one per VXLAN socket
 
     def pkts(fan, d):
         return got[("fanpkt_packets_total", (("direction", d), ("fan", fan)))]

@@ -46,7 +46,7 @@ def run(tmp_path):
 def test_state_json_round_trip():
     s = state()
     d = json.loads(json.dumps(s.to_json()))        # as written to and read from state.json
-    assert d["fans"][1]["bridge"] is None and d["counter_blocks"]["tx:fan-10"] == 2
+    assert d["fans"][1]["bridge"] is None and d["counter_blocks"]["tx:fan-10"] == tx_block(1)
     back = State.from_json(d)
     assert back == s and isinstance(back.fans[0], FanState)
     assert isinstance(d["fans"][0], dict)           # the caller's dict is left as it was
@@ -54,7 +54,11 @@ def test_state_json_round_trip():
 
 
 def test_blocks_and_directory():
-    assert (RX_BLOCK, tx_block(0), tx_block(15)) == (0, 1, 16)
+    # IPIP receive; the transmit loops, 8 queues per fan slot; the VXLAN ports' receive
+    # loops, 8 per port: every block distinct, the file holds them all
+    blocks = [RX_BLOCK] + [tx_block(s, q) for s in range(16) for q in range(8)] + \
+        [vxlan_rx_block(k, q) for k in range(16) for q in range(8)]
+    assert blocks == list(range(runstate.N_BLOCKS)) and (tx_block(0), tx_block(0, 1)) == (1, 2)
     ino = os.stat("/proc/self/ns/net").st_ino
     assert netns_dir("/x") == f"/x/net-{ino}"
     assert RunState.find().path == netns_dir() == f"/run/fanpkt/net-{ino}"
@@ -101,9 +105,10 @@ def test_crashed_run_leaves_its_state_for_the_next(run):
 
 def test_counters_are_live_and_summed_per_name(run):
     run.acquire()
-    c = run.create_counters(3, BLOCK)
-    assert os.path.getsize(run.file("counters")) == 3 * BLOCK * 8
-    assert [list(c.block(i)) for i in range(3)] == [[0] * BLOCK] * 3
+    c = run.create_counters(runstate.N_BLOCKS, BLOCK)
+    assert os.path.getsize(run.file("counters")) == runstate.N_BLOCKS * BLOCK * 8
+    assert [list(c.block(i)) for i in range(runstate.N_BLOCKS)] == \
+        [[0] * BLOCK] * runstate.N_BLOCKS
     run.write_state(state())
     c.block(RX_BLOCK)[2] = 7                        # rx_packets
     c.block(RX_BLOCK)[0] = 100                      # an rx loop's tx_packets: still summed
@@ -124,7 +129,7 @@ def test_counters_are_live_and_summed_per_name(run):
 
 def test_zero_clears_one_block(run):
     run.acquire()
-    c = run.create_counters(3, BLOCK)
+    c = run.create_counters(runstate.N_BLOCKS, BLOCK)
     for i in range(3):
         for k in range(BLOCK):
             c.block(i)[k] = 10 * i + k + 1
@@ -277,7 +282,7 @@ def test_which_fans_each_loop_counts_for(run):
 def test_the_forwarders_own_snapshot_is_what_readers_read(run):
     run.acquire()
     assert run.snapshot() is None                   # nothing published yet
-    c = run.create_counters(3, BLOCK)
+    c = run.create_counters(runstate.N_BLOCKS, BLOCK)
     run.write_state(state())
     c.block(tx_block(1))[0] = 11
     c.block(RX_BLOCK)[2] = 7
@@ -289,7 +294,7 @@ def test_the_forwarders_own_snapshot_is_what_readers_read(run):
 
 def test_a_forwarder_stopping_between_the_two_reads_is_not_running(run, monkeypatch):
     run.acquire()
-    run.create_counters(3, BLOCK)
+    run.create_counters(runstate.N_BLOCKS, BLOCK)
     run.write_state(state())
     reader = RunState(run.path)
     read_state = reader.read_state

@@ -4,11 +4,17 @@
   tcp-send HOST PORT NBYTES     send NBYTES of seeded data, print "<bytes> <sha256>"
   udp-echo PORT                 echo datagrams until killed
   udp-sizes HOST PORT MAX       send every size 1..MAX, print the sizes that came back intact
+  udp-flows HOST PORT FLOWS N   send N numbered datagrams on each of FLOWS sockets, in turn
+  udp-flows-sink PORT IDLE      count each flow's datagrams and those that came out of
+                                order; print JSON once IDLE seconds pass without one
 """
 import hashlib
+import json
 import random
 import socket
+import struct
 import sys
+import time
 
 
 def tcp_sink(port):
@@ -68,6 +74,38 @@ def udp_sizes(host, port, maximum):
     print(len(ok), min(ok, default=0), max(ok, default=0), flush=True)
 
 
+def udp_flows(host, port, flows, n):
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(int(flows))]
+    for seq in range(int(n)):
+        for s in socks:
+            s.sendto(struct.pack("!I", seq) + bytes(60), (host, int(port)))
+        if seq % 50 == 49:
+            time.sleep(0.002)                       # paced: a test of order, not of loss
+    print("sent", flush=True)
+
+
+def udp_flows_sink(port, idle):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", int(port)))
+    print("listening", flush=True)
+    last, got, reordered = {}, {}, 0
+    s.settimeout(float(idle) * 10)                  # the first datagram may take a while
+    while True:
+        try:
+            data, peer = s.recvfrom(2048)
+        except socket.timeout:
+            break
+        s.settimeout(float(idle))
+        seq = struct.unpack_from("!I", data)[0]
+        flow = f"{peer[0]}:{peer[1]}"
+        if seq <= last.get(flow, -1):
+            reordered += 1
+        last[flow] = max(seq, last.get(flow, -1))
+        got[flow] = got.get(flow, 0) + 1
+    print(json.dumps({"flows": got, "reordered": reordered}), flush=True)
+
+
 if __name__ == "__main__":
     {"tcp-sink": tcp_sink, "tcp-send": tcp_send, "udp-echo": udp_echo,
-     "udp-sizes": udp_sizes}[sys.argv[1]](*sys.argv[2:])
+     "udp-sizes": udp_sizes, "udp-flows": udp_flows,
+     "udp-flows-sink": udp_flows_sink}[sys.argv[1]](*sys.argv[2:])
