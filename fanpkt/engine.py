@@ -154,9 +154,10 @@ class Dataplane:
         return self._start(name, fastpath.run_tx, tun_fd, sock_fd, packet_fd,
                            counters, vxlan, gso_fd if vxlan else -1, dev_fd)
 
-    def start_rx(self, sock_fd: int, counters) -> LoopThread:
-        """The receive loop of the raw IPIP socket, writing to every IPIP fan's TUN."""
-        return self._start("rx", fastpath.run_rx, sock_fd, counters)
+    def start_rx(self, name: str, sock_fd: int, counters) -> LoopThread:
+        """A receive loop `name` of IPIP, on one raw socket (its share, with several:
+        underlay.share_filter), writing to every IPIP fan's TUN."""
+        return self._start(name, fastpath.run_rx, sock_fd, counters)
 
     def start_rx_vxlan(self, name: str, port: int, sock_fd: int, counters) -> LoopThread:
         """A receive loop `name` of VXLAN UDP port `port` (one per socket of the port's

@@ -28,11 +28,11 @@ from .neighbours import NeighbourWatch
 from .notify import Notifier, Watchdog
 from .plumbing import Plumbing
 from .netlink import mac_bytes
-from .runstate import (CONTROL_SOCKET, N_BLOCKS, RX_BLOCK, FanState, RunState, State,
-                       process_start, tx_block, vxlan_rx_block)
+from .runstate import (CONTROL_SOCKET, N_BLOCKS, FanState, RunState, State, process_start,
+                       rx_block, tx_block, vxlan_rx_block)
 from .tun import Tun, check_tun_available
-from .underlay import (Interface, interface_of, open_packet_socket, open_socket,
-                       open_vxlan_sockets)
+from .underlay import (Interface, interface_of, open_packet_socket, open_receive_sockets,
+                       open_socket, open_vxlan_sockets)
 
 log = logging.getLogger("fanpkt")
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
@@ -83,6 +83,7 @@ class Forwarder:
         self.sock = None
         self.packet_sock = None
         self.gso_sock = None                        # VXLAN UDP GSO (a vnet-header socket)
+        self.rx_socks: list = []                    # IPIP: self.sock, then one per loop
         self.vxlan_socks: dict[int, list] = {}      # UDP port -> its sockets, one per loop
         self.vxlan_blocks: dict[int, int] = {}      # UDP port -> k of its vxlan_rx_blocks
         self.neighbours: Optional[NeighbourWatch] = None
@@ -123,7 +124,10 @@ class Forwarder:
                 self._add_fan(spec)
             self._install_table()
             plumbing.nft_apply(self.specs)
-            self.dp.start_rx(self.sock.fileno(), self.counters.block(RX_BLOCK))
+            self.rx_socks = open_receive_sockets(self.sock, self.queues)
+            for q, sock in enumerate(self.rx_socks):
+                self.dp.start_rx("rx" if q == 0 else f"rx.{q}", sock.fileno(),
+                                 self.counters.block(rx_block(q)))
             self._sync_vxlan_ports()
             for fan in self.fans.values():
                 self._start_tx(fan)
@@ -228,7 +232,8 @@ class Forwarder:
             self.neigh_entries = entries
 
     def publish(self) -> None:
-        blocks = {"rx": RX_BLOCK}
+        blocks = {"rx" + (f":q{q}" if q else ""): rx_block(q)
+                  for q in range(max(1, len(self.rx_socks)))}
         for f in self.fans.values():
             blocks.update({f"tx:{f.tun.name}" + (f":q{q}" if q else ""): tx_block(f.slot, q)
                            for q in range(len(f.tun.fds))})
@@ -292,6 +297,9 @@ class Forwarder:
         for fan in list(self.fans.values()):
             self._remove_fan(fan)
         self.fans.clear()
+        for sock in self.rx_socks[1:]:
+            sock.close()
+        self.rx_socks = []
         if self.sock is not None:
             plumbing.nft_remove()
             self.sock.close()

@@ -5,7 +5,7 @@ One forwarder per network namespace, so the state directory is keyed by the name
 inode: `ip netns exec NS fanpkt stats` finds the forwarder of NS and no other.
 
 The counter file is an array of uint64 blocks of `counter_block` entries, one block per
-loop: block RX_BLOCK for the IPIP receive loop, tx_block(slot, queue) for the transmit loop
+loop: block rx_block(queue) for an IPIP receive loop, tx_block(slot, queue) for the transmit loop
 of one queue of the fan in that slot, vxlan_rx_block(k, queue) for one receive loop of a
 VXLAN port. The loops increment their block in place through the mapping, so
 readers see the counters live and the loops pay nothing to publish them.
@@ -43,7 +43,12 @@ def vxlan_rx_block(k: int, queue: int = 0) -> int:
     return 1 + MAX_FANS * MAX_QUEUES + k * MAX_QUEUES + queue
 
 
-N_BLOCKS = vxlan_rx_block(MAX_FANS)     # the counter file: every block above, and RX_BLOCK
+def rx_block(queue: int = 0) -> int:
+    """The counter block of IPIP receive loop `queue` (RX_BLOCK for the first)."""
+    return RX_BLOCK if queue == 0 else vxlan_rx_block(MAX_FANS) + queue - 1
+
+
+N_BLOCKS = rx_block(MAX_QUEUES)         # the counter file: every block above
 
 
 def process_start(pid: int) -> Optional[int]:

@@ -14,9 +14,11 @@ It is opened with protocol 0, so it never receives.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import socket
+import struct
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
@@ -41,6 +43,97 @@ class Interface(NamedTuple):
     index: int
     mtu: int
     mac: bytes              # b"" unless the link is Ethernet: then frames can be sent on it
+
+
+# Spreading IPIP receive over n loops (design §15). Every raw IPPROTO_IPIP socket gets
+# its own clone of each datagram, so n plain sockets would deliver each n times. Instead
+# each socket has a classic BPF filter that keeps only its share: a hash of the inner
+# addresses (and, for unfragmented TCP and UDP, ports) modulo n must equal its index. A
+# datagram is queued on exactly one socket, and a flow always on the same one, in order.
+# Outer headers with options (no fan peer sends them) all go to share 0. PACKET_FANOUT
+# would avoid the clones, but it taps the link layer: before the host's INPUT firewall,
+# reassembly and ip_rcv's checks, which the raw path keeps.
+SO_ATTACH_FILTER = 26
+_BPF = {"ldb": 0x30, "ldh": 0x28, "ld": 0x20, "ldi": 0x00, "len": 0x80, "ldxmsh": 0xB1,
+        "ldind": 0x40, "ldmem": 0x60, "st": 0x02, "tax": 0x07, "txa": 0x87, "xorx": 0xAC,
+        "add": 0x04, "rsh": 0x74, "mul": 0x24, "mod": 0x94, "jeq": 0x15, "jge": 0x35,
+        "jgex": 0x3D, "jset": 0x45, "ja": 0x05, "ret": 0x06}   # <linux/filter.h> codes
+
+
+def share_filter(q: int, n: int) -> bytes:
+    """The BPF program (struct sock_filter[]) that accepts IPIP datagrams of share q of n.
+    The raw socket sees the outer header at 0, the inner at 20. A datagram too short for
+    the fields read, or with outer options, is share 0's: the engine counts its drop."""
+    prog = [                # (label, op, k, jump if true, jump if false)
+        (None, "len", 0, None, None),
+        (None, "st", 1, None, None),            # M[1] = length
+        (None, "jge", 40, None, "share0"),      # outer + inner header, or share 0
+        (None, "ldb", 0, None, None),
+        (None, "jeq", 0x45, None, "share0"),    # outer options: share 0
+        (None, "ld", 32, None, None),           # inner source
+        (None, "tax", 0, None, None),
+        (None, "ld", 36, None, None),           # inner destination
+        (None, "xorx", 0, None, None),
+        (None, "st", 0, None, None),            # M[0] = src ^ dst
+        (None, "ldb", 29, None, None),          # inner protocol
+        (None, "jeq", 6, "ports", None),
+        (None, "jeq", 17, "ports", "hash"),
+        ("ports", "ldh", 26, None, None),       # inner fragment field
+        (None, "jset", 0x3FFF, "hash", None),   # a fragment: no ports
+        (None, "ldxmsh", 20, None, None),       # X = inner IHL
+        (None, "txa", 0, None, None),
+        (None, "add", 24, None, None),          # the ports end at 20 + IHL + 4
+        (None, "tax", 0, None, None),
+        (None, "ldmem", 1, None, None),
+        (None, "jgex", 0, None, "hash"),        # datagram too short: no ports
+        (None, "ldxmsh", 20, None, None),
+        (None, "ldind", 20, None, None),        # A = the ports, at 20 + IHL
+        (None, "tax", 0, None, None),
+        (None, "ldmem", 0, None, None),
+        (None, "xorx", 0, None, None),
+        (None, "st", 0, None, None),
+        ("hash", "ldmem", 0, None, None),       # mix, so that neighbouring hosts spread
+        (None, "mul", 0x9E3779B1, None, None),
+        (None, "rsh", 16, None, None),
+        (None, "mod", n, None, None),
+        (None, "ja", 0, "pick", None),
+        ("share0", "ldi", 0, None, None),
+        ("pick", "jeq", q, None, "drop"),
+        (None, "ret", 0x40000, None, None),     # ours: all of it
+        ("drop", "ret", 0, None, None),         # another loop's
+    ]
+    at = {label: i for i, (label, *_rest) in enumerate(prog) if label}
+    out = []
+    for i, (_, op, k, jt, jf) in enumerate(prog):
+        rel = lambda to: at[to] - i - 1 if to else 0     # noqa: E731 - forward only
+        if op == "ja":
+            k, jt = rel(jt), None
+        out.append(struct.pack("HBBI", _BPF[op], rel(jt), rel(jf), k))
+    return b"".join(out)
+
+
+def attach_filter(s: socket.socket, prog: bytes) -> None:
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
+    s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def open_receive_sockets(first: socket.socket, n: int) -> list[socket.socket]:
+    """The raw sockets IPIP arrives on, one per receive loop: `first` (the sending
+    socket) and n - 1 more, each taking its share (share_filter); n == 1: first alone,
+    unfiltered."""
+    if n == 1:
+        return [first]
+    socks = [first]
+    try:
+        socks += [open_socket() for _ in range(n - 1)]
+        for q, s in enumerate(socks):
+            attach_filter(s, share_filter(q, n))
+    except BaseException:
+        for s in socks[1:]:
+            s.close()
+        raise
+    return socks
 
 
 def open_socket() -> socket.socket:

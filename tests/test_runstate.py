@@ -57,7 +57,9 @@ def test_blocks_and_directory():
     # IPIP receive; the transmit loops, 8 queues per fan slot; the VXLAN ports' receive
     # loops, 8 per port: every block distinct, the file holds them all
     blocks = [RX_BLOCK] + [tx_block(s, q) for s in range(16) for q in range(8)] + \
-        [vxlan_rx_block(k, q) for k in range(16) for q in range(8)]
+        [vxlan_rx_block(k, q) for k in range(16) for q in range(8)] + \
+        [runstate.rx_block(q) for q in range(1, 8)]
+    assert runstate.rx_block(0) == RX_BLOCK
     assert blocks == list(range(runstate.N_BLOCKS)) and (tx_block(0), tx_block(0, 1)) == (1, 2)
     ino = os.stat("/proc/self/ns/net").st_ino
     assert netns_dir("/x") == f"/x/net-{ino}"

@@ -86,6 +86,7 @@ def udp_flows(host, port, flows, n):
 
 def udp_flows_sink(port, idle):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)   # SO_RCVBUFFORCE: Python reads slowly
     s.bind(("0.0.0.0", int(port)))
     print("listening", flush=True)
     last, got, reordered = {}, {}, 0
