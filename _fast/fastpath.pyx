@@ -33,7 +33,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-from linux cimport (errno, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
+from linux cimport (errno, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
                     CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmsg, sendmmsg, recvmmsg,
                     MSG_DONTWAIT,
                     AF_INET, AF_PACKET, IPPROTO_IP, IP_TOS, IPPROTO_IPIP, IPPROTO_TCP,
@@ -109,6 +109,8 @@ cpdef enum Counter:
     DROP_RX_ECN_CE_NOT_ECT      # R6
     DROP_RX_TUN_WRITE           # the TUN refused the packet (EIO while the link is down)
     DROP_RX_RECV_ERROR          # recvmmsg() failed (not EAGAIN or EINTR)
+    DROP_RX_SOCKET_FULL         # datagrams the kernel dropped at our receive socket, its
+                                # buffer full (SO_RXQ_OVFL: set, not added)
     DROP_RX_BAD_VXLAN           # V1: VXLAN flags other than I alone, or reserved bits set
     DROP_RX_UNKNOWN_VNI         # V1: no VXLAN fan with this VNI on this port
     DROP_RX_OWN_MAC             # V3: a frame from our own bridge's MAC came back
@@ -657,10 +659,15 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     cdef const fan_table *t
     cdef rx_out *o
     cdef int got, i, n, fd
+    cdef uint8_t otos
+    cdef uint32_t gso
+    cdef uint8_t *ctl_bufs = <uint8_t *>malloc(<size_t>RX_CTL * BATCH)
     cdef timespec nap
     nap.tv_sec = 0
     nap.tv_nsec = RX_NAP_NS
-    if arena == NULL:
+    if arena == NULL or ctl_bufs == NULL:
+        free(arena)
+        free(ctl_bufs)
         raise MemoryError()
     memset(msgs, 0, sizeof(msgs))
     for i in range(BATCH):
@@ -671,11 +678,15 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     with nogil:
         while not stopped(ctl):
             ctl.ticks += 1
+            for i in range(BATCH):      # the kernel shortens it to what it wrote
+                msgs[i].msg_hdr.msg_control = ctl_bufs + <size_t>RX_CTL * i
+                msgs[i].msg_hdr.msg_controllen = RX_CTL
             got = recvmmsg(sock_fd, msgs, BATCH, MSG_DONTWAIT, NULL)
             if got <= 0:
                 recv_failed(got, c)
                 wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
+            rx_cmsgs(&msgs[got - 1].msg_hdr, &otos, &gso, c)   # the newest drop count
             t = eng.table
             for i in range(got):
                 lens[i] = msgs[i].msg_len
@@ -692,6 +703,7 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
             if got < BATCH:
                 nanosleep(&nap, NULL)
     free(arena)
+    free(ctl_bufs)
 
 
 def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
@@ -741,7 +753,7 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
             x.t = eng.table
             bytes_in = 0
             for i in range(got):
-                rx_cmsgs(&msgs[i].msg_hdr, &otos, &gso)
+                rx_cmsgs(&msgs[i].msg_hdr, &otos, &gso, c)
                 vx_rx_message(&x, <uint16_t>port, ntohl(names[i].sin_addr.s_addr), otos,
                               arena + <size_t>SLOT * i + RX_OFF, msgs[i].msg_len, gso,
                               arena + <size_t>SLOT * (i + 1))

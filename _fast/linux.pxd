@@ -59,6 +59,9 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         AF_PACKET
         MSG_DONTWAIT
+        SOL_SOCKET
+        SO_RXQ_OVFL                 # a cmsg: how many datagrams the socket's full buffer
+                                    # has dropped, in all (Linux 2.6.33)
 
 cdef extern from "<linux/if_packet.h>" nogil:
     struct sockaddr_ll:

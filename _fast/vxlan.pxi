@@ -15,7 +15,8 @@ cdef enum:
                                 # the inner TTL: the frame is switched, not routed)
     RX_OFF = 16                 # receive offset in a slot: room for the virtio header
                                 # in front of the frame (VXLAN_HLEN + RX_OFF >= VNET_HLEN)
-    RX_CTL = 64                 # control buffer per message: IP_TOS and UDP_GRO cmsgs
+    RX_CTL = 96                 # control buffer per message: IP_TOS, UDP_GRO and
+                                # SO_RXQ_OVFL cmsgs, 24 bytes each
     SOL_UDP_ = 17               # <netinet/udp.h> SOL_UDP and UDP_GRO: the kernel hands
     UDP_GRO_ = 104              # over consecutive datagrams of a flow in one buffer
 
@@ -444,11 +445,13 @@ cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint8_t otos, ui
         off += n
 
 
-cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso) noexcept nogil:
+cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso, uint64_t *c) noexcept nogil:
     """The outer TOS (IP_TOS, asked for with IP_RECVTOS) and the UDP GRO segment size of a
-    received message; 0 for what it does not carry."""
+    received message, 0 for what it does not carry; and the socket's drop count
+    (SO_RXQ_OVFL) into c's DROP_RX_SOCKET_FULL."""
     cdef cmsghdr *cm = CMSG_FIRSTHDR(h)
     cdef int v
+    cdef uint32_t dropped
     tos[0] = 0
     gso[0] = 0
     while cm != NULL:
@@ -457,4 +460,7 @@ cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso) noexcept nogil:
         elif cm.cmsg_level == SOL_UDP_ and cm.cmsg_type == UDP_GRO_:
             memcpy(&v, CMSG_DATA(cm), sizeof(int))
             gso[0] = <uint32_t>v if v > 0 else 0
+        elif cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SO_RXQ_OVFL:
+            memcpy(&dropped, CMSG_DATA(cm), sizeof(uint32_t))
+            c[<int>DROP_RX_SOCKET_FULL] = dropped   # the socket's total: one socket a block
         cm = CMSG_NXTHDR(h, cm)

@@ -107,6 +107,12 @@ def format_stats(snap: dict) -> str:
         for name, value in snap["total"].items():
             if name.startswith(direction) or name.startswith(f"drop_{direction}"):
                 lines.append(f"  {name:28} {value}")
+    devices = snap.get("devices", {})
+    if devices:     # losses before fanpkt sees a packet, or after it wrote one
+        lines.append("kernel, at the fan devices:")
+        for dev, d in devices.items():
+            lines.append(f"  {dev:28} tx_dropped {d['tx_dropped']}  rx_dropped "
+                         f"{d['rx_dropped']}")
     return "\n".join(lines)
 
 

@@ -149,6 +149,20 @@ def loop_fans(state: State) -> dict[str, list[str]]:
     return out
 
 
+def device_drops(dev: str) -> dict:
+    """What the kernel dropped at a fan's TUN/TAP: tx_dropped are packets routed into it
+    that its queue had no room for (the transmit loops fell behind: fanpkt never saw
+    them); rx_dropped, packets the forwarder wrote that the stack refused."""
+    out = {}
+    for key in ("tx_dropped", "rx_dropped"):
+        try:
+            with open(f"/sys/class/net/{dev}/statistics/{key}") as f:
+                out[key] = int(f.read())
+        except (OSError, ValueError):
+            out[key] = None         # the device is going away, or no sysfs here
+    return out
+
+
 def totals(state: State, raw: bytes) -> dict:
     """Counters per loop and in total, from the counter file's bytes, and which fans each
     loop counts for."""
@@ -161,7 +175,8 @@ def totals(state: State, raw: bytes) -> dict:
     total = {n: sum(loop.get(n, 0) for loop in loops.values()) for n in names}
     return {"pid": state.pid, "total": total, "loops": loops, "loop_fans": loop_fans(state),
             "fans": [{"device": f.device, "type": f.type, "overlay": f.overlay,
-                      "flags": f.flags} for f in state.fans]}
+                      "flags": f.flags} for f in state.fans],
+            "devices": {f.device: device_drops(f.device) for f in state.fans}}
 
 
 class RunState:

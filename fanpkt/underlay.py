@@ -29,7 +29,7 @@ from .fanmap import ip
 from .netlink import mac_bytes
 
 log = logging.getLogger("fanpkt")
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_RXQ_OVFL = 32, 33, 40
 SOL_PACKET, PACKET_VNET_HDR = 263, 15
 SOL_UDP, UDP_GRO = 17, 104
 IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
@@ -141,6 +141,8 @@ def open_socket() -> socket.socket:
     try:
         s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        # each datagram carries the socket's drop count: drop_rx_socket_full
+        s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
         # PROBE, not DO: refuse (EMSGSIZE) what exceeds the device MTU, which fanpkt answers
         # with "fragmentation needed" (design §4 T5), but ignore path MTUs the kernel
@@ -179,6 +181,7 @@ def open_vxlan_socket(port: int, reuseport: bool = False) -> socket.socket:
         if reuseport:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
         try:
             s.setsockopt(SOL_UDP, UDP_GRO, 1)

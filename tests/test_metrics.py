@@ -117,8 +117,8 @@ def test_vxlan_and_ipip_fans_and_their_loops(lab, tmp_path):
     got = samples(scrape(h1)[1])
     assert got[("fanpkt_fans", ())] == 2
     assert {dict(k[1])["loop"] for k in got if k[0] == "fanpkt_loop_up"} == \
-        {"tx-241", "tx-241.1", "tx-240", "tx-240.1", "rx", "rx-vxlan-8472",
-         "rx-vxlan-8472.1"}                 # one per queue, one per VXLAN socket
+        {"tx-241", "tx-241.1", "tx-240", "tx-240.1", "rx", "rx.1", "rx-vxlan-8472",
+         "rx-vxlan-8472.1"}                 # one per queue, one per receive socket
 
     def pkts(fan, d):
         return got[("fanpkt_packets_total", (("direction", d), ("fan", fan)))]
