@@ -57,7 +57,7 @@ from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV
                       TCP_OFF_CSUM, TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR, TCP_MIN_MSS,
                       vnet_hdr, acc_add,
                       pseudo_header, csum_complete, tcp_csum_ok, tcp_csum_is_partial,
-                      tcp_header_len, gro_same_flow)
+                      tcp_header_len, gro_same_flow, udp_csum_ok, udp_same_flow)
 from vxlan cimport (flow_hash, UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_LEN, UDP_OFF_CSUM,
                     VXLAN_HLEN, VXLAN_FLAG_I, VXLAN_OUTER, ETH_OFF_SRC, ETH_OFF_TYPE, ARP_LEN,
                     ARP_OFF_SPA, ARP_OFF_TPA, vxlan_source_port)

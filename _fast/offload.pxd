@@ -8,7 +8,7 @@
 # for IPIP).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
-from linux cimport ETH_HLEN, IPPROTO_TCP, htons
+from linux cimport ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, htons
 from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_FRAG, IPV4_OFF_PROTO, IPV4_OFF_SRC,
                    IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ipv4_ihl, load16, csum_add,
                    csum_fold, checksum)
@@ -99,6 +99,23 @@ cdef inline uint32_t tcp_header_len(const uint8_t *ip, uint32_t len) noexcept no
     if thl < TCP_HLEN or ihl + thl >= len:
         return 0
     return thl
+
+
+cdef inline bint udp_csum_ok(const uint8_t *ip, uint32_t len) noexcept nogil:
+    """Verify the UDP checksum of a whole IPv4/UDP packet without options (0: none sent)."""
+    if load16(ip + IPV4_HLEN + 6) == 0:       # the UDP checksum field
+        return True
+    return csum_fold(acc_add(pseudo_header(ip, IPPROTO_UDP, len - IPV4_HLEN),
+                             csum_add(ip + IPV4_HLEN, len - IPV4_HLEN, 0))) == 0
+
+
+cdef inline bint udp_same_flow(const uint8_t *a, const uint8_t *b) noexcept nogil:
+    """Can datagram b follow datagram a in one UDP GSO superpacket? (Both IPv4 without
+    options, of one connection.) What the kernel copies from the superpacket onto every
+    datagram when it splits it must match: TOS, DF, TTL, addresses, ports."""
+    return (a[IPV4_OFF_TOS] == b[IPV4_OFF_TOS]
+            and memcmp(a + IPV4_OFF_FRAG, b + IPV4_OFF_FRAG, 3) == 0      # flags, offset, TTL
+            and memcmp(a + IPV4_OFF_SRC, b + IPV4_OFF_SRC, 12) == 0)      # addresses, ports
 
 
 cdef inline bint gro_same_flow(const uint8_t *a, const uint8_t *b, uint32_t thl) noexcept nogil:

@@ -2,7 +2,10 @@
 # recvmmsg is decapsulated (decap_one); consecutive TCP segments of one flow in it are
 # appended to the first (GRO) and written as one superpacket, which the kernel takes as
 # already checksummed (NEEDS_CSUM) - so every segment's TCP checksum is verified before it
-# is merged. Only the newest superpacket of a flow takes more, so a flow's order is kept.
+# is merged. Consecutive UDP datagrams of one flow, of one size (the last may be shorter),
+# are coalesced the same way into a UDP GSO superpacket (VNET_GSO_UDP_L4), which the
+# kernel splits into the same datagrams again: one TUN write for up to 64 of them. Only the
+# newest superpacket of a flow takes more, so a flow's order is kept.
 
 cdef enum:
     GRO_SCAN = 8                # how far back a segment looks for its flow
@@ -14,8 +17,9 @@ cdef struct rx_out:
     uint32_t segs               # underlay packets in it
     uint32_t bytes              # their inner bytes
     uint32_t gso_size           # payload of the first segment
-    uint32_t thl                # TCP header length; 0: not a segment GRO may take
+    uint32_t thl                # TCP (or UDP) header length; 0: nothing may join it
     bint tcp                    # a TCP packet (any): conn identifies its connection
+    bint udp                    # a UDP packet (any): the same
     bint ports                  # conn holds its ports (not a non-first fragment)
     uint8_t conn[12]            # source and destination address, source and dest port
     uint32_t room               # the most IPv4 bytes pkt may grow to in its buffer
@@ -65,13 +69,46 @@ cdef bint gro_append(rx_out *o, uint8_t *p, uint32_t len, uint32_t thl) noexcept
     return True
 
 
+cdef bint udp_append(rx_out *o, uint8_t *p, uint32_t len) noexcept nogil:
+    """Append datagram p (same flow and header fields as o) to o if it fits the
+    superpacket: no larger than the first, room left, under GSO_SEGS. Each datagram's
+    UDP checksum is verified first: the kernel recomputes them all when it splits."""
+    cdef uint32_t pay = len - IPV4_HLEN - UDP_HLEN
+    if (not o.open or pay > o.gso_size or o.len + pay > o.room
+            or o.segs >= GSO_SEGS):
+        return False
+    if not o.csum_ok:
+        if not udp_csum_ok(o.pkt, o.len):
+            o.open = False
+            return False
+        o.csum_ok = True
+    if not udp_csum_ok(p, len):
+        return False
+    memmove(o.pkt + o.len, p + IPV4_HLEN + UDP_HLEN, pay)
+    o.len += pay
+    o.segs += 1
+    o.bytes += len
+    if pay < o.gso_size:
+        o.open = False          # only the last datagram may be short
+    return True
+
+
+cdef bint udp_candidate(const uint8_t *p, uint32_t len) noexcept nogil:
+    """May this UDP packet start or join a UDP GSO superpacket? IPv4 without options, not
+    a fragment, a UDP length that matches, and a payload (a zero-length one has no
+    gso_size)."""
+    return (p[0] == 0x45 and len > IPV4_HLEN + UDP_HLEN
+            and not (load16(p + IPV4_OFF_FRAG) & (IPV4_FLAG_MF | IPV4_FRAG_OFFSET_MASK))
+            and load16(p + IPV4_HLEN + UDP_OFF_LEN) == len - IPV4_HLEN)
+
+
 cdef bint tcp_connection(const uint8_t *p, uint32_t len, uint8_t *conn,
                          bint *ports) noexcept nogil:
-    """Is p[0:len] (a well-formed IPv4 packet) TCP, of any shape - no payload, IP options,
-    a fragment? If so conn gets its addresses, and its ports where the packet carries
-    them (ports[0] False for a non-first fragment)."""
+    """Is p[0:len] (a well-formed IPv4 packet) TCP or UDP, of any shape - no payload, IP
+    options, a fragment? If so conn gets its addresses, and its ports where the packet
+    carries them (ports[0] False for a non-first fragment)."""
     cdef uint32_t ihl = ipv4_ihl(p)
-    if p[IPV4_OFF_PROTO] != IPPROTO_TCP:
+    if p[IPV4_OFF_PROTO] != IPPROTO_TCP and p[IPV4_OFF_PROTO] != IPPROTO_UDP:
         return False
     memcpy(conn, p + IPV4_OFF_SRC, 8)
     ports[0] = ((load16(p + IPV4_OFF_FRAG) & IPV4_FRAG_OFFSET_MASK) == 0
@@ -102,11 +139,16 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     cdef uint8_t conn[12]
     cdef rx_out *o
     cdef int k
-    cdef bint kernel_gro = False, candidate = False, tcp, ports = False
+    cdef bint kernel_gro = False, candidate = False, tcp, udp, ports = False
     tcp = tcp_connection(p, len, conn, &ports)
-    if tcp and p[0] == 0x45:
+    udp = tcp and p[IPV4_OFF_PROTO] == IPPROTO_UDP
+    tcp = tcp and not udp
+    if udp and udp_candidate(p, len):
+        thl = UDP_HLEN
+        candidate = True
+    elif tcp and p[0] == 0x45:
         thl = tcp_header_len(p, len)
-    if thl:
+    if thl and tcp:
         # Longer than any one segment from a peer with our MTU: the underlay NIC's GRO
         # merged it (the kernel's IPIP GRO is built in, module or not), verifying every
         # segment's checksum and leaving the pseudo-header sum in the TCP checksum field
@@ -119,13 +161,16 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
             flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
             candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
                          and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
-    if tcp:
+    if tcp or udp:
         k = n - 1
         while k >= 0 and k >= n - GRO_SCAN:
             o = &outs[k]
-            if o.tcp and o.map_index == map_index and same_connection(o, conn, ports):
-                if (candidate and o.thl == thl and gro_same_flow(o.pkt, p, thl)
-                        and gro_append(o, p, len, thl)):
+            if (o.tcp == tcp and o.udp == udp and o.map_index == map_index
+                    and same_connection(o, conn, ports)):
+                if candidate and o.thl == thl and (
+                        (udp and udp_same_flow(o.pkt, p) and udp_append(o, p, len))
+                        or (tcp and gro_same_flow(o.pkt, p, thl)
+                            and gro_append(o, p, len, thl))):
                     return n
                 break
             k -= 1
@@ -136,12 +181,13 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     o.segs = 1
     o.bytes = len
     o.thl = thl
-    o.tcp = tcp                 # every TCP output, so that its connection stops the scan
+    o.tcp = tcp                 # every TCP or UDP output, so that its connection stops
+    o.udp = udp                 # the scan
     o.ports = ports
     memcpy(o.conn, conn, 12)
     o.room = 0xffff             # each datagram has a SLOT of its own
     o.gso_size = seg_max if kernel_gro else len - IPV4_HLEN - thl
-    o.open = candidate and not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH)
+    o.open = candidate and (udp or not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH))
     o.csum_ok = False
     o.kernel_gro = kernel_gro
     return n + 1
@@ -155,6 +201,20 @@ cdef void rx_finish(rx_out *o, uint32_t l2) noexcept nogil:
     cdef vnet_hdr h
     cdef uint16_t c16
     memset(&h, 0, sizeof(h))
+    if o.segs > 1 and o.udp:
+        store16(o.pkt + IPV4_OFF_TOT_LEN, o.len)
+        ipv4_set_header_csum(o.pkt, IPV4_HLEN)
+        store16(o.pkt + IPV4_HLEN + UDP_OFF_LEN, o.len - IPV4_HLEN)
+        c16 = ~csum_fold(pseudo_header(o.pkt, IPPROTO_UDP, o.len - IPV4_HLEN))
+        memcpy(o.pkt + IPV4_HLEN + UDP_OFF_CSUM, &c16, 2)
+        h.flags = VNET_F_NEEDS_CSUM
+        h.gso_type = VNET_GSO_UDP_L4
+        h.hdr_len = l2 + IPV4_HLEN + UDP_HLEN
+        h.gso_size = o.gso_size
+        h.csum_start = l2 + IPV4_HLEN
+        h.csum_offset = UDP_OFF_CSUM
+        memcpy(o.pkt - l2 - VNET_HLEN, &h, VNET_HLEN)
+        return
     if o.segs > 1:
         store16(o.pkt + IPV4_OFF_TOT_LEN, o.len)
         ipv4_set_header_csum(o.pkt, IPV4_HLEN)

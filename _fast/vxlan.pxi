@@ -390,22 +390,35 @@ cdef void vx_flush(vx_rx *x) noexcept nogil:
 
 cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
                   uint32_t room) noexcept nogil:
-    """A delivered frame: appended to the pending output if it continues its TCP flow
-    (same MACs, the rules of rx_gather), else the pending output is written and this
-    frame becomes the pending one. room: how far its IPv4 packet may grow in its buffer."""
+    """A delivered frame: appended to the pending output if it continues its TCP flow, or
+    its UDP flow with a datagram no larger than the first (same MACs, the rules of
+    rx_gather), else the pending output is written and this frame becomes the pending
+    one. room: how far its IPv4 packet may grow in its buffer."""
     cdef uint8_t *p = f + ETH_HLEN
     cdef uint32_t plen = flen - ETH_HLEN, thl = 0
     cdef uint8_t flags = 0
-    cdef bint candidate = False
+    cdef bint candidate = False, udp = False
     cdef rx_out *o = &x.o
     if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == 0x45
             and load16(p + IPV4_OFF_TOT_LEN) == plen):
-        thl = tcp_header_len(p, plen)
-    if thl:
+        if p[IPV4_OFF_PROTO] == IPPROTO_UDP:
+            udp = udp_candidate(p, plen)
+        else:
+            thl = tcp_header_len(p, plen)
+    if udp:
+        thl = UDP_HLEN
+        candidate = True
+        if (x.pending and o.udp and o.map_index == map_index
+                and memcmp(o.pkt - ETH_HLEN, f, ETH_HLEN) == 0
+                and udp_same_flow(o.pkt, p) and udp_append(o, p, plen)):
+            o.bytes += ETH_HLEN
+            return
+    elif thl:
         flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
         candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
                      and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
-        if (x.pending and candidate and o.thl == thl and o.map_index == map_index
+        if (x.pending and candidate and not o.udp and o.thl == thl
+                and o.map_index == map_index
                 and memcmp(o.pkt - ETH_HLEN, f, ETH_HLEN) == 0
                 and gro_same_flow(o.pkt, p, thl) and gro_append(o, p, plen, thl)):
             o.bytes += ETH_HLEN
@@ -417,8 +430,9 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
     o.segs = 1
     o.bytes = flen
     o.thl = thl
+    o.udp = udp
     o.gso_size = plen - IPV4_HLEN - thl if thl else 0
-    o.open = candidate and not (flags & TCP_PSH)
+    o.open = candidate and (udp or not (flags & TCP_PSH))
     o.csum_ok = False
     o.kernel_gro = False
     o.room = room if room < 0xffff else 0xffff

@@ -174,3 +174,104 @@ def test_gro_never_merges_past_a_packet_it_cannot_merge(kind):
     written = fastpath.Harness(rx, c).receive([outs[0], middle, outs[1]])
     assert [w[1] for w in written] == [1, 1, 1]
     assert bytes(IP(written[1][2][10:])) == between(kind)
+
+
+# -- UDP: consecutive datagrams of one flow, one size, become one UDP GSO write ---------------
+def udp_datagrams(sizes, sport=4000, **ip):
+    from scapy.layers.inet import UDP
+    return [bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF", id=100 + i, **ip) /
+                  UDP(sport=sport, dport=7007) / Raw(bytes((i + k) & 0xFF for k in range(n))))
+            for i, n in enumerate(sizes)]
+
+
+def through(datagrams):
+    """The datagrams encapsulated by one host and received by the other, as one burst."""
+    tx = fastpath.Engine([MapRow.of(TX)])
+    rx = fastpath.Engine([MapRow.of(RX)])
+    c = new_counters()
+    outs = [fastpath.Harness(tx, c).transmit(vnet(), d)[2][0] for d in datagrams]
+    return fastpath.Harness(rx, c).receive(outs)
+
+
+def split_udp_gso(buf):
+    """What the kernel makes of a UDP GSO write (__udp_gso_segment): each gso_size piece of
+    the payload behind the superpacket's IP and UDP headers, lengths set."""
+    from scapy.layers.inet import UDP
+    flags, gso_type, hdr_len, gso_size, start, off = struct.unpack("=BBHHHH", buf[:10])
+    big = IP(buf[10:])
+    pay = bytes(big[UDP].payload)
+    return [(big.tos, big.ttl, big.flags, big.src, big.dst, big[UDP].sport, big[UDP].dport,
+             pay[i:i + gso_size]) for i in range(0, len(pay), gso_size)]
+
+
+def fields(d):
+    from scapy.layers.inet import UDP
+    p = IP(d)
+    return (p.tos, p.ttl, p.flags, p.src, p.dst, p[UDP].sport, p[UDP].dport,
+            bytes(p[UDP].payload))
+
+
+@pytest.mark.parametrize("sizes", [[64] * 10, [1400] * 5 + [700], [18] * 64])
+def test_udp_datagrams_coalesce_into_one_gso_write(sizes):
+    datagrams = udp_datagrams(sizes)
+    written = through(datagrams)
+    assert [w[1] for w in written] == [len(sizes)]          # a burst is at most 64
+    got = []
+    for _, segs, buf in written:
+        flags, gso_type, hdr_len, gso_size, start, off = struct.unpack("=BBHHHH", buf[:10])
+        assert (flags, gso_type, hdr_len, gso_size, start, off) == \
+            (1, 5, 28, sizes[0], 20, 6)                         # NEEDS_CSUM, UDP_L4
+        big = IP(buf[10:])
+        assert big.len == len(buf) - 10 and IP(bytes(big)).chksum == big.chksum
+        # the UDP length covers the whole superpacket; its checksum field holds the
+        # pseudo-header sum the kernel completes for each datagram it splits off
+        assert struct.unpack_from("!H", buf, 10 + 24)[0] == len(buf) - 10 - 20
+        got += split_udp_gso(buf)
+    assert got == [fields(d) for d in datagrams]
+
+
+@pytest.mark.parametrize("case", ["ttl", "tos", "bigger", "fragment", "later-fragment",
+                                  "bad-csum", "ports"])
+def test_udp_datagrams_that_may_not_join(case):
+    """Anything the kernel would copy from the superpacket onto every datagram must match,
+    and only the last datagram may be shorter; a bad checksum is never hidden by the
+    checksum the kernel computes for the superpacket; and a datagram of another flow
+    between two of one flow's keeps them apart only if it is of that flow."""
+    from scapy.layers.inet import UDP
+    a, b, c = udp_datagrams([100, 100, 100])
+    if case == "ttl":
+        b = udp_datagrams([100], ttl=9)[0]
+    elif case == "tos":
+        b = udp_datagrams([100], tos=0x10)[0]
+    elif case == "bigger":
+        b = udp_datagrams([100, 101])[1]
+    elif case == "fragment":        # the first fragment of another datagram of the flow
+        b = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="MF") /
+                  UDP(sport=4000, dport=7007, len=508) / Raw(bytes(100)))
+    elif case == "later-fragment":  # no ports: the addresses decide
+        b = bytes(IP(src="241.3.4.9", dst="241.6.7.8", proto=17, frag=13) / Raw(bytes(100)))
+    elif case == "bad-csum":
+        b = bytearray(b)
+        b[-1] ^= 0xFF
+        b = bytes(b)
+    elif case == "ports":
+        b = udp_datagrams([100], sport=4001)[0]
+    written = through([a, b, c])
+    if case == "ports":     # another flow in between: a and c still join
+        assert [w[1] for w in written] == [2, 1]
+    elif case == "bigger":  # b starts its own, and c (smaller, so last) may join it
+        assert [w[1] for w in written] == [1, 2]
+    else:
+        assert [w[1] for w in written] == [1, 1, 1]
+        assert written[1][2][10:] == b
+
+
+def test_udp_without_checksum_joins_and_round_trips():
+    datagrams = []
+    for d in udp_datagrams([200] * 4):
+        d = bytearray(d)
+        d[26:28] = b"\0\0"                                  # no checksum sent (RFC 768)
+        datagrams.append(bytes(d))
+    written = through(datagrams)
+    assert [w[1] for w in written] == [4]
+    assert split_udp_gso(written[0][2]) == [fields(d) for d in datagrams]

@@ -432,6 +432,50 @@ def test_gro_coalesces_segments_into_one_tap_write(coalesced):
     assert [bytes(IP(o)[UDP].payload) for o in resplit] == payloads
 
 
+@pytest.mark.parametrize("coalesced", [False, True], ids=["one-by-one", "udp-gro"])
+def test_udp_frames_coalesce_into_one_udp_gso_tap_write(coalesced):
+    """Frames of consecutive UDP datagrams of one flow (the last shorter): one TAP write
+    of one UDP GSO superpacket (VNET_GSO_UDP_L4) that the kernel splits back into the same
+    datagrams, and 64 at most to a write (a UDP GRO buffer may bring more)."""
+    sizes = [100] * 70 + [60]
+    frames = [frame(UDP(sport=4000, dport=7007) / Raw(bytes((i + k) & 0xFF for k in range(n))),
+                    flags="DF", id=i) for i, n in enumerate(sizes)]
+    per = fastpath.Harness(tx_engine(False), new_counters())
+    payloads = [bytes(IP(per.transmit(bytes(10), f, vxlan=True)[2][0])[UDP].payload)
+                for f in frames]
+    tap, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        c = new_counters()
+        rx = fastpath.Harness(rx_engine(tap.fileno()), c)
+        src = a("172.16.3.4")
+        if coalesced:       # the kernel's UDP GRO: datagrams of one size, the last shorter
+            size = len(payloads[0])
+            rx.vxlan_receive([(b"".join(payloads[:64]), size, src, 0),
+                              (b"".join(payloads[64:]), size, src, 0)])
+        else:
+            rx.vxlan_receive([(p, 0, src, 0) for p in payloads[:64]])
+            rx.vxlan_receive([(p, 0, src, 0) for p in payloads[64:]])
+        writes = written(reader)
+    finally:
+        tap.close()
+        reader.close()
+    got = []
+    for w in writes:
+        flags, gso_type, hdr_len, gso_size, start, offset = struct.unpack_from("=BBHHHH", w)
+        assert (flags, gso_type, hdr_len, gso_size, start, offset) == (1, 5, 42, 100, 34, 6)
+        f = Ether(w[10:])
+        assert (f.src, f.dst) == (PEER_MAC, MY_MAC) and f[IP].len == len(w) - 24
+        pay = bytes(f[UDP].payload)
+        got += [(f[IP].src, f[IP].dst, f[UDP].sport, pay[i:i + 100])
+                for i in range(0, len(pay), 100)]
+    assert len(writes) == 2 and len(got) == len(frames)            # 64, then 7
+    assert got == [(p[IP].src, p[IP].dst, p[UDP].sport, bytes(p[UDP].payload))
+                   for p in map(Ether, frames)]
+    names = fastpath.counter_names()
+    assert c[names.index("rx_packets")] == len(frames)
+    assert c[names.index("rx_gro_merged")] == len(frames) - 2
+
+
 def test_gro_keeps_other_frames_and_order():
     """Frames that may not join (ARP, a corrupt segment, another flow) are written on
     their own, in the order they came; nothing is lost."""
