@@ -4,10 +4,13 @@
   fanpkt     fanpkt-forward (underlay packets as frames to resolved neighbours, the default)
   fanpkt-ip  fanpkt-forward --underlay-send ip (every underlay packet through the raw socket)
   fanpkt-vxlan  fanpkt-forward --type vxlan (the fan LXD builds: frames in UDP via a TAP)
+  fanpkt-1q, fanpkt-vxlan-1q  the same with --queues 1 (one transmit loop per fan, one
+          receive loop), against the default of one queue per CPU
   python  bench/pyforward.py: the same job in plain Python on the tests' oracle
-Metrics: single-stream TCP (iperf3, 5 s), 64-byte UDP delivered per second (iperf3, 3 s),
-ping RTT, and for the forwarders CPU time per packet of the sending host's transmit
-thread and the receiving host's receive thread (during the TCP test).
+Metrics: single-stream TCP (iperf3, 5 s), 4-stream TCP (iperf3 -P 4), 64-byte UDP
+delivered per second (iperf3, 3 s), ping RTT idle and under a saturating TCP stream, the
+forwarders' CPU while idle, and CPU time per packet of the sending host's transmit threads
+and the receiving host's receive threads (during the TCP test).
 
 The machine is shared and its speed drifts, so the modes are measured in rounds, every
 mode once per round, back to back. The table gives each metric's median over the rounds
@@ -33,15 +36,31 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(pid: int, name: str) -> float:
-    """CPU seconds of the thread called `name` in process pid."""
+    """CPU seconds of the threads called `name`, or `name.<queue>`, in process pid."""
+    total, found = 0.0, False
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as f:
             stat = f.read()
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if comm == name:
+        if comm == name or comm.startswith(name + "."):
             fields = stat[stat.rindex(")") + 2:].split()
-            return (int(fields[11]) + int(fields[12])) / TICK
-    raise LookupError(f"no thread {name} in {pid}")
+            total += (int(fields[11]) + int(fields[12])) / TICK
+            found = True
+    if not found:
+        raise LookupError(f"no thread {name} in {pid}")
+    return total
+
+
+def process_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def ping_avg(ns, dst, count=50) -> float:
+    out = nsx(ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.01", dst, check=False,
+              timeout=count + 30).stdout
+    return float(out.rsplit("=", 1)[1].split("/")[1])
 
 
 def link_stats(ns: str, dev: str) -> dict:
@@ -54,7 +73,7 @@ def iperf(ns, dst, *args, seconds):
     return json.loads(out)
 
 
-def measure(lab, h1, h2, dst, seconds, threads=None):
+def measure(lab, h1, h2, dst, seconds, threads=None, pids=()):
     res = {}
     server = subprocess.Popen(["ip", "netns", "exec", h2, "iperf3", "-s"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -78,11 +97,27 @@ def measure(lab, h1, h2, dst, seconds, threads=None):
             res["tx_ns_per_packet"] = (thread_cpu(pid1, tx_name) - c1) / max(tx_pk, 1) * 1e9
             res["rx_ns_per_packet"] = (thread_cpu(pid2, rx_name) - c2) / max(rx_pk, 1) * 1e9
             res["tun_tx_dropped"] = e1["tx"]["dropped"] - s1["tx"]["dropped"]
+        tcp4 = iperf(h1, dst, "-P", "4", seconds=seconds)
+        res["tcp_p4_gbit"] = tcp4["end"]["sum_received"]["bits_per_second"] / 1e9
         udp = iperf(h1, dst, "-u", "-l", "64", "-b", "0", seconds=max(2, seconds - 2))
         s = udp["end"]["sum"]
         res["udp64_delivered_pps"] = (s["packets"] - s["lost_packets"]) / s["seconds"]
-        ping = nsx(h1, "ping", "-n", "-q", "-c", "50", "-i", "0.01", dst, check=False).stdout
-        res["ping_avg_ms"] = float(ping.rsplit("=", 1)[1].split("/")[1])
+        res["ping_avg_ms"] = ping_avg(h1, dst)
+        # under load: a saturating TCP stream the same way, pings between its packets
+        load = subprocess.Popen(["ip", "netns", "exec", h1, "iperf3", "-c", dst, "-t",
+                                 str(seconds + 2)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1)                       # past slow start
+            res["ping_load_ms"] = ping_avg(h1, dst, count=100)
+        finally:
+            load.wait(timeout=seconds + 60)
+        if pids:    # idle: what the forwarders burn with nothing to do, % of one core
+            time.sleep(1)
+            before = [process_cpu(p) for p in pids]
+            time.sleep(5)
+            res["idle_cpu_pct"] = max((process_cpu(p) - b) / 5 * 100
+                                      for p, b in zip(pids, before))
     finally:
         server.kill()
         server.wait()
@@ -104,10 +139,11 @@ def run_mode(lab, h1, h2, mode, seconds):
         finally:
             for ns in (h1, h2):
                 nsx(ns, "ip", "link", "del", "vx0", check=False)
-    if mode in ("fanpkt", "fanpkt-ip", "fanpkt-vxlan"):
+    if mode in ("fanpkt", "fanpkt-ip", "fanpkt-vxlan", "fanpkt-1q", "fanpkt-vxlan-1q"):
         extra = {"fanpkt": (), "fanpkt-ip": ("--underlay-send", "ip"),
-                 "fanpkt-vxlan": ("--type", "vxlan")}[mode]
-        rx_thread = "fanpkt-rx-vxlan" if mode == "fanpkt-vxlan" else "fanpkt-rx"
+                 "fanpkt-vxlan": ("--type", "vxlan"), "fanpkt-1q": ("--queues", "1"),
+                 "fanpkt-vxlan-1q": ("--type", "vxlan", "--queues", "1")}[mode]
+        rx_thread = "fanpkt-rx-vxlan" if "vxlan" in mode else "fanpkt-rx"   # (15 chars)
         p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", *extra)
         p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16", *extra)
         try:
@@ -118,7 +154,8 @@ def run_mode(lab, h1, h2, mode, seconds):
             time.sleep(1.5)
             before = lab.stats(h1)
             res = measure(lab, h1, h2, "241.2.1.1", seconds,
-                          ((p1.pid, "fanpkt-tx-241"), (p2.pid, rx_thread)))
+                          ((p1.pid, "fanpkt-tx-241"), (p2.pid, rx_thread)),
+                          pids=(p1.pid, p2.pid))
             after = lab.stats(h1)
             sent = after["tx_packets"] - before["tx_packets"]
             res["tx_frames_share"] = (after["tx_l2"] - before["tx_l2"]) / max(sent, 1)
@@ -164,8 +201,14 @@ def ratios(rounds: list[dict]) -> list[str]:
     for mine, ref, key in (("fanpkt", "python", "tcp_gbit"), ("fanpkt", "vxlan", "tcp_gbit"),
                            ("fanpkt-vxlan", "vxlan", "tcp_gbit"),
                            ("fanpkt-vxlan", "fanpkt", "tcp_gbit"),
+                           ("fanpkt", "vxlan", "udp64_delivered_pps"),
                            ("fanpkt-vxlan", "vxlan", "udp64_delivered_pps"),
-                           ("fanpkt-vxlan", "vxlan", "ping_avg_ms")):
+                           ("fanpkt", "vxlan", "ping_avg_ms"),
+                           ("fanpkt-vxlan", "vxlan", "ping_avg_ms"),
+                           ("fanpkt", "vxlan", "ping_load_ms"),
+                           ("fanpkt-vxlan", "vxlan", "ping_load_ms"),
+                           ("fanpkt", "fanpkt-1q", "tcp_p4_gbit"),
+                           ("fanpkt-vxlan", "fanpkt-vxlan-1q", "tcp_p4_gbit")):
         if mine not in rounds[0] or ref not in rounds[0]:
             continue
         rs = [r[mine][key] / r[ref][key] for r in rounds]
@@ -179,8 +222,10 @@ def write_outputs(results, out):
     with open(os.path.join(out, "e2e.json"), "w") as f:
         json.dump(results, f, indent=1)
     n = len(results["rounds"])
-    cols = [("tcp_gbit", "TCP Gbit/s", "{:.2f}"), ("udp64_delivered_pps", "UDP 64 B pkt/s",
-            "{:,.0f}"), ("ping_avg_ms", "ping ms", "{:.3f}"),
+    cols = [("tcp_gbit", "TCP Gbit/s", "{:.2f}"), ("tcp_p4_gbit", "TCP -P 4", "{:.2f}"),
+            ("udp64_delivered_pps", "UDP 64 B pkt/s", "{:,.0f}"),
+            ("ping_avg_ms", "ping ms", "{:.3f}"), ("ping_load_ms", "ping loaded ms", "{:.3f}"),
+            ("idle_cpu_pct", "idle CPU %", "{:.2f}"),
             ("tx_ns_per_packet", "tx CPU ns/pkt", "{:.0f}"),
             ("rx_ns_per_packet", "rx CPU ns/pkt", "{:.0f}"),
             ("tun_tx_dropped", "TUN tx drops", "{:.0f}"),
@@ -224,7 +269,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--modes", default="veth,vxlan,fanpkt,fanpkt-ip,fanpkt-vxlan,python")
+    ap.add_argument("--modes", default="veth,vxlan,fanpkt,fanpkt-1q,fanpkt-ip,fanpkt-vxlan,"
+                                       "fanpkt-vxlan-1q,python")
     args = ap.parse_args()
     lab = Lab(f"fpbench{os.getpid() % 10000}-")
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
