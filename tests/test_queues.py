@@ -107,12 +107,17 @@ def test_default_is_one_queue_per_cpu_capped():
 
 def test_stats_show_what_the_kernel_dropped_at_the_fan_device(lab):
     """Packets the TUN's queue had no room for never reach fanpkt; `fanpkt stats` shows
-    the kernel's own count for each fan device. Here the queue holds one packet and ping
-    preloads 200 at once."""
+    the kernel's own count for each fan device. Here the queue holds one packet, the
+    forwarder is stopped, and ping sends 200 at once."""
+    import signal
     h1 = lab.host("h1", "172.16.1.1")
-    lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", "--queues", "1")
+    p = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", "--queues", "1")
     nsx(h1, "ip", "link", "set", "fan-241", "txqueuelen", "1")
-    nsx(h1, "ping", "-q", "-c", "200", "-l", "200", "-W", "1", "241.2.1.1", check=False)
+    p.send_signal(signal.SIGSTOP)           # nothing reads the TUN: its queue holds one
+    try:
+        nsx(h1, "ping", "-q", "-c", "200", "-l", "200", "-W", "1", "241.2.1.1", check=False)
+    finally:
+        p.send_signal(signal.SIGCONT)
     snap = json.loads(nsx(h1, *FANPKT, "stats", "--json").stdout)
     link = json.loads(nsx(h1, "ip", "-s", "-j", "link", "show", "fan-241").stdout)[0]
     assert snap["devices"]["fan-241"] == {"tx_dropped": link["stats64"]["tx"]["dropped"],
