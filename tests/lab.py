@@ -190,6 +190,12 @@ def bulk_checks(lab, h1, h2, dst_addr, overlay_mtu) -> dict:
     return s2
 
 
+def dnsmasq_in(ns) -> list[str]:
+    """The pids of the dnsmasq processes running in namespace ns."""
+    return [p for p in sh("ip", "netns", "pids", ns).stdout.split()
+            if sh("cat", f"/proc/{p}/comm", check=False).stdout.strip() == "dnsmasq"]
+
+
 def poll(check, what, timeout=10, every=0.1):
     """Call check() until it returns something true, and return that; fail after timeout
     seconds saying `what` never happened."""

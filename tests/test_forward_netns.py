@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from lab import (DHCP_DISCOVER, FANPKT, FORWARD, bulk_checks, nsx, ping, poll, sh, start,
-                 tcp_transfer)
+from lab import (DHCP_DISCOVER, FANPKT, FORWARD, bulk_checks, dnsmasq_in, nsx, ping, poll, sh,
+                 start, tcp_transfer)
 
 FAN = ["-o", "241.0.0.0/8"]
 
@@ -218,11 +218,6 @@ def test_dhcp_serves_the_slice_on_the_bridge(lab):
     assert len(second) == 1 and second != first
     assert lab.stop(p2) == 0
     assert dnsmasq_in(h1) == []
-
-
-def dnsmasq_in(ns):
-    return [p for p in sh("ip", "netns", "pids", ns).stdout.split()
-            if sh("cat", f"/proc/{p}/comm", check=False).stdout.strip() == "dnsmasq"]
 
 
 def test_multiple_fans_one_process(lab, tmp_path):

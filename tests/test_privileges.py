@@ -9,17 +9,12 @@ import signal
 
 from fanpkt import privileges
 
-from lab import DHCP_DISCOVER, nsx, ping, poll, sh, start
+from lab import DHCP_DISCOVER, dnsmasq_in, nsx, ping, poll, sh, start
 
 
 def status(pid: int) -> dict:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def dnsmasq_in(ns):
-    return [p for p in sh("ip", "netns", "pids", ns).stdout.split()
-            if sh("cat", f"/proc/{p}/comm", check=False).stdout.strip() == "dnsmasq"]
 
 
 def test_forwarder_keeps_only_what_reload_and_stop_need(lab, tmp_path):
