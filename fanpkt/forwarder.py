@@ -93,6 +93,7 @@ class Forwarder:
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
         self.exporter = None        # fanpkt/metrics.py's, with --metrics
+        self.ctl: Optional[control.ControlServer] = None    # `fanpkt up`/`down`
         # systemd's notification socket, if any, taken out of the environment before
         # start() runs children (dnsmasq), which must not speak for this process
         self.notifier = Notifier.from_env()
@@ -132,6 +133,9 @@ class Forwarder:
             for fan in self.fans.values():
                 self._start_tx(fan)
             self.refresh_neighbours()
+            # before the last publish(): once `fanpkt show` lists the fans, `fanpkt up`
+            # and `down` reach this process (requests wait in the backlog until serve())
+            self.ctl = control.ControlServer(self.run.file(CONTROL_SOCKET), self._control)
             self.publish()
         except BaseException:
             self.stop()
@@ -293,6 +297,9 @@ class Forwarder:
         if self.exporter is not None:   # first: a scrape reads what is removed below
             self.exporter.close()
             self.exporter = None
+        if self.ctl is not None:
+            self.ctl.close()
+            self.ctl = None
         self.dp.stop()
         for fan in list(self.fans.values()):
             self._remove_fan(fan)
@@ -360,11 +367,10 @@ class Forwarder:
         hears READY=1 once every fan is up (start() has returned), and STOPPING=1."""
         self.handle_signals()
         watchdog = Watchdog(self.notifier)
-        ctl = None
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
         last_refresh, dirty = time.monotonic(), False
         try:
-            ctl = control.ControlServer(self.run.file(CONTROL_SOCKET), self._control)
+            ctl = self.ctl
             bells = self._listen()
             self.notifier.ready(self.status())
             while not self.stop_event.is_set():
@@ -398,8 +404,6 @@ class Forwarder:
         finally:
             log.info("stopping")
             self.notifier.stopping()
-            if ctl is not None:
-                ctl.close()
             self.stop()
             self.notifier.close()
             log.info("stopped; everything fanpkt created is removed")
