@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from . import privileges
+from . import heap, privileges
 from .config import (MAX_QUEUES, KernelResolver, check_table, make_spec, parse_file,
                      resolve_underlay)
 from .errors import ConfigError, FanError
@@ -272,6 +272,7 @@ def run_forward(args) -> int:
         from .metrics import Exporter       # prometheus_client only when asked for
         fwd.exporter = Exporter(args.metrics, fwd)  # binds now: before anything is set up
     fwd.handle_signals()
+    heap.settle()           # before any loop thread: a reload must not grow the RSS
     fwd.start()
     if fwd.exporter is not None:
         fwd.exporter.start()

@@ -72,12 +72,15 @@ def new_counters(blocks: int = 1) -> array.array:
     return array.array("Q", bytes(8 * COUNTER_BLOCK * blocks))
 
 
+_libc = ctypes.CDLL(None)   # once: each CDLL() builds its own function-pointer types
+
+
 def set_thread_name(name: str) -> None:
     """The kernel's name for this thread (15 chars), so `top -H` and the benchmark can
     tell the loops apart."""
     try:
-        ctypes.CDLL(None).prctl(PR_SET_NAME, name[:15].encode(), 0, 0, 0)
-    except (OSError, AttributeError):
+        _libc.prctl(PR_SET_NAME, name[:15].encode(), 0, 0, 0)
+    except AttributeError:
         pass
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import control, plumbing, privileges
+from . import control, heap, plumbing, privileges
 from .config import MAX_FANS, FanSpec, check_table, default_queues
 from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
 from .errors import ConfigError, PrivilegeError
@@ -282,6 +282,7 @@ class Forwarder:
             self._start_tx(fan)
         plumbing.nft_apply(self.specs)
         self.publish()
+        heap.trim()             # what the old fans' buffers and loops held (fanpkt/heap.py)
         log.info("reloaded: %d fan(s) up, %d added, %d removed", len(self.fans), len(added),
                  len(removed))
         return failed

@@ -25,6 +25,7 @@ import logging
 import socket
 import time
 from ipaddress import IPv4Address
+from typing import Any, Callable
 
 from pyroute2 import IPRoute
 
@@ -73,16 +74,20 @@ class Doorbell:
 
 
 class NeighbourWatch:
-    def __init__(self, ipr=None):
-        """ipr: a pyroute2 IPRoute (or NetNS) to use; by default this namespace's."""
-        self.ipr = ipr if ipr is not None else IPRoute()
+    """The refresher's reads of the kernel's tables. Each follow() and table() opens its
+    own netlink socket and closes it (0.5 ms): pyroute2 0.9 leaves the kernel's ACK of
+    every single-object request (`route get`, `link get`) queued on a long-lived socket,
+    where a refresh a second piled up thousands of messages (docs/design.md §14)."""
+
+    def __init__(self, netlink: Callable[[], Any] = IPRoute):
+        """netlink: opens the pyroute2 socket to use (IPRoute, or a NetNS in tests)."""
+        self.netlink = netlink
         self.routes: dict[int, tuple[bool, float]] = {}
         self.bells: list[Doorbell] = []
 
     def close(self) -> None:
         for bell in self.bells:
             bell.close()
-        self.ipr.close()
 
     def subscribe(self) -> list[Doorbell]:
         """Doorbells (select()-able) for the kernel's announcements that can change the
@@ -104,10 +109,14 @@ class NeighbourWatch:
         """The entries the engine may use, as (address, ifindex, MAC), and the STALE ones
         among them as {address: ifindex}. links: ifindex -> underlay networks
         (network, mask) of the maps on that interface."""
+        with self.netlink() as ipr:
+            return self._scan(ipr, links)
+
+    def _scan(self, ipr, links: dict[int, set[tuple[int, int]]]) -> tuple[frozenset, dict]:
         entries, stale = set(), {}
         now = time.monotonic()
         known, self.routes = self.routes, {}    # forget hosts the kernel has forgotten
-        for msg in self.ipr.get_neighbours(family=socket.AF_INET):
+        for msg in ipr.get_neighbours(family=socket.AF_INET):
             idx, state = msg["ifindex"], msg["state"]
             nets = links.get(idx)
             mac = mac_bytes(msg.get_attr("NDA_LLADDR"))
@@ -116,20 +125,20 @@ class NeighbourWatch:
             a = int(IPv4Address(msg.get_attr("NDA_DST")))
             if not any(a & mask == net for net, mask in nets):
                 continue
-            if not self._direct(a, idx, now, known):
+            if not self._direct(ipr, a, idx, now, known):
                 continue
             entries.add((a, idx, mac))
             if state & NUD_STALE:
                 stale[a] = idx
         return frozenset(entries), stale
 
-    def _direct(self, a: int, idx: int, now: float, known: dict) -> bool:
+    def _direct(self, ipr, a: int, idx: int, now: float, known: dict) -> bool:
         """Does the kernel's route to a leave by interface idx, on-link?"""
         verdict, until = known.get(a, (False, 0.0))
         if until > now:
             self.routes[a] = (verdict, until)
             return verdict
-        routes = self.ipr.route("get", dst=str(IPv4Address(a)))
+        routes = ipr.route("get", dst=str(IPv4Address(a)))
         verdict = bool(routes) and routes[0]["type"] == RTN_UNICAST and \
             routes[0].get_attr("RTA_OIF") == idx and routes[0].get_attr("RTA_GATEWAY") is None
         self.routes[a] = (verdict, now + ROUTE_TTL)
@@ -142,7 +151,8 @@ class NeighbourWatch:
         gets no MAC, so no frames. Returns the changed ones only. The MTU stays the one
         the fan came up with: a lowered one is learnt from EMSGSIZE, and the TUN's does
         not change under a running forwarder."""
-        now = interfaces_holding(self.ipr, set(underlays))
+        with self.netlink() as ipr:
+            now = interfaces_holding(ipr, set(underlays))
         moved = {}
         for a, was in underlays.items():
             n = now.get(a)
@@ -161,12 +171,18 @@ class NeighbourWatch:
         for m, u in fans:
             if u.mac:
                 links.setdefault(u.index, set()).add((m.underlay, mask(m.underlay_len)))
-        entries, stale = self.scan(links)
-        self.confirm({a: stale[a] for a in used if a in stale})
+        with self.netlink() as ipr:
+            entries, stale = self._scan(ipr, links)
+            self._confirm(ipr, {a: stale[a] for a in used if a in stale})
         return entries
 
     def confirm(self, hosts: dict[int, int]) -> None:
         """Have the kernel re-check these STALE entries ({address: ifindex}), as it would
         on sending to them itself."""
+        with self.netlink() as ipr:
+            self._confirm(ipr, hosts)
+
+    @staticmethod
+    def _confirm(ipr, hosts: dict[int, int]) -> None:
         for a, idx in hosts.items():
-            self.ipr.neigh("set", dst=str(IPv4Address(a)), ifindex=idx, flags=NTF_USE)
+            ipr.neigh("set", dst=str(IPv4Address(a)), ifindex=idx, flags=NTF_USE)
