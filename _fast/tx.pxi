@@ -329,6 +329,35 @@ cdef void tx_fragments(txq *q, const tx_route *rt, uint8_t *o, uint32_t len,
         off += n
 
 
+cdef void tx_fragments_split(txq *q, const tx_route *rt, const uint8_t *head,
+                             uint32_t head_len, uint8_t *body, uint32_t body_len,
+                             uint32_t mtu) noexcept nogil:
+    """tx_fragments for an outer packet in two pieces, head[0:head_len] (the IPv4 header
+    and the headers after it, copied into the first fragment) and body[0:body_len]
+    (sliced into every fragment, not copied). The caller has checked that the first
+    fragment holds head and at least 8 bytes of body."""
+    cdef uint32_t chunk = ((mtu - IPV4_HLEN) // 8) * 8
+    cdef uint32_t rest = head_len - IPV4_HLEN        # IP payload in head
+    cdef uint32_t pay = rest + body_len, off, n
+    cdef uint8_t *h
+    n = chunk - rest if body_len > chunk - rest else body_len
+    h = txq_add(q, rt, NULL, head_len, body, n)
+    memcpy(h, head, head_len)
+    store16(h + IPV4_OFF_TOT_LEN, head_len + n)
+    store16(h + IPV4_OFF_FRAG, IPV4_FLAG_MF if rest + n < pay else 0)
+    ipv4_set_header_csum(h, IPV4_HLEN)
+    off = n                                         # in body; rest + off is a multiple of 8
+    while off < body_len:
+        n = body_len - off if body_len - off < chunk else chunk
+        h = txq_add(q, rt, NULL, IPV4_HLEN, body + off, n)
+        memcpy(h, head, IPV4_HLEN)
+        store16(h + IPV4_OFF_TOT_LEN, IPV4_HLEN + n)
+        store16(h + IPV4_OFF_FRAG, ((rest + off) >> 3)
+                | (IPV4_FLAG_MF if off + n < body_len else 0))
+        ipv4_set_header_csum(h, IPV4_HLEN)
+        off += n
+
+
 cdef void tso_segment(uint8_t *ip, const uint8_t *src, uint32_t ihl, uint32_t thl,
                       const uint8_t *payload, uint32_t n, uint32_t i, uint32_t mss,
                       bint last) noexcept nogil:

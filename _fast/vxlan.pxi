@@ -144,6 +144,8 @@ cdef int tx_frame_tso(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
     cdef const fan_map *m
     cdef tx_route rt
     cdef uint8_t *o
+    cdef uint8_t seg[VXLAN_OUTER + ETH_HLEN + 60 + 60]     # one segment's headers, aside
+    cdef bint big
     cdef int v
     r.reason = -1
     r.map_index = -1
@@ -162,9 +164,12 @@ cdef int tx_frame_tso(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
     v = vxlan_route(q.t, q.dev_fd, frame, len, r, &ecn, q.c)
     if v != VERDICT_SEND:
         return v
-    inc(q.c, TX_TSO_SPLIT)
     m = &q.t.maps[r.map_index]
     hdrs = ETH_HLEN + ihl + thl
+    if (VXLAN_OUTER + hdrs + mss > m.mtu
+            and ((m.mtu - IPV4_HLEN) // 8) * 8 < VXLAN_OUTER - IPV4_HLEN + hdrs + 8):
+        return drop(q.c, r, DROP_TX_TOO_BIG)    # no first fragment holds the headers
+    inc(q.c, TX_TSO_SPLIT)
     sport = vxlan_source_port(frame, len, q.t.hash_seed)
     tx_route_of(q, r, &rt)
     if (rt.lane == LANE_L2 and q.gso_fd >= 0 and not q.gso_off
@@ -178,12 +183,19 @@ cdef int tx_frame_tso(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
         n = len - off
         if n > mss:
             n = mss
-        o = txq_add(q, &rt, NULL, VXLAN_OUTER + hdrs, frame + off, n)
+        # A segment too big for the underlay (a gso_size the TAP's MTU does not allow: a
+        # container's own MTU) leaves in outer fragments, DF being clear, as the kernel's
+        # vxlan does with it; its headers are built aside, then cut with the payload.
+        big = VXLAN_OUTER + hdrs + n > m.mtu
+        o = &seg[0] if big else txq_add(q, &rt, NULL, VXLAN_OUTER + hdrs, frame + off, n)
         memcpy(o + VXLAN_OUTER, frame, ETH_HLEN)
         tso_segment(o + VXLAN_OUTER + ETH_HLEN, ip, ihl, thl, frame + off, n, i, mss,
                     off + n >= len)
         q.ip_id += 1
         vxlan_outer(m, r.dst, q.ip_id, sport, ecn, o, hdrs + n, frame + off, n)
+        if big:
+            inc(q.c, TX_FRAGMENTED)
+            tx_fragments_split(q, &rt, &seg[0], VXLAN_OUTER + hdrs, frame + off, n, m.mtu)
         off += n
         i += 1
     return VERDICT_SEND

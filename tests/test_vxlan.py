@@ -381,6 +381,57 @@ def test_gso_superpackets_stay_under_the_ip_limit():
     assert b"".join(bytes(IP(p)[VXLAN][TCP].payload) for p in pieces) == payload
 
 
+@pytest.mark.parametrize("resolved", [False, True], ids=["unresolved", "resolved"])
+def test_tso_segments_too_big_for_the_underlay_leave_in_fragments(resolved):
+    """A superpacket whose MSS the TAP's MTU does not allow (a container with MTU 9000 on
+    the bridge): each segment leaves in outer fragments within the MTU, as the kernel's
+    vxlan sends it with DF clear, and reassembles into that segment exactly."""
+    payload = bytes(range(256)) * 80                               # 20480 bytes
+    c = new_counters()
+    h = fastpath.Harness(tx_engine(resolved), c)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:        # no UDP GSO for it, even to a resolved neighbour: its segments do not fit
+        v, _, outs, _ = h.transmit(vnet(1, 1, 66, 8948, 34, 16), tso_frame(payload),
+                                   vxlan=True, gso_fd=mine.fileno())
+        assert written(theirs) == []
+    finally:
+        mine.close()
+        theirs.close()
+    if resolved:            # frames to the neighbour's MAC
+        assert all(Ether(o).dst == "02:f1:ac:10:06:07" for o in outs)
+        outs = [bytes(Ether(o).payload) for o in outs]
+    segments = -(-len(payload) // 8948)
+    names = fastpath.counter_names()
+    assert v.name == "VERDICT_SEND" and c[names.index("tx_fragmented")] == segments
+    assert all(len(o) <= 1500 and IP(o).flags.DF == 0 for o in outs)
+    whole = defragment([IP(o) for o in outs])
+    assert len(whole) == segments
+    data = b""
+    for seq, p in sorted((p[TCP].seq, p) for p in whole):
+        inner = p[VXLAN][IP]
+        again = IP(bytes(inner))
+        del again.chksum, again[TCP].chksum
+        assert IP(bytes(again))[TCP].chksum == inner[TCP].chksum       # a valid segment
+        outer = IP(bytes(p))
+        del outer[UDP].chksum
+        assert IP(bytes(outer))[UDP].chksum == p[UDP].chksum            # and outer datagram
+        data += bytes(inner[TCP].payload)
+    assert data == payload
+
+
+def test_tso_segments_on_a_tiny_underlay_mtu_are_dropped():
+    """At an underlay MTU of 100 not even a segment's headers (102 bytes) fit a first
+    fragment."""
+    c = new_counters()
+    eng = fastpath.Engine([MapRow.of(TX_MAPS[0], 100, -1, kind="vxlan", vni=VNI,
+                                     port=8472,
+                                     dev_mac=bytes.fromhex(PEER_MAC.replace(":", "")))])
+    v, reason, outs, _ = fastpath.Harness(eng, c).transmit(
+        vnet(1, 1, 66, 1398, 34, 16), tso_frame(), vxlan=True)
+    assert (v.name, fastpath.counter_names()[reason], outs) == \
+        ("VERDICT_DROP", "drop_tx_too_big", [])
+
+
 def rx_engine(tap_fd):
     return fastpath.Engine([MapRow.of(RX_MAPS[0], 1500, tap_fd, kind="vxlan", vni=VNI,
                                       port=8472, dev_mac=RX_MAC)])
