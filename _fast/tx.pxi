@@ -316,17 +316,7 @@ cdef void tx_fragments(txq *q, const tx_route *rt, uint8_t *o, uint32_t len,
                        uint32_t mtu) noexcept nogil:
     """Queue the outer packet o[0:len] (DF clear) as IPv4 fragments of at most mtu bytes.
     Each is a header in the queue and a slice of the packet: the payload is not copied."""
-    cdef uint32_t chunk = ((mtu - IPV4_HLEN) // 8) * 8
-    cdef uint32_t pay = len - IPV4_HLEN, off = 0, n
-    cdef uint8_t *h
-    while off < pay:
-        n = pay - off if pay - off < chunk else chunk
-        h = txq_add(q, rt, NULL, IPV4_HLEN, o + IPV4_HLEN + off, n)
-        memcpy(h, o, IPV4_HLEN)
-        store16(h + IPV4_OFF_TOT_LEN, IPV4_HLEN + n)
-        store16(h + IPV4_OFF_FRAG, (off >> 3) | (IPV4_FLAG_MF if off + n < pay else 0))
-        ipv4_set_header_csum(h, IPV4_HLEN)
-        off += n
+    tx_fragments_split(q, rt, o, IPV4_HLEN, o + IPV4_HLEN, len - IPV4_HLEN, mtu)
 
 
 cdef void tx_fragments_split(txq *q, const tx_route *rt, const uint8_t *head,
@@ -335,7 +325,8 @@ cdef void tx_fragments_split(txq *q, const tx_route *rt, const uint8_t *head,
     """tx_fragments for an outer packet in two pieces, head[0:head_len] (the IPv4 header
     and the headers after it, copied into the first fragment) and body[0:body_len]
     (sliced into every fragment, not copied). The caller has checked that the first
-    fragment holds head and at least 8 bytes of body."""
+    fragment holds head and at least 8 bytes of body (tx_fragments: head is the IPv4
+    header alone)."""
     cdef uint32_t chunk = ((mtu - IPV4_HLEN) // 8) * 8
     cdef uint32_t rest = head_len - IPV4_HLEN        # IP payload in head
     cdef uint32_t pay = rest + body_len, off, n
