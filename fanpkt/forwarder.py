@@ -113,6 +113,10 @@ class Forwarder:
                                            leftovers.ip_forward_before, leftovers.pid,
                                            self.run.path)
                 self.run.forget_leftovers()
+            # before the first publish(): every fan `fanpkt show` lists, even while the
+            # rest are still coming up, is one `fanpkt up` and `down` can reach (requests
+            # wait in the listen backlog until serve())
+            self.ctl = control.ControlServer(self.run.file(CONTROL_SOCKET), self._control)
             self.counters = self.run.create_counters(N_BLOCKS, COUNTER_BLOCK)
             self.sock = open_socket()
             if self.send_frames:
@@ -133,9 +137,6 @@ class Forwarder:
             for fan in self.fans.values():
                 self._start_tx(fan)
             self.refresh_neighbours()
-            # before the last publish(): once `fanpkt show` lists the fans, `fanpkt up`
-            # and `down` reach this process (requests wait in the backlog until serve())
-            self.ctl = control.ControlServer(self.run.file(CONTROL_SOCKET), self._control)
             self.publish()
         except BaseException:
             self.stop()

@@ -176,6 +176,21 @@ def test_no_forwarder_says_how_to_start_one(lab):
     assert shown(h1) == []
 
 
+def test_a_fan_show_lists_is_one_up_and_down_can_reach(lab, tmp_path):
+    """`fanpkt show` lists each fan as soon as it is up, while the rest still come up; a
+    script that waits for show and then runs `fanpkt up` must reach the forwarder."""
+    conf = tmp_path / "fan"
+    conf.write_text("".join(f"{o}.0.0.0/8 {H1}/16 bridge fb{o}\n"
+                            for o in (241, 10, 250, 251, 252, 253)))
+    h1 = lab.host("h1", H1)
+    p = lab.forward(h1, "-c", str(conf), wait=False)
+    poll(lambda: fanpkt(h1, "show").stdout.count("\n") > 1, what="a fan listed")
+    assert os.path.exists(control_path(h1))
+    ok(h1, "up", "-o", "254.0.0.0/8", "-u", f"{H1}/16")     # answered once serve() runs
+    assert p.poll() is None
+    assert "254.0.0.0/8" in shown(h1) and len(shown(h1)) == 7
+
+
 def as_nobody(ns, cap, *args):
     """`fanpkt ARGS` as uid 65534 keeping one capability: dac_read_search to reach the
     interpreter (under a root-only home) and read the package, dac_override to get past
