@@ -45,7 +45,8 @@ from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_
                    IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ECN_NOT_ECT, ECN_ECT1, ECN_ECT0,
                    ECN_CE, ipv4_ihl, load16, load32, store16, store32, csum_add, csum_fold,
                    checksum, csum_update16, ipv4_header_csum_ok, ipv4_set_header_csum,
-                   ipv4_set_ecn)
+                   ipv4_set_ecn, csum_set_path, CSUM_AUTO, CSUM_SCALAR, CSUM_SSE2,
+                   CSUM_AVX2)
 from fanmap cimport (MAX_MAPS, MAX_QUEUES, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
                      fan_dest, fan_slice, fan_host_ok, fan_slice_edge,
                      fan_lookup_overlay, fan_lookup_underlay)

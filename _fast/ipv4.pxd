@@ -25,6 +25,17 @@ cdef enum:
     ECN_ECT1 = 1
     ECN_ECT0 = 2
     ECN_CE = 3
+    CSUM_BULK_MIN = 128         # shorter sums stay scalar: a header, a small packet
+
+cdef extern from "csum.h" nogil:
+    # the whole 32-byte blocks of a long sum, vectorised (csum.h says why and how)
+    size_t csum_bulk(const uint8_t *p, size_t n, uint64_t *acc)
+    int csum_set_path(int path)
+    enum:
+        CSUM_AUTO
+        CSUM_SCALAR
+        CSUM_SSE2
+        CSUM_AVX2
 
 cdef inline uint32_t ipv4_ihl(const uint8_t *ip) noexcept nogil:
     """Header length in bytes, from the IHL field (the caller checks the version)."""
@@ -53,12 +64,18 @@ cdef inline uint64_t csum_add(const uint8_t *p, size_t n, uint64_t acc) noexcept
 
     Words are summed in memory (not host) order: the ones'-complement sum is byte-order
     independent (RFC 1071 §2(B)), so the folded result can be stored back with memcpy.
-    A carry out of bit 63 is added back in, which is the end-around carry.
+    A carry out of bit 63 is added back in, which is the end-around carry. A long buffer's
+    whole 32-byte blocks go to csum_bulk (csum.h), which sums the same words faster.
     """
     cdef uint64_t w
     cdef uint32_t w32 = 0
     cdef uint16_t w16 = 0
     cdef uint8_t tail[2]
+    cdef size_t done
+    if n >= CSUM_BULK_MIN:
+        done = csum_bulk(p, n, &acc)
+        p += done
+        n -= done
     while n >= 8:
         memcpy(&w, p, 8)
         acc += w

@@ -254,6 +254,17 @@ def internet_checksum(const uint8_t[:] data):
     return (b[0] << 8) | b[1]
 
 
+CHECKSUM_PATHS = {"auto": CSUM_AUTO, "scalar": CSUM_SCALAR, "sse2": CSUM_SSE2,
+                  "avx2": CSUM_AVX2}
+
+
+def set_checksum_path(str path):
+    """Force the loop long checksums use (csum.h), for every loop of this process: "auto"
+    (the best this CPU has), "scalar", "sse2" or "avx2". False if this CPU or build has
+    no such loop."""
+    return csum_set_path(CHECKSUM_PATHS[path]) == 0
+
+
 def checksum_update16(uint16_t hc, uint16_t old, uint16_t new):
     """RFC 1624 incremental update, host-order values."""
     return csum_update16(hc, old, new)

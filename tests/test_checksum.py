@@ -1,11 +1,25 @@
-"""The fast checksum against the slow reference for every length 0..9001, and RFC 1624."""
+"""The fast checksum against the slow reference for every length 0..9001, and RFC 1624;
+each long-sum loop of csum.h (scalar, SSE2, AVX2) forced in turn, plus the one the CPU
+picks."""
 from __future__ import annotations
 
 import random
 
+import pytest
+
 from fanpkt.engine import fastpath
 
 from oracle import checksum
+
+
+@pytest.fixture(autouse=True, params=["auto", "scalar", "sse2", "avx2"])
+def path(request):
+    """Every test once per loop. This CI's CPUs have AVX2 (a CPU without it, or another
+    architecture, has fewer loops: those are skipped, saying so)."""
+    if not fastpath.set_checksum_path(request.param):
+        pytest.skip(f"no {request.param} checksum loop on this CPU or build")
+    yield request.param
+    assert fastpath.set_checksum_path("auto")
 
 
 def test_every_length():
@@ -23,7 +37,8 @@ def test_every_offset_alignment():
 
 
 def test_carries():
-    for n in (2, 8, 1500, 65535):
+    # 65535 bytes of 0xff: the most any IPv4 packet adds into each 64-bit lane
+    for n in (2, 8, 127, 128, 1500, 65535):
         assert fastpath.internet_checksum(b"\xff" * n) == checksum(b"\xff" * n)
 
 
