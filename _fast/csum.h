@@ -22,8 +22,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Which loop csum_bulk uses: CSUM_AUTO picks the best the CPU has; the tests force each
- * in turn (testing.pxi: set_checksum_path) so that every one is checked on this CPU. */
+/* Which loop csum_bulk uses. fastpath.pyx sets the best the CPU has when it is imported
+ * (csum_set_path(CSUM_AUTO)), before any loop runs; the tests force each in turn
+ * (testing.pxi: set_checksum_path) so that every one is checked on this CPU. The loops
+ * only read it. */
 enum { CSUM_AUTO = 0, CSUM_SCALAR = 1, CSUM_SSE2 = 2, CSUM_AVX2 = 3 };
 static int csum_path = CSUM_AUTO;
 
@@ -77,19 +79,27 @@ static size_t csum_bulk_avx2(const uint8_t *p, size_t n, uint64_t *acc)
     return done + csum_bulk_sse2(p + done, n - done, acc);   /* a last 32-byte block */
 }
 
+static inline int csum_best(void)
+{
+    return __builtin_cpu_supports("avx2") ? CSUM_AVX2 : CSUM_SSE2;
+}
+
 static inline size_t csum_bulk(const uint8_t *p, size_t n, uint64_t *acc)
 {
-    if (csum_path == CSUM_AUTO)
-        csum_path = __builtin_cpu_supports("avx2") ? CSUM_AVX2 : CSUM_SSE2;
-    if (csum_path == CSUM_AVX2)
+    int path = csum_path;
+    if (path == CSUM_AUTO)          /* not set yet: decide, but leave the setting alone */
+        path = csum_best();
+    if (path == CSUM_AVX2)
         return csum_bulk_avx2(p, n, acc);
-    if (csum_path == CSUM_SSE2)
+    if (path == CSUM_SSE2)
         return csum_bulk_sse2(p, n, acc);
     return 0;
 }
 
 static inline int csum_set_path(int path)
 {
+    if (path == CSUM_AUTO)
+        path = csum_best();
     if (path == CSUM_AVX2 && !__builtin_cpu_supports("avx2"))
         return -1;
     csum_path = path;

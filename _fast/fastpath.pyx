@@ -129,6 +129,9 @@ cdef extern from *:
     """
     void static_le "FANPKT_STATIC_LE"(int a, int b) noexcept nogil
 
+# The long-checksum loop this CPU does best (csum.h), chosen once, before any loop runs.
+csum_set_path(CSUM_AUTO)
+
 cpdef enum Verdict:
     VERDICT_DROP = 0
     VERDICT_SEND = 1            # outer packet at pkt - IPV4_HLEN, out_len bytes
