@@ -4,8 +4,10 @@ Used by the demo, the data-path tests and the end-to-end benchmark."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[str, str] = {}
+        self.ready_socks: dict[int, socket.socket] = {}     # pid: its notify socket
         self.ports = 0
         self._add_ns(self.switch)
         # The switch stands for an L2 switch: if br_netfilter is loaded on this machine,
@@ -69,29 +72,58 @@ class Lab:
         nsx(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
         nsx(ns, "ip", "link", "set", "eth0", "up")
 
-    def forward(self, ns: str, *args, wait=True, env=None) -> subprocess.Popen:
-        """Start fanpkt-forward in ns; env: variables to add to its environment."""
+    def forward(self, ns: str, *args, wait=True, env=None, ready=None) -> subprocess.Popen:
+        """Start fanpkt-forward in ns; env: variables to add to its environment. ready
+        (default: wait) gives it a NOTIFY_SOCKET of the lab's, on which wait_ready hears
+        its READY=1, sent once every fan is up; a test that passes its own NOTIFY_SOCKET
+        hears it there instead."""
         log = f"/tmp/{ns}-fwd.log"        # kept for a failing test to show
         f = open(log, "w")
+        env = dict(env or {})
+        sock = None
+        if (wait if ready is None else ready) and "NOTIFY_SOCKET" not in env:
+            path = f"/tmp/{ns}-ready.{len(self.procs)}"
+            if os.path.exists(path):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            env["NOTIFY_SOCKET"] = path
         p = subprocess.Popen(["ip", "netns", "exec", ns, *FORWARD, *args], stdout=f,
-                             stderr=subprocess.STDOUT,
-                             env=None if env is None else {**os.environ, **env})
+                             stderr=subprocess.STDOUT, env={**os.environ, **env})
         self.procs.append(p)
         self.logs[ns] = log
+        if sock is not None:
+            self.ready_socks[p.pid] = sock
         if wait:
             self.wait_ready(ns, p)
         return p
 
     def wait_ready(self, ns, p, timeout=20):
+        """Until the forwarder says READY=1 (every fan up), if it was given the lab's
+        notify socket; else until `fanpkt show` lists a fan. The socket is closed after:
+        the forwarder logs once that it cannot notify, and nothing ever blocks on a full
+        one."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise AssertionError(f"forwarder in {ns} exited {p.returncode}: "
-                                     f"{open(self.logs[ns]).read()}")
-            r = nsx(ns, *FANPKT, "show", check=False)
-            if r.returncode == 0 and len(r.stdout.splitlines()) > 1:
-                return
-            time.sleep(0.1)
+        sock = self.ready_socks.pop(p.pid, None)
+        try:
+            while time.monotonic() < deadline:
+                if p.poll() is not None:
+                    raise AssertionError(f"forwarder in {ns} exited {p.returncode}: "
+                                         f"{open(self.logs[ns]).read()}")
+                if sock is not None:
+                    if (select.select([sock], [], [], 0.1)[0]
+                            and b"READY=1" in sock.recv(4096).split(b"\n")):
+                        return
+                    continue
+                r = nsx(ns, *FANPKT, "show", check=False)
+                if r.returncode == 0 and len(r.stdout.splitlines()) > 1:
+                    return
+                time.sleep(0.1)
+        finally:
+            if sock is not None:
+                path = sock.getsockname()
+                sock.close()
+                os.unlink(path)
         raise AssertionError(f"forwarder in {ns} not ready: {open(self.logs[ns]).read()}")
 
     def stats(self, ns) -> dict:
@@ -125,6 +157,11 @@ class Lab:
     def close(self):
         for p in self.procs:
             self.stop(p, timeout=5)
+        for sock in self.ready_socks.values():     # never waited for
+            path = sock.getsockname()
+            sock.close()
+            os.unlink(path)
+        self.ready_socks.clear()
         for ns in reversed(self.namespaces):
             # whatever still runs in our namespaces was started by us (e.g. the dnsmasq of
             # a forwarder killed with -9)

@@ -51,7 +51,8 @@ def fan_mesh(lab, n: int = N_HOSTS) -> dict:
     """n hosts, each running fanpkt-forward; once every host has pinged every other,
     returns {host: (unreached gateways, RSS kB, counters)}."""
     hosts = [lab.host(f"h{i}", f"172.16.{i}.1") for i in range(1, n + 1)]
-    procs = [lab.forward(ns, "-o", "241.0.0.0/8", "-u", f"172.16.{i}.1/16", wait=False)
+    procs = [lab.forward(ns, "-o", "241.0.0.0/8", "-u", f"172.16.{i}.1/16", wait=False,
+                         ready=True)
              for i, ns in enumerate(hosts, 1)]
     try:
         for ns, p in zip(hosts, procs):
