@@ -43,14 +43,17 @@ class Notifier:
 
     def send(self, *lines: str) -> None:
         """One notification; a failure is logged once and otherwise ignored, as sd_notify
-        does (systemd going away must not stop forwarding)."""
+        does (systemd going away must not stop forwarding). It never waits: a listener
+        that stops reading fills its queue (net.unix.max_dgram_qlen, 10 by default), and a
+        blocking send would then stop the main thread, and with it `fanpkt up`/`down`,
+        reloads and the neighbour refresh; the notification is dropped instead."""
         if self.sock is None:
             return
         addr = self.address
         if addr.startswith("@"):
             addr = "\0" + addr[1:]
         try:
-            self.sock.sendto("\n".join(lines).encode(), addr)
+            self.sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, addr)
         except OSError as e:
             if not self.failed:
                 log.warning("cannot notify systemd at %s (%s)", self.address, e)

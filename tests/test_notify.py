@@ -5,9 +5,11 @@ $NOTIFY_SOCKET datagram socket systemd would, and reads what arrives on it."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 
@@ -51,6 +53,30 @@ def drain(s) -> list[dict]:
             out.append(dict(ln.split("=", 1) for ln in s.recv(4096).decode().splitlines()))
     except BlockingIOError:
         return out
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_forwarder(notify_socket, caplog):
+    """Its queue holds net.unix.max_dgram_qlen datagrams; past that a send must fail at
+    once (dropped, logged once), not wait: the main thread sends them."""
+    s, path = notify_socket
+    n = Notifier(path)
+    done = threading.Event()
+
+    def flood():
+        for k in range(200):
+            n.send(f"STATUS={k}")
+        done.set()
+
+    t = threading.Thread(target=flood, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="fanpkt"):
+        t.start()
+        assert done.wait(10), "a send blocked on the full socket"
+    n.close()
+    got = drain(s)
+    assert 0 < len(got) < 200 and got[0] == {"STATUS": "0"}
+    assert [r.getMessage() for r in caplog.records
+            if "cannot notify" in r.getMessage()] == [
+        f"cannot notify systemd at {path} ([Errno 11] Resource temporarily unavailable)"]
 
 
 def test_notifier_reads_and_unsets_the_environment():
