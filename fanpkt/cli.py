@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import sys
 
 from . import heap, privileges
@@ -28,6 +29,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ConfigError(f"{self.prog}: {message}")
+
+
+def path(text: str) -> str:
+    """A file or directory name from the command line. A real argv always encodes back
+    to bytes; a string with a lone surrogate or a NUL cannot name a file, so it is a usage
+    error here rather than an exception at the first open()."""
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid file name") from None
+    if not raw or b"\0" in raw:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid file name")
+    return text
 
 
 # -- fanpkt map ------------------------------------------------------------------------
@@ -166,10 +180,11 @@ def add_up_down(sub) -> None:
         p.add_argument("-u", "--underlay")
         p.add_argument("-a", "--all", action="store_true",
                        help="every non-'off' fan of the config file")
-        p.add_argument("-c", "--config", help="the file for -a (default: the forwarder's "
-                                              "-c file, else /etc/network/fan)")
-        p.add_argument("--run-dir", help="state directory of the forwarder "
-                                         "(default: per netns)")
+        p.add_argument("-c", "--config", type=path,
+                       help="the file for -a (default: the forwarder's -c file, else "
+                            "/etc/network/fan)")
+        p.add_argument("--run-dir", type=path,
+                       help="state directory of the forwarder (default: per netns)")
         p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form")
         p.set_defaults(func=cmd_up_down)
     for k in ("type", "vni", "port"):
@@ -188,14 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("addresses", nargs="+", metavar="ADDRESS")
     mp.set_defaults(func=cmd_map)
     sp = sub.add_parser("show", help="list the running fans (Bridge Underlay Overlay Flags)")
-    sp.add_argument("--run-dir", help="state directory of the forwarder (default: per netns)")
+    sp.add_argument("--run-dir", type=path,
+                    help="state directory of the forwarder (default: per netns)")
     sp.set_defaults(func=cmd_show)
     st = sub.add_parser("stats", help="live counters of the running forwarder")
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", nargs="?", const="1", metavar="SECONDS",
                     help="packets/s, bytes/s and drops/s per fan, refreshed every SECONDS "
                          "(default 1) until Ctrl-C")
-    st.add_argument("--run-dir", help="state directory of the forwarder (default: per netns)")
+    st.add_argument("--run-dir", type=path,
+                    help="state directory of the forwarder (default: per netns)")
     st.set_defaults(func=cmd_stats)
     add_up_down(sub)
     return p
@@ -210,7 +227,7 @@ def build_forward_parser() -> argparse.ArgumentParser:
                        f"fanpkt-forward -c /etc/network/fan. {FLAGS_HELP}")
     p.add_argument("-o", "--overlay")
     p.add_argument("-u", "--underlay")
-    p.add_argument("-c", "--config", help="a file in /etc/network/fan format")
+    p.add_argument("-c", "--config", type=path, help="a file in /etc/network/fan format")
     p.add_argument("--type", choices=("ipip", "vxlan"),
                    help="the fan type (default ipip); vxlan is the fan LXD builds")
     p.add_argument("--vni", help="VXLAN network identifier (default: overlay address >> 8, "
@@ -225,7 +242,8 @@ def build_forward_parser() -> argparse.ArgumentParser:
                         "host's IP output path (its OUTPUT/POSTROUTING firewall rules and "
                         "policy routes do not see them); ip: every packet through the "
                         "kernel's IP output path")
-    p.add_argument("--run-dir", help="state directory (default: per network namespace)")
+    p.add_argument("--run-dir", type=path,
+                   help="state directory (default: per network namespace)")
     p.add_argument("--queues", metavar="N",
                    help=f"queues per TUN/TAP and receive loops per VXLAN port, each a "
                         f"thread (default: one per CPU, at most {MAX_QUEUES})")

@@ -303,10 +303,12 @@ class RunState:
 
     # -- the readers' side -------------------------------------------------------------
     def _read_state(self, name: str) -> Optional[State]:
+        """The record, or None when there is none to trust: missing, unreadable (the run
+        directory given is a file, say) or not one the forwarder wrote."""
         try:
             with open(self.file(name)) as f:
                 return State.from_json(json.load(f))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
     # Readers take no lock: a reader that held one, however briefly, could keep a start
@@ -333,7 +335,7 @@ class RunState:
         try:
             with open(self.file("counters"), "rb") as f:
                 raw = f.read()
-        except FileNotFoundError:   # it stopped between the two reads
+        except OSError:     # it stopped between the two reads
             raise NotRunning("no fanpkt-forward is running in this network namespace") \
                 from None
         return totals(state, raw[:len(raw) - len(raw) % 8])

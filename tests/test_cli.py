@@ -137,3 +137,19 @@ def test_nothing_running_is_exit_status_6(tmp_path, capsys, command):
     assert cli.main([command, "--run-dir", os.fspath(tmp_path)]) == 6
     assert capsys.readouterr() == (
         "", "fanpkt: no fanpkt-forward is running in this network namespace\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["show", "--run-dir", "\ud800"], ["stats", "--run-dir", "a\0b"],
+    ["up", "-a", "-c", "\udfff"], ["down", "-e", "--run-dir", ""]])
+def test_a_name_no_file_can_have_is_a_usage_error(capsys, argv):
+    """A lone surrogate or a NUL cannot reach open(): exit 2 and one line, no traceback."""
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("fanpkt: ") and "not a valid file name" in err
+    assert err.count("\n") == 1
+
+
+def test_forward_refuses_a_config_name_no_file_can_have(capsys):
+    assert cli.forward_main(["-c", "\ud800"]) == 2
+    assert "not a valid file name" in capsys.readouterr().err
