@@ -78,6 +78,7 @@ cpdef enum Counter:
                                 # fragments (the receiver's kernel reassembles them)
     TX_GSO                      # X3: UDP GSO superpackets sent (one send, many segments)
     TX_GSO_FALLBACK             # X3: the kernel refused UDP GSO: segments sent one by one
+    TX_GSO_JOINED               # X3: plain frames of one flow sent together in a UDP GSO send
     DROP_TX_NOT_IPV4            # T1
     DROP_TX_MALFORMED           # T1: an IPv4 header that does not hold together
     DROP_TX_NO_MAP              # T2

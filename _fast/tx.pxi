@@ -33,6 +33,13 @@ cdef struct lane:
     uint8_t *hdrs               # SEG_HDR_MAX bytes per message
 
 
+cdef struct tx_route:          # where one packet, or every segment of one, goes
+    int lane
+    int map_index
+    uint32_t dst
+    const uint8_t *dmac
+
+
 cdef struct txq:
     const fan_table *t          # the tables of the current batch
     neigh_table *nt             # NULL: everything goes by LANE_IP
@@ -54,13 +61,14 @@ cdef struct txq:
     iovec *gso_iov              # the headers, then two per segment: headers, payload
     sockaddr_ll gso_sll
     msghdr gso_msg
-
-
-cdef struct tx_route:          # where one packet, or every segment of one, goes
-    int lane
-    int map_index
-    uint32_t dst
-    const uint8_t *dmac
+    # A run (vxlan.pxi tx_run_add): plain frames of one flow, read one after another, each
+    # encapsulated in place, waiting to leave together in one UDP GSO send
+    int run_n                   # frames in the run; 0: none
+    bint run_shut               # its last frame was shorter: nothing more may join
+    uint32_t run_seg            # UDP payload of each frame but the last (VXLAN + frame)
+    uint32_t run_ulen           # UDP length of the whole run: header and every payload
+    tx_route run_rt
+    uint8_t *run_o[GSO_SEGS]    # each frame's outer IPv4 header, in the read arena
 
 
 cdef int lane_init(lane *l, int cap, int fd, int l2_len) noexcept nogil:
@@ -213,6 +221,7 @@ cdef void lane_flush(txq *q, int which) noexcept nogil:
 
 
 cdef void txq_flush(txq *q) noexcept nogil:
+    tx_run_close(q)         # it sends what the lanes held before it, then itself
     lane_flush(q, LANE_IP)
     lane_flush(q, LANE_L2)
 
@@ -299,12 +308,16 @@ cdef int tx_frame(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
     r.reason = -1
     r.map_index = -1
     if h.gso_type != VNET_GSO_NONE:
+        tx_run_close(q)     # its segments go on the lanes or in their own GSO sends
         return tx_frame_tso(q, h, frame, len, r)
     if (h.flags & VNET_F_NEEDS_CSUM) and not csum_complete(frame, len, h):
         return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
     v = vxlan_encap_one(q.t, q.dev_fd, &q.ip_id, frame, len, r, q.c)
     if v == VERDICT_SEND:
         tx_route_of(q, r, &rt)
+        if tx_run_add(q, &rt, frame - VXLAN_OUTER, r.out_len):
+            return v
+        tx_run_close(q)     # a frame that cannot join ends the run, which leaves first
         if r.out_len > q.t.maps[r.map_index].mtu:
             tx_fragments(q, &rt, frame - VXLAN_OUTER, r.out_len, q.t.maps[r.map_index].mtu)
         else:

@@ -5,10 +5,13 @@
 # Transmit: run_tx reads a frame from the TAP -> tx_packet -> tx_frame: vxlan_encap_one
 # writes outer IPv4 + UDP + VXLAN (VXLAN_OUTER bytes) into the headroom in front of the
 # frame -> the lanes of tx.pxi send it like an IPIP packet (the raw socket takes any IPv4
-# packet with IP_HDRINCL). A TCP superpacket (TSO) -> tx_frame_tso: split into segments,
-# sent as UDP GSO superpackets (tx_vxlan_gso) or segment by segment on the lanes. Receive: run_rx_vxlan takes datagrams from the fan port's UDP socket (the
-# kernel has checked the outer IPv4 and UDP, checksum included), with the outer source
-# and TOS beside them -> vxlan_decap_one -> the frame is written to the map's TAP.
+# packet with IP_HDRINCL); plain frames of one flow that follow one another in a batch
+# join a run instead (tx_run_add) and leave in one UDP GSO send (tx_run_close). A TCP
+# superpacket (TSO) -> tx_frame_tso: split into segments, sent as UDP GSO superpackets
+# (tx_vxlan_gso) or segment by segment on the lanes. Both sends are gso_send.
+# Receive: run_rx_vxlan takes datagrams from the fan port's UDP socket (the kernel has
+# checked the outer IPv4 and UDP, checksum included), with the outer source and TOS
+# beside them -> vxlan_decap_one -> the frame is written to the map's TAP.
 
 cdef enum:
     VXLAN_TTL = 64              # the route's hop limit, as the kernel's vxlan sends (not
@@ -216,22 +219,11 @@ cdef int tx_vxlan_gso(txq *q, const tx_route *rt, const fan_map *m, uint8_t *fra
     cdef uint32_t seg = VXLAN_HLEN + hdrs + mss         # UDP payload of a full segment
     cdef uint32_t per = (0xffff - IPV4_HLEN - UDP_HLEN) // seg
     cdef uint32_t off = hdrs, n, k, ulen, i = 0
-    cdef uint8_t *e = q.gso_hdr + VNET_HLEN
-    cdef uint8_t *o = e + ETH_HLEN
-    cdef uint8_t *u = o + IPV4_HLEN
     cdef uint8_t *sh
-    cdef vnet_hdr vh
-    cdef uint16_t c16
     cdef ssize_t sent
     if per > GSO_SEGS:
         per = GSO_SEGS
     txq_flush(q)            # what was queued before goes first: a flow stays in order
-    q.gso_sll.sll_ifindex = m.ifindex
-    memcpy(e, rt.dmac, ETH_ALEN)
-    memcpy(e + ETH_ALEN, m.mac, ETH_ALEN)
-    store16(e + 2 * ETH_ALEN, ETH_P_IP)
-    q.gso_iov[0].iov_base = q.gso_hdr
-    q.gso_iov[0].iov_len = GSO_HDR
     while off < len:
         k = 0
         ulen = UDP_HLEN
@@ -254,34 +246,8 @@ cdef int tx_vxlan_gso(txq *q, const tx_route *rt, const fan_map *m, uint8_t *fra
             off += n
             i += 1
             k += 1
-        memset(&vh, 0, sizeof(vh))
-        vh.flags = VNET_F_NEEDS_CSUM
-        vh.csum_start = ETH_HLEN + IPV4_HLEN
-        vh.csum_offset = UDP_OFF_CSUM
-        if k > 1:
-            vh.gso_type = VNET_GSO_UDP_L4
-            vh.gso_size = <uint16_t>seg
-            vh.hdr_len = ETH_HLEN + IPV4_HLEN + UDP_HLEN
-        memcpy(q.gso_hdr, &vh, VNET_HLEN)
-        o[0] = 0x45
-        o[IPV4_OFF_TOS] = ecn
-        store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
-        store16(o + IPV4_OFF_ID, <uint16_t>(q.ip_id + 1))  # the kernel counts up per segment
-        store16(o + IPV4_OFF_FRAG, 0)
-        o[IPV4_OFF_TTL] = VXLAN_TTL
-        o[IPV4_OFF_PROTO] = IPPROTO_UDP
-        store32(o + IPV4_OFF_SRC, m.local)
-        store32(o + IPV4_OFF_DST, rt.dst)
-        ipv4_set_header_csum(o, IPV4_HLEN)
-        store16(u + UDP_OFF_SPORT, sport)
-        store16(u + UDP_OFF_DPORT, m.port)
-        store16(u + UDP_OFF_LEN, ulen)
-        c16 = ~csum_fold(pseudo_header(o, IPPROTO_UDP, ulen))   # partial: the kernel ends it
-        memcpy(u + UDP_OFF_CSUM, &c16, 2)
-        q.gso_msg.msg_iovlen = 1 + 2 * k
-        sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
-        while sent < 0 and errno == EINTR:
-            sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+        sent = gso_send(q, m, rt, ecn, sport, <uint16_t>(q.ip_id + 1), ulen, seg, k,
+                        2 * k)     # IDs: the kernel counts up per segment from the first
         if sent < 0:
             if i == k and (errno == EINVAL or errno == EOPNOTSUPP or errno == ENOPROTOOPT):
                 return -1
@@ -293,6 +259,136 @@ cdef int tx_vxlan_gso(txq *q, const tx_route *rt, const fan_map *m, uint8_t *fra
         add(q.c, TX_L2, k)
         add(q.c, TX_BYTES, (IPV4_HLEN + UDP_HLEN) * k + ulen - UDP_HLEN)
     return 0
+
+
+cdef ssize_t gso_send(txq *q, const fan_map *m, const tx_route *rt, uint8_t tos,
+                      uint16_t sport, uint16_t ip_id, uint32_t ulen, uint32_t seg,
+                      uint32_t k, int niov) noexcept nogil:
+    """One UDP GSO superpacket through q.gso_fd: a virtio header, Ethernet to the resolved
+    neighbour rt, one outer IPv4/UDP header for a UDP length of ulen, then the niov
+    payload iovecs already in q.gso_iov[1:]: k segments of seg bytes of UDP payload (the
+    last may be shorter). The kernel cuts it into k packets, IDs counting up from ip_id,
+    each with its own lengths and checksums (the UDP one is left partial for it), or hands
+    it whole to a device that takes UDP GSO. Returns what sendmsg returns."""
+    cdef uint8_t *e = q.gso_hdr + VNET_HLEN
+    cdef uint8_t *o = e + ETH_HLEN
+    cdef uint8_t *u = o + IPV4_HLEN
+    cdef vnet_hdr vh
+    cdef uint16_t c16
+    cdef ssize_t sent
+    memset(&vh, 0, sizeof(vh))
+    vh.flags = VNET_F_NEEDS_CSUM
+    vh.csum_start = ETH_HLEN + IPV4_HLEN
+    vh.csum_offset = UDP_OFF_CSUM
+    if k > 1:
+        vh.gso_type = VNET_GSO_UDP_L4
+        vh.gso_size = <uint16_t>seg
+        vh.hdr_len = ETH_HLEN + IPV4_HLEN + UDP_HLEN
+    memcpy(q.gso_hdr, &vh, VNET_HLEN)
+    q.gso_sll.sll_ifindex = m.ifindex
+    memcpy(e, rt.dmac, ETH_ALEN)
+    memcpy(e + ETH_ALEN, m.mac, ETH_ALEN)
+    store16(e + 2 * ETH_ALEN, ETH_P_IP)
+    o[0] = 0x45
+    o[IPV4_OFF_TOS] = tos
+    store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
+    store16(o + IPV4_OFF_ID, ip_id)
+    store16(o + IPV4_OFF_FRAG, 0)
+    o[IPV4_OFF_TTL] = VXLAN_TTL
+    o[IPV4_OFF_PROTO] = IPPROTO_UDP
+    store32(o + IPV4_OFF_SRC, m.local)
+    store32(o + IPV4_OFF_DST, rt.dst)
+    ipv4_set_header_csum(o, IPV4_HLEN)
+    store16(u + UDP_OFF_SPORT, sport)
+    store16(u + UDP_OFF_DPORT, m.port)
+    store16(u + UDP_OFF_LEN, ulen)
+    c16 = ~csum_fold(pseudo_header(o, IPPROTO_UDP, ulen))   # partial: the kernel ends it
+    memcpy(u + UDP_OFF_CSUM, &c16, 2)
+    q.gso_iov[0].iov_base = q.gso_hdr
+    q.gso_iov[0].iov_len = GSO_HDR
+    q.gso_msg.msg_iovlen = 1 + niov
+    sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+    while sent < 0 and errno == EINTR:
+        sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+    return sent
+
+
+cdef bint tx_run_add(txq *q, const tx_route *rt, uint8_t *o, uint32_t out_len) noexcept nogil:
+    """A plain frame, encapsulated in place (its outer IPv4 header at o, out_len bytes in
+    all): True if it joined the run or began one, to leave with it in one UDP GSO send;
+    False if it cannot (the run, if any, has then been sent: the caller queues the frame
+    after it). Frames join while they follow one another with the same neighbour, outer
+    TOS and source port (one flow, X3), consecutive IDs, and one size, the last maybe
+    shorter, up to GSO_SEGS frames and 64 KiB: what the kernel's UDP GSO turns back into
+    exactly these packets. Like the kernel's UDP GSO on a socket, this saves a trip down
+    the stack per packet: a flood of small datagrams costs one send per run, not one
+    message of a sendmmsg each."""
+    cdef uint32_t seg = out_len - IPV4_HLEN - UDP_HLEN
+    cdef const uint8_t *f
+    if (rt.lane != LANE_L2 or q.gso_fd < 0 or q.gso_off
+            or out_len > q.t.maps[rt.map_index].mtu):
+        tx_run_close(q)
+        return False
+    if q.run_n:
+        f = q.run_o[0]
+        if (not q.run_shut and q.run_n < GSO_SEGS and seg <= q.run_seg
+                and rt.map_index == q.run_rt.map_index and rt.dst == q.run_rt.dst
+                and IPV4_HLEN + q.run_ulen + seg <= 0xffff
+                and o[IPV4_OFF_TOS] == f[IPV4_OFF_TOS]
+                and load16(o + IPV4_HLEN + UDP_OFF_SPORT)
+                == load16(f + IPV4_HLEN + UDP_OFF_SPORT)
+                and load16(o + IPV4_OFF_ID) == <uint16_t>(load16(f + IPV4_OFF_ID) + q.run_n)):
+            q.run_shut = seg < q.run_seg
+            q.run_o[q.run_n] = o
+            q.run_n += 1
+            q.run_ulen += seg
+            return True
+        tx_run_close(q)
+    q.run_rt = rt[0]
+    q.run_seg = seg
+    q.run_ulen = UDP_HLEN + seg
+    q.run_shut = False
+    q.run_o[0] = o
+    q.run_n = 1
+    return True
+
+
+cdef void tx_run_close(txq *q) noexcept nogil:
+    """Send the run: a single frame on the lanes, as it came; two or more in one UDP GSO
+    send, after what the lanes hold (read before them). If the kernel refuses UDP GSO
+    (as in tx_frame_tso) the frames go on the lanes one by one, their own outer headers
+    intact, and this loop stops trying."""
+    cdef int n = q.run_n, k
+    cdef const uint8_t *f = q.run_o[0]
+    cdef const fan_map *m
+    cdef ssize_t sent
+    if n == 0:
+        return
+    q.run_n = 0
+    if n > 1:
+        m = &q.t.maps[q.run_rt.map_index]
+        lane_flush(q, LANE_IP)
+        lane_flush(q, LANE_L2)
+        for k in range(n):
+            q.gso_iov[1 + k].iov_base = q.run_o[k] + IPV4_HLEN + UDP_HLEN
+            q.gso_iov[1 + k].iov_len = load16(q.run_o[k] + IPV4_OFF_TOT_LEN) - IPV4_HLEN - UDP_HLEN
+        sent = gso_send(q, m, &q.run_rt, f[IPV4_OFF_TOS],
+                        load16(f + IPV4_HLEN + UDP_OFF_SPORT), load16(f + IPV4_OFF_ID),
+                        q.run_ulen, q.run_seg, n, n)
+        if sent >= 0:
+            inc(q.c, TX_GSO)
+            add(q.c, TX_GSO_JOINED, n)
+            add(q.c, TX_PACKETS, n)
+            add(q.c, TX_L2, n)
+            add(q.c, TX_BYTES, (IPV4_HLEN + UDP_HLEN) * n + q.run_ulen - UDP_HLEN)
+            return
+        if not (errno == EINVAL or errno == EOPNOTSUPP or errno == ENOPROTOOPT):
+            add(q.c, DROP_TX_SEND_ERROR, n)
+            return
+        q.gso_off = 1
+        inc(q.c, TX_GSO_FALLBACK)
+    for k in range(n):
+        txq_add(q, &q.run_rt, q.run_o[k], load16(q.run_o[k] + IPV4_OFF_TOT_LEN), NULL, 0)
 
 
 cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8_t otos,

@@ -381,6 +381,119 @@ def test_gso_superpackets_stay_under_the_ip_limit():
     assert b"".join(bytes(IP(p)[VXLAN][TCP].payload) for p in pieces) == payload
 
 
+
+# Runs: plain frames of one flow, read in one burst, leave in one UDP GSO send
+def udp_read(n: int, sport=4000, size=64, tos=0) -> bytes:
+    """A TAP read: no offload, a UDP datagram of flow `sport` with payload size `size`."""
+    return vnet() + frame(UDP(sport=sport, dport=5201) / Raw(bytes([n & 0xFF]) * size),
+                          id=n, tos=tos)
+
+
+def burst(reads):
+    """The reads as one batch of a transmit loop to a resolved neighbour: what it sent,
+    in order, as ("gso", [outer IP packets, cut as the kernel cuts them]) or ("frame",
+    outer IP packet), and the counters."""
+    c = new_counters()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        verdicts = fastpath.Harness(tx_engine(True), c).transmit_burst(reads, mine.fileno())
+        assert {v.name for v in verdicts} == {"VERDICT_SEND"}
+        theirs.setblocking(False)
+        sent = []
+        while True:
+            try:
+                msg = theirs.recv(1 << 17)
+            except BlockingIOError:
+                break
+            # a GSO send starts with its virtio header (flags NEEDS_CSUM = 1), a frame
+            # with the neighbour's MAC (02:...)
+            sent.append(("gso", kernel_udp_gso(msg)) if msg[0] == 1
+                        else ("frame", bytes(Ether(msg).payload)))
+    finally:
+        mine.close()
+        theirs.close()
+    return sent, dict(zip(fastpath.counter_names(), c))
+
+
+def one_by_one(reads) -> list[bytes]:
+    """The same reads through the per-frame path, one read per batch: the reference."""
+    h = fastpath.Harness(tx_engine(True), new_counters())
+    out = []
+    for r in reads:
+        v, _, outs, _ = h.transmit(r[:10], r[10:], vxlan=True)
+        assert v.name == "VERDICT_SEND" and len(outs) == 1
+        out.append(bytes(Ether(outs[0]).payload))
+    return out
+
+
+def shape(sent) -> list:
+    return [(kind, len(x)) if kind == "gso" else kind for kind, x in sent]
+
+
+def flat(sent) -> list[bytes]:
+    return [p for kind, x in sent for p in (x if kind == "gso" else [x])]
+
+
+def test_a_burst_of_one_flow_leaves_in_one_udp_gso_send():
+    """Twenty datagrams of one flow: one send, which the kernel cuts into exactly the
+    packets the per-frame path sends (IDs, source port, checksums, byte for byte)."""
+    reads = [udp_read(i) for i in range(20)]
+    sent, c = burst(reads)
+    assert shape(sent) == [("gso", 20)]
+    assert flat(sent) == one_by_one(reads)
+    assert (c["tx_gso"], c["tx_gso_joined"], c["tx_packets"], c["tx_l2"]) == (1, 20, 20, 20)
+    assert c["tx_bytes"] == sum(len(p) for p in flat(sent))
+
+
+@pytest.mark.parametrize("sizes, expect", [
+    # a shorter frame ends the run it joins; the next begins another
+    ([40] * 5 + [10] + [40] * 3, [("gso", 6), ("gso", 3)]),
+    # a longer one cannot join: it begins its own run; a single frame leaves as it is
+    ([10] * 3 + [40, 10, 10], [("gso", 3), ("gso", 2), "frame"]),
+], ids=["shorter-ends", "longer-begins"])
+def test_a_run_is_one_size_but_its_last(sizes, expect):
+    reads = [udp_read(i, size=n) for i, n in enumerate(sizes)]
+    sent, c = burst(reads)
+    assert shape(sent) == expect
+    assert flat(sent) == one_by_one(reads)
+    assert c["tx_gso_joined"] == sum(n for kind, n in (e for e in expect if e != "frame"))
+
+
+def test_other_flows_end_a_run_and_every_flow_stays_in_order():
+    """A1 B1 B2 B3 A2 A3: A1 leaves before B's run, B's run before A2 and A3; taking
+    turns (A B A B) no run forms at all, and nothing is lost or reordered."""
+    a_, b_ = (lambda i: udp_read(i, sport=4000)), (lambda i: udp_read(i, sport=4001))
+    assert IP(one_by_one([a_(0)])[0])[UDP].sport != IP(one_by_one([b_(0)])[0])[UDP].sport
+    reads = [a_(0), b_(1), b_(2), b_(3), a_(4), a_(5)]
+    sent, _ = burst(reads)
+    assert shape(sent) == ["frame", ("gso", 3), ("gso", 2)]
+    assert flat(sent) == one_by_one(reads)
+    reads = [a_(0), b_(1), a_(2), b_(3)]
+    sent, c = burst(reads)
+    assert shape(sent) == ["frame"] * 4 and c["tx_gso"] == 0
+    assert flat(sent) == one_by_one(reads)
+
+
+def test_an_ecn_mark_ends_a_run():
+    """The outer TOS carries each frame's ECN (RFC 6040): one GSO send has one TOS."""
+    reads = [udp_read(0, tos=2), udp_read(1, tos=2), udp_read(2, tos=1), udp_read(3, tos=2)]
+    sent, _ = burst(reads)
+    assert shape(sent) == [("gso", 2), "frame", "frame"]
+    assert [IP(p).tos for p in flat(sent)] == [2, 2, 1, 2]
+    assert flat(sent) == one_by_one(reads)
+    # CE leaves as ECT(0), as T3 says: the same outer TOS, so it joins
+    sent, _ = burst([udp_read(0, tos=2), udp_read(1, tos=3), udp_read(2, tos=2)])
+    assert shape(sent) == [("gso", 3)]
+
+
+def test_a_run_stays_under_the_ip_limit():
+    """64 frames of 1,400 bytes are 90 KB: two sends, each an IPv4 packet under 64 KiB."""
+    reads = [udp_read(i, size=1350) for i in range(64)]
+    sent, c = burst(reads)
+    per = (0xFFFF - 28) // (len(reads[0]) - 10 + 8)     # VXLAN header + frame a segment
+    assert shape(sent) == [("gso", per), ("gso", 64 - per)]
+    assert flat(sent) == one_by_one(reads) and c["tx_gso_joined"] == 64
+
 @pytest.mark.parametrize("resolved", [False, True], ids=["unresolved", "resolved"])
 def test_tso_segments_too_big_for_the_underlay_leave_in_fragments(resolved):
     """A superpacket whose MSS the TAP's MTU does not allow (a container with MTU 9000 on
