@@ -37,6 +37,8 @@ from .underlay import (Interface, interface_of, open_packet_socket, open_receive
 log = logging.getLogger("fanpkt")
 NEIGH_REFRESH = 1.0         # seconds between neighbour table refreshes
 NEIGH_EVENT_GAP = 0.2       # least time between refreshes the kernel's announcements cause
+FOLLOW_REFRESH = 10.0       # seconds between unprompted looks for the underlay address's
+                            # interface (an announcement prompts one at once)
 TICK = 0.1                  # how long the main thread sleeps between looks at its events
 
 
@@ -211,14 +213,15 @@ class Forwarder:
                                   queue_fds=tuple(f.tun.fds)))
         self.dp.install(rows)
 
-    def refresh_neighbours(self) -> None:
-        """Follow each fan's underlay address to its interface, and bring the engine's
-        neighbour table in line with the kernel's (fanpkt/neighbours.py)."""
+    def refresh_neighbours(self, follow: bool = True) -> None:
+        """Follow each fan's underlay address to its interface (if follow), and bring the
+        engine's neighbour table in line with the kernel's (fanpkt/neighbours.py)."""
         if self.neighbours is None or not self.fans:
             return
         fans = list(self.fans.values())
         try:
-            moved = self.neighbours.follow({f.spec.map.host: f.underlay for f in fans})
+            moved = self.neighbours.follow({f.spec.map.host: f.underlay for f in fans}) \
+                if follow else {}
             for f in fans:
                 f.underlay = moved.get(f.spec.map.host, f.underlay)
             if moved:
@@ -370,7 +373,8 @@ class Forwarder:
         self.handle_signals()
         watchdog = Watchdog(self.notifier)
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
-        last_refresh, dirty = time.monotonic(), False
+        last_refresh = last_follow = time.monotonic()
+        dirty = False
         try:
             ctl = self.ctl
             bells = self._listen()
@@ -390,8 +394,15 @@ class Forwarder:
                         bells, dirty = self._deaf(e), True
                 since = time.monotonic() - last_refresh
                 if since >= NEIGH_REFRESH or (dirty and since >= NEIGH_EVENT_GAP):
-                    self.refresh_neighbours()
+                    # Links, and routes (an address moving takes its local route along),
+                    # ring the doorbells: following the underlay address unprompted is
+                    # only the backstop, and at every refresh it was half of an idle
+                    # forwarder's CPU.
+                    follow = dirty or time.monotonic() - last_follow >= FOLLOW_REFRESH
+                    self.refresh_neighbours(follow)
                     last_refresh, dirty = time.monotonic(), False
+                    if follow:
+                        last_follow = last_refresh
                 if self.reload_wanted.is_set():
                     self.reload_wanted.clear()
                     if load_config is None:

@@ -149,6 +149,20 @@ def test_frames_follow_a_recreated_underlay_interface(lab):
     assert after["drop_tx_send_error"] == before["drop_tx_send_error"]
 
 
+def test_an_underlay_address_moving_is_followed_at_once(lab):
+    """The underlay address moves to another interface (here a bridge). Its routes go
+    and come with it, and their announcements ring the forwarder's doorbell: it follows
+    within a refresh, not at its unprompted look every FOLLOW_REFRESH (10 s)."""
+    from fanpkt.forwarder import FOLLOW_REFRESH
+    h1, _, _, _ = two_hosts(lab)
+    wait_for_frames(lab, h1, "241.2.1.1")
+    nsx(h1, "ip", "link", "add", "br9", "type", "bridge")
+    nsx(h1, "ip", "link", "set", "br9", "up")
+    nsx(h1, "ip", "addr", "del", "172.16.1.1/16", "dev", "eth0")
+    nsx(h1, "ip", "addr", "add", "172.16.1.1/16", "dev", "br9")
+    forwarder_logged(lab, h1, "underlay address 172.16.1.1 now on br9",
+                     timeout=FOLLOW_REFRESH / 2)
+
 def test_underlay_send_ip_uses_no_frames(lab):
     h1, h2, _, _ = two_hosts(lab, "--underlay-send", "ip")
     # two seconds of pings: in frames mode the peer would be in the table by then
