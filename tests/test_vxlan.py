@@ -486,6 +486,50 @@ def test_an_ecn_mark_ends_a_run():
     assert shape(sent) == [("gso", 3)]
 
 
+def test_random_bursts_leave_exactly_as_frame_by_frame():
+    """Property: whatever a burst holds (flows, sizes, ECN, ARP, a TSO superpacket, a
+    frame to drop), what the runs send, cut as the kernel cuts it, is packet for packet
+    what the per-frame path sends, in the same order."""
+    rng = random.Random(1729)
+    tso = vnet(1, 1, 66, 1398, 34, 16) + tso_frame(PAYLOAD[:5000])
+    for _ in range(150):
+        reads = []
+        for i in range(rng.randrange(1, 40)):
+            r = rng.random()
+            if r < 0.05:
+                reads.append(tso)
+            elif r < 0.1:
+                reads.append(vnet() + arp())
+            elif r < 0.13:
+                reads.append(vnet() + frame(dst="241.3.4.20"))      # to this host: dropped
+            else:
+                reads.append(udp_read(i, sport=rng.choice([4000, 4001, 4002]),
+                                      size=rng.choice([20, 20, 20, 64, 1000]),
+                                      tos=rng.choice([0, 0, 0, 2, 3])))
+        c = new_counters()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            fastpath.Harness(tx_engine(True), c).transmit_burst(reads, mine.fileno())
+            theirs.setblocking(False)
+            got = []
+            while True:
+                try:
+                    msg = theirs.recv(1 << 17)
+                except BlockingIOError:
+                    break
+                got += kernel_udp_gso(msg) if msg[0] == 1 else [bytes(Ether(msg).payload)]
+        finally:
+            mine.close()
+            theirs.close()
+        want = []
+        h = fastpath.Harness(tx_engine(True), new_counters())
+        for r in reads:
+            v, _, outs, _ = h.transmit(r[:10], r[10:], vxlan=True)
+            want += [bytes(Ether(o).payload) for o in outs]
+        assert got == want
+        names = fastpath.counter_names()
+        assert c[names.index("tx_packets")] == len(want)
+
 def test_a_run_stays_under_the_ip_limit():
     """64 frames of 1,400 bytes are 90 KB: two sends, each an IPv4 packet under 64 KiB."""
     reads = [udp_read(i, size=1350) for i in range(64)]
