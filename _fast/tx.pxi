@@ -315,9 +315,9 @@ cdef int tx_frame(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
     v = vxlan_encap_one(q.t, q.dev_fd, &q.ip_id, frame, len, r, q.c)
     if v == VERDICT_SEND:
         tx_route_of(q, r, &rt)
+        # A frame that cannot join (or begin) a run ends it: the run has left first.
         if tx_run_add(q, &rt, frame - VXLAN_OUTER, r.out_len):
             return v
-        tx_run_close(q)     # a frame that cannot join ends the run, which leaves first
         if r.out_len > q.t.maps[r.map_index].mtu:
             tx_fragments(q, &rt, frame - VXLAN_OUTER, r.out_len, q.t.maps[r.map_index].mtu)
         else:

@@ -497,7 +497,8 @@ def run_packets(seed: int, total: int, weights=None, deadline: float = None) -> 
     packets per path); stops early at `deadline` (time.monotonic())."""
     fz = Fuzzer(seed)
     weights = weights or {p: 1 for p in PATHS}
-    share = {p: total * w // sum(weights.values()) for p, w in weights.items()}
+    # rounded up: the shares add up to at least total
+    share = {p: -(-total * w // sum(weights.values())) for p, w in weights.items()}
     try:
         while any(fz.packets[p] < share[p] for p in PATHS):
             for p in PATHS:
