@@ -8,7 +8,8 @@
           receive loop), against the default of one queue per CPU
   python  bench/pyforward.py: the same job in plain Python on the tests' oracle
 Metrics: single-stream TCP (iperf3, 5 s), 4-stream TCP (iperf3 -P 4), 64-byte UDP
-delivered per second (iperf3, 3 s), ping RTT idle and under a saturating TCP stream, the
+delivered per second (iperf3, 3 s; with what the sender offered and where the rest was
+lost, per second: the sending TUN/TAP's queue, the receiving application's socket), ping RTT idle and under a saturating TCP stream, the
 forwarders' CPU while idle, and CPU time per packet of the sending host's transmit threads
 and the receiving host's receive threads (during the TCP test).
 
@@ -67,6 +68,14 @@ def link_stats(ns: str, dev: str) -> dict:
     return json.loads(nsx(ns, "ip", "-s", "-j", "link", "show", dev).stdout)[0]["stats64"]
 
 
+def udp_snmp(ns: str) -> dict:
+    """The namespace's UDP counters (/proc/net/snmp): RcvbufErrors is a datagram the
+    receiving application's socket had no room for."""
+    rows = [line.split() for line in nsx(ns, "cat", "/proc/net/snmp").stdout.splitlines()
+            if line.startswith("Udp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+
+
 def iperf(ns, dst, *args, seconds):
     out = nsx(ns, "iperf3", "-c", dst, "-J", "-t", str(seconds), *args, check=False,
               timeout=seconds + 60).stdout
@@ -99,9 +108,21 @@ def measure(lab, h1, h2, dst, seconds, threads=None, pids=()):
             res["tun_tx_dropped"] = e1["tx"]["dropped"] - s1["tx"]["dropped"]
         tcp4 = iperf(h1, dst, "-P", "4", seconds=seconds)
         res["tcp_p4_gbit"] = tcp4["end"]["sum_received"]["bits_per_second"] / 1e9
+        # 64-byte UDP, and where what is offered but not delivered is lost: the sending
+        # TUN/TAP's queue (fanpkt's transmit loop behind), or the receiving application's
+        # socket (it gets too little CPU); fanpkt counts its own drops between the two.
+        snmp0 = udp_snmp(h2)
+        dev0 = link_stats(h1, "fan-241") if threads else None
         udp = iperf(h1, dst, "-u", "-l", "64", "-b", "0", seconds=max(2, seconds - 2))
+        snmp1 = udp_snmp(h2)
         s = udp["end"]["sum"]
         res["udp64_delivered_pps"] = (s["packets"] - s["lost_packets"]) / s["seconds"]
+        res["udp64_offered_pps"] = s["packets"] / s["seconds"]
+        res["udp64_app_drops_pps"] = (snmp1["RcvbufErrors"] - snmp0["RcvbufErrors"]) \
+            / s["seconds"]
+        if threads:
+            res["udp64_dev_drops_pps"] = (link_stats(h1, "fan-241")["tx"]["dropped"]
+                                          - dev0["tx"]["dropped"]) / s["seconds"]
         res["ping_avg_ms"] = ping_avg(h1, dst)
         # under load: a saturating TCP stream the same way, pings between its packets
         load = subprocess.Popen(["ip", "netns", "exec", h1, "iperf3", "-c", dst, "-t",
@@ -224,6 +245,9 @@ def write_outputs(results, out):
     n = len(results["rounds"])
     cols = [("tcp_gbit", "TCP Gbit/s", "{:.2f}"), ("tcp_p4_gbit", "TCP -P 4", "{:.2f}"),
             ("udp64_delivered_pps", "UDP 64 B pkt/s", "{:,.0f}"),
+            ("udp64_offered_pps", "UDP offered", "{:,.0f}"),
+            ("udp64_dev_drops_pps", "UDP lost at TUN/TAP", "{:,.0f}"),
+            ("udp64_app_drops_pps", "UDP lost at app socket", "{:,.0f}"),
             ("ping_avg_ms", "ping ms", "{:.3f}"), ("ping_load_ms", "ping loaded ms", "{:.3f}"),
             ("idle_cpu_pct", "idle CPU %", "{:.2f}"),
             ("tx_ns_per_packet", "tx CPU ns/pkt", "{:.0f}"),
