@@ -11,9 +11,10 @@ step from a device to the next one is a forwarding loop's wake-up, its system ca
 kernel's work under them.
 
 Beside it, the cost of one wake-up on this machine (bench/wake.c): two threads passing a
-byte through pipes after 10 ms asleep, on one CPU and on two (what a thread asleep in poll() pays when
-its packet arrives), and with --pin the same pings with every forwarding thread and the ping
-on CPU 0, where each wake-up is a switch on a running CPU.
+byte through pipes after 10 ms asleep, on one CPU and on two (what a thread asleep in
+poll() pays when its packet arrives); and with --pin, the same pings with every forwarding
+thread and the ping on CPU 0, where each wake-up is a switch on a running CPU. Ratios to
+the kernel's ping are taken within each round.
 
     sudo python3 bench/ping_hops.py [--rounds 2] [--pin] [--out bench/results]
 Writes ping-hops.json and ping-hops.md.
@@ -83,7 +84,9 @@ def timelines(records: dict, overlay_octet: int) -> list:
             if found is None:
                 continue
             kind, seq = found
-            label = f"{host} {dev} {'out' if outgoing else 'in'}" + ("" if kind == 8 else " (reply)")
+            label = f"{host} {dev} {'out' if outgoing else 'in'}"
+            if kind == 0:
+                label += " (reply)"
             per_seq.setdefault(seq, []).append((t, label))
     return [sorted(ev) for seq, ev in sorted(per_seq.items()) if seq >= WARM]
 
@@ -123,7 +126,7 @@ def pin_all(pid: int, cpu: int) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def measure(lab, h1, h2, dst, overlay_octet, pin) -> dict:
+def measure(h1, h2, dst, overlay_octet, pin) -> dict:
     caps = {}
     for host, ns in (("h1", h1), ("h2", h2)):
         path = f"/tmp/{ns}-hops.json"
@@ -162,7 +165,7 @@ def run_mode(lab, h1, h2, mode, pin) -> dict:
             nsx(ns, "ip", "link", "set", "vx0", "up")
         try:
             nsx(h1, "ping", "-c", "3", "-i", "0.2", "10.200.0.2", check=False)
-            return measure(lab, h1, h2, "10.200.0.2", 10, pin)
+            return measure(h1, h2, "10.200.0.2", 10, pin)
         finally:
             for ns in (h1, h2):
                 nsx(ns, "ip", "link", "del", "vx0")
@@ -175,7 +178,7 @@ def run_mode(lab, h1, h2, mode, pin) -> dict:
             pin_all(p2.pid, 0)
         nsx(h1, "ping", "-c", "3", "-i", "0.2", "241.2.1.1", check=False)
         time.sleep(1)
-        return measure(lab, h1, h2, "241.2.1.1", 241, pin)
+        return measure(h1, h2, "241.2.1.1", 241, pin)
     finally:
         lab.stop(p1)
         lab.stop(p2)
@@ -186,22 +189,33 @@ def report(res: dict) -> str:
              f"{PINGS - WARM} pings per mode and round, 10 ms apart; each step is the median "
              "over the pings (and over rounds) of the time from one device's timestamp to "
              "the next. Medians of steps do not add up exactly to the median total.", "",
-             "Wake-up cost on this machine (bench/wake.c: a byte to a thread asleep in poll() and back, "
-             "after 10 ms asleep; two wake-ups):", ""]
+             "Wake-up cost on this machine (bench/wake.c: a byte to a thread asleep in "
+             "poll() and back, after 10 ms asleep; two wake-ups):", ""]
     for k, v in res["wake"].items():
         lines.append(f"- {k}: {statistics.median(v)} µs (rounds: {v})")
     for variant, modes in res["modes"].items():
         lines += ["", f"## {variant}", ""]
+        kernel = modes.get("vxlan")
+        for mode, rounds in modes.items():
+            if kernel is None or mode == "vxlan":
+                continue
+            # within each round, as every ratio in this project is taken
+            rs = [r["ping_avg_us"] / k["ping_avg_us"] for r, k in zip(rounds, kernel)]
+            lines.append(f"- {mode} / kernel VXLAN, ping: {statistics.median(rs):.2f}x "
+                         f"(rounds {min(rs):.2f}-{max(rs):.2f})")
+        lines.append("")
         for mode, rounds in modes.items():
             first = rounds[0]
+            ping = statistics.median(r["ping_avg_us"] for r in rounds)
+            total = statistics.median(r["total_median_us"] for r in rounds)
             lines += [f"### {mode}", "",
-                      f"ping average {statistics.median(r['ping_avg_us'] for r in rounds)} µs; "
-                      f"first timestamp to last {statistics.median(r['total_median_us'] for r in rounds)} µs "
+                      f"ping average {ping} µs; first timestamp to last {total} µs "
                       f"(rounds: {[r['ping_avg_us'] for r in rounds]} µs ping)", "",
                       f"| step (from {first['first']}) | median µs | p10 µs |", "|---|---|---|"]
-            for i, s in enumerate(first["steps"]):
+            for i, step in enumerate(first["steps"]):
                 same = [r["steps"][i] for r in rounds if len(r["steps"]) == len(first["steps"])]
-                lines.append(f"| → {s['to']} | {statistics.median(x['median_us'] for x in same)} "
+                lines.append(f"| → {step['to']} | "
+                             f"{statistics.median(x['median_us'] for x in same)} "
                              f"| {statistics.median(x['p10_us'] for x in same)} |")
             lines.append("")
     return "\n".join(lines) + "\n"
