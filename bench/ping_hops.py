@@ -13,11 +13,15 @@ kernel's work under them.
 Beside it, the cost of one wake-up on this machine (bench/wake.c): two threads passing a
 byte through pipes after 10 ms asleep, on one CPU and on two (what a thread asleep in
 poll() pays when its packet arrives); and with --pin, the same pings with every forwarding
-thread and the ping on CPU 0, where each wake-up is a switch on a running CPU. Ratios to
-the kernel's ping are taken within each round.
+thread and the ping on CPU 0, where each wake-up is a switch on a running CPU; with
+--busy-poll US,..., the same pings with the kernel's busy polling on (net.core.busy_poll and
+busy_read, the system-wide defaults behind SO_BUSY_POLL, set to US µs, and the lab's veths
+set to deliver through the NAPI context busy polling spins on; all put back afterwards).
+Ratios to the kernel's ping are taken within each round.
 
-    sudo python3 bench/ping_hops.py [--rounds 2] [--pin] [--out bench/results]
-Writes ping-hops.json and ping-hops.md.
+    sudo python3 bench/ping_hops.py [--rounds 2] [--pin] [--busy-poll 50,300]
+                                    [--out bench/results] [--name ping-hops]
+Writes NAME.json and NAME.md.
 """
 import argparse
 import json
@@ -126,6 +130,35 @@ def pin_all(pid: int, cpu: int) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def set_busy_knobs(values: dict) -> dict:
+    """Set net.core's busy-polling sysctls; returns what they were."""
+    old = {}
+    for knob, value in values.items():
+        path = f"/proc/sys/net/core/{knob}"
+        with open(path) as f:
+            old[knob] = int(f.read())
+        with open(path, "w") as f:
+            f.write(str(value))
+    return old
+
+
+def busy_poll(lab, hosts, us: int) -> None:
+    """Busy polling at us µs, system-wide, with the lab's veths made to deliver through
+    NAPI, which busy polling spins on (0: off, and a veth's defaults: GRO off, TSO on).
+    A socket can busy-poll only if its packets came through a NAPI context (their
+    napi_id, SO_INCOMING_NAPI_ID), and a veth uses its NAPI only with GRO on at the
+    receiving end and, for a forwarded packet, TSO off at the sending one
+    (veth_skb_is_eligible_for_gro); else it queues to the CPU's backlog, which has no id.
+    Checked: a UDP socket in h2 sees napi_id 0 without the switch ports' TSO off, and a
+    real id with it."""
+    set_busy_knobs({"busy_poll": us, "busy_read": us})
+    on, off = ("on", "off") if us else ("off", "on")
+    for ns in hosts:
+        nsx(ns, "ethtool", "-K", "eth0", "gro", on)
+    for i in range(1, lab.ports + 1):
+        nsx(lab.switch, "ethtool", "-K", f"p{i}", "gro", on, "tso", off)
+
+
 def measure(h1, h2, dst, overlay_octet, pin) -> dict:
     caps = {}
     for host, ns in (("h1", h1), ("h2", h2)):
@@ -226,15 +259,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pin", action="store_true",
                     help="also measure with the forwarders and the ping on CPU 0")
+    ap.add_argument("--busy-poll", default="",
+                    help="also measure with busy polling at these µs (comma-separated)")
     ap.add_argument("--modes", default="vxlan,fanpkt,fanpkt-vxlan")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--name", default="ping-hops")
     ap.add_argument("--capture", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.capture:
         capture(args.capture)
         return
-    variants = ["free"] + (["pinned to CPU 0"] if args.pin else [])
-    res = {"wake": {}, "modes": {v: {} for v in variants}}
+    # (label, pinned, busy-poll µs)
+    variants = [("free", False, 0)] + ([("pinned to CPU 0", True, 0)] if args.pin else [])
+    variants += [(f"busy poll {us} µs", False, int(us))
+                 for us in args.busy_poll.split(",") if us]
+    res = {"wake": {}, "modes": {v[0]: {} for v in variants}}
+    # what the machine had, put back at the end
+    knobs = set_busy_knobs({"busy_poll": 0, "busy_read": 0}) if args.busy_poll else {}
     lab = Lab(f"fphops{os.getpid() % 1000}-")
     try:
         h1 = lab.host("h1", "172.16.1.1")
@@ -243,17 +284,22 @@ def main() -> None:
             for cpus in ((0, 0), (0, 1)):
                 key = "one CPU" if cpus[0] == cpus[1] else "two CPUs"
                 res["wake"].setdefault(key, []).append(wake_cost(cpus))
-            for variant in variants:
+            for variant, pin, us in variants:
+                if args.busy_poll:
+                    busy_poll(lab, (h1, h2), us)
                 for mode in args.modes.split(","):
-                    got = run_mode(lab, h1, h2, mode, variant != "free")
+                    got = run_mode(lab, h1, h2, mode, pin)
                     res["modes"][variant].setdefault(mode, []).append(got)
                     print(r, variant, mode, got["ping_avg_us"], "µs", flush=True)
     finally:
+        if args.busy_poll:
+            busy_poll(lab, (), 0)
+            set_busy_knobs(knobs)
         lab.close()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ping-hops.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "ping-hops.md"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(report(res))
     print(report(res))
 
