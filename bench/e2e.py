@@ -9,9 +9,10 @@
   python  bench/pyforward.py: the same job in plain Python on the tests' oracle
 Metrics: single-stream TCP (iperf3, 5 s), 4-stream TCP (iperf3 -P 4), 64-byte UDP
 delivered per second (iperf3, 3 s; with what the sender offered and where the rest was
-lost, per second: the sending TUN/TAP's queue, the receiving application's socket), ping RTT idle and under a saturating TCP stream, the
-forwarders' CPU while idle, and CPU time per packet of the sending host's transmit threads
-and the receiving host's receive threads (during the TCP test).
+lost, per second: the sending TUN/TAP's queue, the receiving application's socket), ping
+RTT idle and under a saturating TCP stream, the forwarders' CPU while idle, and CPU time
+per packet of the sending host's transmit threads and the receiving host's receive threads
+(during the TCP test).
 
 The machine is shared and its speed drifts, so the modes are measured in rounds, every
 mode once per round, back to back. The table gives each metric's median over the rounds
