@@ -12,6 +12,14 @@ cdef enum:
     FAN_IPIP = 0
     FAN_VXLAN = 1
 
+# The GSO types a TUN/TAP takes in a write's virtio header (fan_map.dev_gso): TCPV4 on
+# every kernel with virtio headers, UDP_L4 since Linux 6.2 (before it, such a write is
+# EINVAL). fanpkt/tun.py probes each when the device is created.
+cdef enum:
+    DEV_GSO_TCPV4 = 1
+    DEV_GSO_UDP_L4 = 2
+    DEV_GSO_ALL = 3
+
 cdef struct fan_map:
     int kind                    # FAN_IPIP or FAN_VXLAN
     uint32_t overlay            # O, network address
@@ -30,6 +38,7 @@ cdef struct fan_map:
                                 # in tests)
     int n_queues                # queue_fds[0 .. n_queues-1] (queue_fds[0] == tun_fd)
     int queue_fds[MAX_QUEUES]   # decapsulated packets go to the queue of their flow (rx.pxi)
+    int dev_gso                 # DEV_GSO_*: the superpackets its device takes (rx.pxi)
     uint32_t vni                # VXLAN network identifier (24 bits)
     uint16_t port               # VXLAN UDP destination port
     uint8_t dev_mac[6]          # VXLAN: the bridge's MAC; a frame from it coming back is ours

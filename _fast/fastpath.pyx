@@ -33,7 +33,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-from linux cimport (errno, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, sockaddr_in, msghdr, mmsghdr, cmsghdr,
+from linux cimport (errno, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, writev, sockaddr_in, msghdr, mmsghdr, cmsghdr,
                     CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmsg, sendmmsg, recvmmsg,
                     MSG_DONTWAIT,
                     AF_INET, AF_PACKET, IPPROTO_IP, IP_TOS, IPPROTO_IPIP, IPPROTO_TCP,
@@ -47,7 +47,7 @@ from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_
                    checksum, csum_update16, ipv4_header_csum_ok, ipv4_set_header_csum,
                    ipv4_set_ecn, csum_set_path, CSUM_AUTO, CSUM_SCALAR, CSUM_SSE2,
                    CSUM_AVX2)
-from fanmap cimport (MAX_MAPS, MAX_QUEUES, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
+from fanmap cimport (MAX_MAPS, MAX_QUEUES, DEV_GSO_TCPV4, DEV_GSO_UDP_L4, DEV_GSO_ALL, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
                      fan_dest, fan_slice, fan_host_ok, fan_slice_edge,
                      fan_lookup_overlay, fan_lookup_underlay)
 from neigh cimport neigh_entry, neigh_table, neigh_slot, neigh_find
@@ -99,6 +99,9 @@ cpdef enum Counter:
     RX_GRO_MERGED               # TCP segments appended to the previous one (TUN writes saved)
     RX_KERNEL_GRO               # datagrams the underlay's own GRO had already merged
     RX_UDP_GRO                  # VXLAN datagrams the kernel's UDP GRO handed over together
+    RX_GSO_FALLBACK             # the TUN/TAP refused a superpacket (a kernel older than
+                                # its GSO type): written segment by segment, and that
+                                # merging off for the loop
     DROP_RX_TRUNCATED           # R1: shorter than an IPv4 header
     DROP_RX_BAD_OUTER           # R1: version, IHL or lengths
     DROP_RX_NOT_IPIP            # R1: protocol is not 4
@@ -122,6 +125,9 @@ cpdef enum Counter:
 # in the counter file): two threads never write the same cache line.
 cpdef enum:
     COUNTER_BLOCK = 64
+
+# fan_map.dev_gso's bits by the names fanpkt/tun.py probes and reports them under
+DEV_GSO_TYPES = {"tcpv4": DEV_GSO_TCPV4, "udp_l4": DEV_GSO_UDP_L4}
 
 cdef extern from *:
     """
@@ -398,7 +404,8 @@ cdef class Engine:
     def load(self, rows, check_spoof=True):
         """Install a new table. rows: objects with the fields of fanpkt.engine.MapRow
         (overlay, overlay_len, underlay, underlay_len, local, host_reserve, mtu, tun_fd,
-        ifname, ifindex, mac, kind, vni, port, dev_mac), addresses as ints; ifindex 0 (and
+        ifname, ifindex, mac, kind, vni, port, dev_mac, queue_fds, dev_gso), addresses as
+        ints; ifindex 0 (and
         mac b"") for an underlay interface that cannot take Ethernet frames. Checked here too, whoever calls: a
         bad row is a ValueError, never a table the loops would compute garbage from.
         The previous table stays allocated until retire()."""
@@ -457,6 +464,7 @@ cdef class Engine:
             m.n_queues = len(qfds)
             for k, fd in enumerate(qfds):
                 m.queue_fds[k] = fd
+            m.dev_gso = row.dev_gso & DEV_GSO_ALL
             memcpy(m.ifname, <char *>ifname, len(ifname))   # calloc'd: NUL-terminated
             m.ifindex = row.ifindex
             if row.ifindex:
@@ -663,7 +671,8 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     cdef rx_out outs[BATCH]
     cdef const fan_table *t
     cdef rx_out *o
-    cdef int got, i, n, fd
+    cdef int got, i, n
+    cdef int refused = 0        # GSO types a device refused: not merged by this loop again
     cdef uint8_t otos
     cdef uint32_t gso
     cdef uint8_t *ctl_bufs = <uint8_t *>malloc(<size_t>RX_CTL * BATCH)
@@ -695,16 +704,11 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
             t = eng.table
             for i in range(got):
                 lens[i] = msgs[i].msg_len
-            n = rx_batch(t, arena, lens, got, outs, c)
+            n = rx_batch(t, arena, lens, got, outs, refused, c)
             for i in range(n):
                 o = &outs[i]
-                fd = rx_queue_fd(&t.maps[o.map_index], o.pkt, o.len)
-                if fd < 0 or write(fd, o.pkt - VNET_HLEN, o.len + VNET_HLEN) < 0:
-                    add(c, DROP_RX_TUN_WRITE, o.segs)
-                else:
-                    add(c, RX_PACKETS, o.segs)
-                    add(c, RX_BYTES, o.bytes)
-                    add(c, RX_GRO_MERGED, o.segs - 1)
+                rx_count(o, rx_write(rx_queue_fd(&t.maps[o.map_index], o.pkt, o.len), o, 0,
+                                     t.maps[o.map_index].dev_gso & ~refused, &refused, c), c)
             if got < BATCH:
                 nanosleep(&nap, NULL)
     free(arena)

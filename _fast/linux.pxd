@@ -15,6 +15,7 @@ cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 cdef extern from "<netinet/in.h>" nogil:
     ctypedef uint32_t in_addr_t

@@ -6,6 +6,11 @@
 # are coalesced the same way into a UDP GSO superpacket (VNET_GSO_UDP_L4), which the
 # kernel splits into the same datagrams again: one TUN write for up to 64 of them. Only the
 # newest superpacket of a flow takes more, so a flow's order is kept.
+#
+# Both kinds of superpacket need the device to take their GSO type in a write: UDP_L4
+# only since Linux 6.2. A map's dev_gso says what its device took when it was probed, and
+# only that is merged; a superpacket refused at run time all the same (EINVAL) is written
+# segment by segment (rx_write_segments) and its type is not merged again by that loop.
 
 cdef enum:
     GRO_SCAN = 8                # how far back a segment looks for its flow
@@ -26,6 +31,7 @@ cdef struct rx_out:
     bint open                   # may take more segments
     bint csum_ok                # the first segment's TCP checksum was verified
     bint kernel_gro             # merged by the underlay's GRO before we saw it
+    bint split                  # written segment by segment (rx_write)
 
 
 cdef inline int rx_queue_fd(const fan_map *m, const uint8_t *ip, uint32_t len) noexcept nogil:
@@ -127,11 +133,11 @@ cdef inline bint same_connection(const rx_out *o, const uint8_t *conn,
 
 
 cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
-                   uint32_t mtu) noexcept nogil:
+                   uint32_t mtu, int gso_ok) noexcept nogil:
     """Add a decapsulated packet to the batch's outputs: merged into its connection's
     newest output if that can take it, else as a new output. Never into an older one: that
     would deliver the segment ahead of the packets in between. mtu is the map's underlay
-    MTU. Any TCP packet of the connection, mergeable or not (a pure ACK, a bare FIN or
+    MTU; gso_ok (DEV_GSO_*) the superpackets that may be built for its device. Any TCP packet of the connection, mergeable or not (a pure ACK, a bare FIN or
     RST, one with IP options, a fragment), closes the scan: the segment after it may not
     join a superpacket before it. Returns the new number of outputs."""
     cdef uint32_t thl = 0, seg_max = 0
@@ -145,7 +151,7 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     tcp = tcp and not udp
     if udp and udp_candidate(p, len):
         thl = UDP_HLEN
-        candidate = True
+        candidate = (gso_ok & DEV_GSO_UDP_L4) != 0
     elif tcp and p[0] == 0x45:
         thl = tcp_header_len(p, len)
     if thl and tcp:
@@ -159,7 +165,8 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
         else:
             # Candidates: DF, and only ACK (PSH) set: SYN, FIN, RST, URG, CWR, ECE never.
             flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
-            candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
+            candidate = ((gso_ok & DEV_GSO_TCPV4) != 0
+                         and (load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
                          and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
     if tcp or udp:
         k = n - 1
@@ -190,6 +197,7 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     o.open = candidate and (udp or not (p[IPV4_HLEN + TCP_OFF_FLAGS] & TCP_PSH))
     o.csum_ok = False
     o.kernel_gro = kernel_gro
+    o.split = False
     return n + 1
 
 
@@ -230,10 +238,104 @@ cdef void rx_finish(rx_out *o, uint32_t l2) noexcept nogil:
     memcpy(o.pkt - l2 - VNET_HLEN, &h, VNET_HLEN)
 
 
+cdef inline bint rx_superpacket(const rx_out *o) noexcept nogil:
+    """Does the output's write carry a GSO type (rx_finish)?"""
+    return o.segs > 1 or o.kernel_gro
+
+
+cdef bint rx_write_segments(int fd, rx_out *o, uint32_t l2) noexcept nogil:
+    """Write a finished superpacket as the packets the kernel would have split it into
+    (inet_gso_segment with __udp_gso_segment or tcp_gso_segment): gso_size bytes of
+    payload each (the last may be shorter), each with its own IPv4 header, the IP ID
+    counting up from the first, and its own UDP length, or TCP sequence number with FIN
+    and PSH on the last segment only and CWR on the first only; every checksum complete,
+    no offload asked of the kernel. Each goes out in one writev of a header built here and
+    the payload where it lies. For a device that refuses the superpacket itself. False if
+    a write failed (the rest is not written)."""
+    cdef uint8_t hdr[VNET_HLEN + ETH_HLEN + IPV4_HLEN + 60]    # 60: the longest TCP header
+    cdef iovec iov[2]
+    cdef uint8_t *ip = hdr + VNET_HLEN + l2
+    cdef uint8_t *l4 = ip + IPV4_HLEN
+    cdef uint32_t thl = o.thl, off = IPV4_HLEN + o.thl, total = o.len - off
+    cdef uint32_t done = 0, pay, k = 0, seq0 = 0
+    cdef uint16_t id0 = load16(o.pkt + IPV4_OFF_ID), c16
+    cdef uint8_t flags = 0, proto = IPPROTO_UDP if o.udp else IPPROTO_TCP
+    cdef uint32_t csum_at = UDP_OFF_CSUM if o.udp else TCP_OFF_CSUM
+    memset(hdr, 0, VNET_HLEN)                       # no offload: a plain packet
+    memcpy(hdr + VNET_HLEN, o.pkt - l2, l2 + off)
+    if not o.udp:
+        seq0 = load32(o.pkt + IPV4_HLEN + TCP_OFF_SEQ)
+        flags = o.pkt[IPV4_HLEN + TCP_OFF_FLAGS]
+    iov[0].iov_base = hdr
+    iov[0].iov_len = VNET_HLEN + l2 + off
+    while done < total:
+        pay = o.gso_size if o.gso_size and o.gso_size < total - done else total - done
+        store16(ip + IPV4_OFF_TOT_LEN, off + pay)
+        store16(ip + IPV4_OFF_ID, <uint16_t>(id0 + k))
+        ipv4_set_header_csum(ip, IPV4_HLEN)
+        if o.udp:
+            store16(l4 + UDP_OFF_LEN, UDP_HLEN + pay)
+        else:
+            store32(l4 + TCP_OFF_SEQ, seq0 + done)
+            l4[TCP_OFF_FLAGS] = flags
+            if done + pay < total:
+                l4[TCP_OFF_FLAGS] &= ~(TCP_FIN | TCP_PSH)
+            if k > 0:
+                l4[TCP_OFF_FLAGS] &= ~TCP_CWR
+        l4[csum_at] = 0
+        l4[csum_at + 1] = 0
+        # thl is even, so the payload's words line up after the header's
+        c16 = csum_fold(acc_add(pseudo_header(ip, proto, thl + pay),
+                                csum_add(o.pkt + off + done, pay, csum_add(l4, thl, 0))))
+        if c16 == 0 and o.udp:
+            c16 = 0xffff                # 0 would mean "no checksum" to UDP
+        memcpy(l4 + csum_at, &c16, 2)
+        iov[1].iov_base = o.pkt + off + done
+        iov[1].iov_len = pay
+        if writev(fd, iov, 2) < 0:
+            return False
+        done += pay
+        k += 1
+    return True
+
+
+cdef bint rx_write(int fd, rx_out *o, uint32_t l2, int gso_ok, int *refused,
+                   uint64_t *c) noexcept nogil:
+    """Write a finished output (virtio header, l2 bytes of Ethernet header, packet) to fd.
+    A superpacket whose GSO type gso_ok (the map's dev_gso less the loop's refused) lacks,
+    or that the device refuses with EINVAL, goes out segment by segment instead; a refusal
+    adds its type to *refused, so that the loop merges no more of it (RX_GSO_FALLBACK)."""
+    cdef int kind = DEV_GSO_UDP_L4 if o.udp else DEV_GSO_TCPV4
+    o.split = False
+    if fd < 0:
+        return False
+    if not rx_superpacket(o) or (gso_ok & kind):
+        if write(fd, o.pkt - l2 - VNET_HLEN, o.len + l2 + VNET_HLEN) >= 0:
+            return True
+        if errno != EINVAL or not rx_superpacket(o):
+            return False
+        refused[0] |= kind
+        inc(c, RX_GSO_FALLBACK)
+    o.split = True
+    return rx_write_segments(fd, o, l2)
+
+
+cdef inline void rx_count(const rx_out *o, bint written, uint64_t *c) noexcept nogil:
+    """The counters of one output's write."""
+    if not written:
+        add(c, DROP_RX_TUN_WRITE, o.segs)
+        return
+    add(c, RX_PACKETS, o.segs)
+    add(c, RX_BYTES, o.bytes)
+    if not o.split:
+        add(c, RX_GRO_MERGED, o.segs - 1)
+
+
 cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int got,
-                  rx_out *outs, uint64_t *c) noexcept nogil:
+                  rx_out *outs, int refused, uint64_t *c) noexcept nogil:
     """Decapsulate got datagrams (SLOT apart in arena) and gather what is delivered into
-    outs, each finished and ready to write. Returns the number of outputs."""
+    outs, each finished and ready to write; refused: the GSO types (DEV_GSO_*) the loop
+    no longer merges. Returns the number of outputs."""
     cdef result r
     cdef uint8_t *buf
     cdef int i, n = 0
@@ -241,7 +343,7 @@ cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int 
         buf = arena + <size_t>SLOT * i
         if decap_one(t, buf, lens[i], &r, c) == VERDICT_DELIVER:
             n = rx_gather(outs, n, buf + r.off, r.out_len, r.map_index,
-                          t.maps[r.map_index].mtu)
+                          t.maps[r.map_index].mtu, t.maps[r.map_index].dev_gso & ~refused)
     for i in range(n):
         rx_finish(&outs[i], 0)
         if outs[i].kernel_gro:

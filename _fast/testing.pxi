@@ -231,15 +231,20 @@ cdef class Harness:
         finally:
             free(arena)
 
-    def receive(self, datagrams):
+    def receive(self, datagrams, bint write=False, int refuse=0):
         """A burst of at most BATCH datagrams through rx_batch, as run_rx does: a list of
-        (map index, segments, bytes written to the TUN, virtio header included), in write
-        order."""
+        (map index, segments, bytes for the TUN, virtio header included, split), in write
+        order. write: also write each output to its map's tun_fd through rx_write, as
+        run_rx does (a test passes a socketpair's end); split is True where it went out
+        segment by segment (rx_write_segments). refuse (DEV_GSO_* bits): write as a loop
+        does once its device refused those types at run time - merged by the map's
+        dev_gso, then written as if that lacked them."""
         cdef uint32_t lens[BATCH]
         cdef rx_out outs[BATCH]
         cdef uint8_t *arena
         cdef const uint8_t[:] d
-        cdef int k, n
+        cdef int k, n, refused = 0
+        cdef const fan_map *m
         datagrams = list(datagrams)
         if len(datagrams) > BATCH:
             raise ValueError(f"at most {BATCH} datagrams in a burst")
@@ -254,10 +259,20 @@ cdef class Harness:
                 lens[k] = d.shape[0]
                 if d.shape[0]:
                     memcpy(arena + <size_t>SLOT * k, &d[0], d.shape[0])
-            n = rx_batch(self.eng.table, arena, lens, len(datagrams), outs, self.c)
-            return [(outs[k].map_index, outs[k].segs,
-                     PyBytes_FromStringAndSize(<char *>outs[k].pkt - VNET_HLEN,
-                                               outs[k].len + VNET_HLEN)) for k in range(n)]
+            n = rx_batch(self.eng.table, arena, lens, len(datagrams), outs, 0, self.c)
+            result = []
+            for k in range(n):
+                # copied before the write: a split write rewrites nothing in place, but
+                # the bytes are the superpacket as rx_finish left it
+                data = PyBytes_FromStringAndSize(<char *>outs[k].pkt - VNET_HLEN,
+                                                 outs[k].len + VNET_HLEN)
+                if write:
+                    m = &self.eng.table.maps[outs[k].map_index]
+                    rx_count(&outs[k], rx_write(m.tun_fd, &outs[k], 0,
+                                                m.dev_gso & ~refuse & ~refused, &refused,
+                                                self.c), self.c)
+                result.append((outs[k].map_index, outs[k].segs, data, bool(outs[k].split)))
+            return result
         finally:
             free(arena)
 

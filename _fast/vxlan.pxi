@@ -475,25 +475,22 @@ cdef struct vx_rx:
     uint64_t *c
     rx_out o                    # the pending output (an inner IPv4 packet in its frame)
     bint pending
+    int refused                 # GSO types a TAP refused: not merged by this loop again
 
 
 cdef void vx_flush(vx_rx *x) noexcept nogil:
     """Write the pending output to its map's TAP."""
     cdef rx_out *o = &x.o
+    cdef const fan_map *m
     cdef int fd
     if not x.pending:
         return
     x.pending = False
+    m = &x.t.maps[o.map_index]
     rx_finish(o, ETH_HLEN)
-    fd = rx_queue_fd(&x.t.maps[o.map_index],
-                     o.pkt if load16(o.pkt - ETH_HLEN + ETH_OFF_TYPE) == ETH_P_IP else NULL,
+    fd = rx_queue_fd(m, o.pkt if load16(o.pkt - ETH_HLEN + ETH_OFF_TYPE) == ETH_P_IP else NULL,
                      o.len)
-    if fd < 0 or write(fd, o.pkt - ETH_HLEN - VNET_HLEN, o.len + ETH_HLEN + VNET_HLEN) < 0:
-        add(x.c, DROP_RX_TUN_WRITE, o.segs)
-    else:
-        add(x.c, RX_PACKETS, o.segs)
-        add(x.c, RX_BYTES, o.bytes)
-        add(x.c, RX_GRO_MERGED, o.segs - 1)
+    rx_count(o, rx_write(fd, o, ETH_HLEN, m.dev_gso & ~x.refused, &x.refused, x.c), x.c)
 
 
 cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
@@ -507,6 +504,7 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
     cdef uint8_t flags = 0
     cdef bint candidate = False, udp = False
     cdef rx_out *o = &x.o
+    cdef int gso_ok = x.t.maps[map_index].dev_gso & ~x.refused
     if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == 0x45
             and load16(p + IPV4_OFF_TOT_LEN) == plen):
         if p[IPV4_OFF_PROTO] == IPPROTO_UDP:
@@ -515,15 +513,16 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
             thl = tcp_header_len(p, plen)
     if udp:
         thl = UDP_HLEN
-        candidate = True
-        if (x.pending and o.udp and o.map_index == map_index
+        candidate = (gso_ok & DEV_GSO_UDP_L4) != 0
+        if (candidate and x.pending and o.udp and o.map_index == map_index
                 and memcmp(o.pkt - ETH_HLEN, f, ETH_HLEN) == 0
                 and udp_same_flow(o.pkt, p) and udp_append(o, p, plen)):
             o.bytes += ETH_HLEN
             return
     elif thl:
         flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
-        candidate = ((load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
+        candidate = ((gso_ok & DEV_GSO_TCPV4) != 0
+                     and (load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
                      and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
         if (x.pending and candidate and not o.udp and o.thl == thl
                 and o.map_index == map_index
@@ -543,6 +542,7 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
     o.open = candidate and (udp or not (flags & TCP_PSH))
     o.csum_ok = False
     o.kernel_gro = False
+    o.split = False
     o.room = room if room < 0xffff else 0xffff
     x.pending = True
 

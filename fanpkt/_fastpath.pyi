@@ -14,6 +14,7 @@ class Verdict(IntEnum):
     VERDICT_DELIVER: int
 
 COUNTER_BLOCK: int
+DEV_GSO_TYPES: dict[str, int]
 
 def counter_names() -> list[str]: ...
 
@@ -33,6 +34,8 @@ class _Row(Protocol):
     vni: int
     port: int
     dev_mac: bytes
+    queue_fds: tuple[int, ...]
+    dev_gso: int
 
 class Engine:
     def __init__(self, rows: Iterable[_Row] = ..., check_spoof: bool = ...,

@@ -115,7 +115,8 @@ def format_stats(snap: dict) -> str:
     lines = [f"fanpkt-forward pid {snap['pid']}"]
     for fan in snap.get("fans", []):
         lines.append(f"fan {fan['device']}: {fan['overlay']} {fan['type']}"
-                     + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type")))
+                     + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type"))
+                     + f"; offloads: {' '.join(fan.get('offloads', [])) or 'none'}")
     for direction in ("tx", "rx"):
         lines.append(f"{direction}:")
         for name, value in snap["total"].items():

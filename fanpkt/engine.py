@@ -32,6 +32,9 @@ log = logging.getLogger("fanpkt")
 
 COUNTER_NAMES: list[str] = fastpath.counter_names()
 COUNTER_BLOCK: int = int(fastpath.COUNTER_BLOCK)
+# MapRow.dev_gso: the superpackets a TUN/TAP takes in a write (_fast/fanmap.pxd), by name
+DEV_GSO_TYPES: dict[str, int] = dict(fastpath.DEV_GSO_TYPES)
+DEV_GSO_ALL: int = sum(DEV_GSO_TYPES.values())
 RETIRE_TICKS = 2            # ticks of every loop after a swap before the old table is freed
 RETIRE_WARN = 5.0           # seconds before a slow loop is worth a warning
 PR_SET_NAME = 15
@@ -56,14 +59,16 @@ class MapRow:
     port: int = 0               # the VXLAN UDP port
     dev_mac: bytes = b""        # the fan bridge's MAC (a frame from it coming back is ours)
     queue_fds: tuple = ()       # a multi-queue device's queues, tun_fd first; () = (tun_fd,)
+    dev_gso: int = DEV_GSO_ALL  # the superpackets the device takes (tun.Offloads.dev_gso)
 
     @classmethod
     def of(cls, m: FanMap, mtu: int = 1500, tun_fd: int = -1, ifname: str = "",
            ifindex: int = 0, mac: bytes = b"", kind: str = "ipip", vni: int = 0,
-           port: int = 0, dev_mac: bytes = b"", queue_fds: tuple = ()) -> "MapRow":
+           port: int = 0, dev_mac: bytes = b"", queue_fds: tuple = (),
+           dev_gso: int = DEV_GSO_ALL) -> "MapRow":
         return cls(m.overlay, m.overlay_len, m.underlay, m.underlay_len, m.host,
                    m.host_reserve, mtu, tun_fd, ifname, ifindex, mac, kind, vni, port,
-                   dev_mac, tuple(queue_fds))
+                   dev_mac, tuple(queue_fds), dev_gso)
 
 
 def new_counters(blocks: int = 1) -> array.array:

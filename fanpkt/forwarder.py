@@ -66,7 +66,13 @@ class Fan:
                         overlay=str(m.overlay_net), underlay=f"{ip(m.host)}/{m.underlay_len}",
                         slice=f"{ip(m.local_slice)}/{m.slice_len}", flags=self.spec.flags,
                         mtu=self.overlay_mtu, plumbing=self.plumbing.to_json(),
-                        type=self.spec.type, port=self.spec.port if self.spec.vxlan else 0)
+                        type=self.spec.type, port=self.spec.port if self.spec.vxlan else 0,
+                        offloads=self.offloads())
+
+    def offloads(self) -> list[str]:
+        """The offloads its device's writes (and, for VXLAN, its sends) use: the GSO types
+        the kernel took when probed (tun.Tun.gso)."""
+        return [f"gso_{name}" for name, taken in self.tun.gso.items() if taken]
 
 
 class Forwarder:
@@ -170,7 +176,10 @@ class Forwarder:
 
     def _start_tx(self, fan: Fan) -> None:
         packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
-        gso_fd = self.gso_sock.fileno() if self.gso_sock is not None else -1
+        # the packet socket checks a virtio header as the TAP does (virtio_net_hdr_to_skb):
+        # where the TAP's probe refused UDP_L4, a UDP GSO send would be refused too
+        gso_fd = self.gso_sock.fileno() \
+            if self.gso_sock is not None and fan.tun.gso["udp_l4"] else -1
         for q, (name, fd) in enumerate(zip(fan.loop_names, fan.tun.fds)):
             self.dp.start_tx(name, fd, self.sock.fileno(), packet_fd,
                              self.counters.block(tx_block(fan.slot, q)), vxlan=fan.spec.vxlan,
@@ -210,7 +219,7 @@ class Forwarder:
                                   kind=s.type, vni=s.vni_value if s.vxlan else 0,
                                   port=s.port if s.vxlan else 0,
                                   dev_mac=mac_bytes(f.plumbing.bridge_mac) if s.vxlan else b"",
-                                  queue_fds=tuple(f.tun.fds)))
+                                  queue_fds=tuple(f.tun.fds), dev_gso=f.tun.dev_gso))
         self.dp.install(rows)
 
     def refresh_neighbours(self, follow: bool = True) -> None:

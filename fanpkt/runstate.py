@@ -82,6 +82,7 @@ class FanState:
     plumbing: dict              # plumbing.Plumbing.to_json()
     type: str = "ipip"          # or "vxlan"
     port: int = 0               # a VXLAN fan's UDP port (its receive loop's); 0 for IPIP
+    offloads: list[str] = field(default_factory=list)  # Fan.offloads(): what the kernel took
 
 
 @dataclass
@@ -175,7 +176,7 @@ def totals(state: State, raw: bytes) -> dict:
     total = {n: sum(loop.get(n, 0) for loop in loops.values()) for n in names}
     return {"pid": state.pid, "total": total, "loops": loops, "loop_fans": loop_fans(state),
             "fans": [{"device": f.device, "type": f.type, "overlay": f.overlay,
-                      "flags": f.flags} for f in state.fans],
+                      "flags": f.flags, "offloads": f.offloads} for f in state.fans],
             "devices": {f.device: device_drops(f.device) for f in state.fans}}
 
 

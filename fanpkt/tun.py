@@ -3,14 +3,20 @@ fan's bridge), created with python-pytun and configured with pyroute2. Packet I/
 on the fd, in the compiled loops, not here."""
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
+import struct
 
 import pytun
 from pyroute2 import IPRoute
 
-from .errors import DeviceError
+from .engine import DEV_GSO_TYPES
+from .errors import ConfigError, DeviceError
 from .netlink import link_index
+
+log = logging.getLogger("fanpkt")
 
 TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (design §8)
 
@@ -19,6 +25,50 @@ TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (de
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
+
+
+# The environment variable that forces the probe's answers (troubleshooting, tests):
+# comma-separated GSO type names, each with + (taken) or - (refused), e.g. "-udp_l4".
+OFFLOADS_ENV = "FANPKT_OFFLOADS"
+_GSO_TYPE = {"tcpv4": 1, "udp_l4": 5}       # virtio_net_hdr.gso_type (VIRTIO_NET_HDR_GSO_*)
+
+
+def forced_offloads() -> dict[str, bool]:
+    """FANPKT_OFFLOADS read: {GSO type name: taken}. A ConfigError if it is malformed."""
+    forced = {}
+    for item in filter(None, (s.strip() for s in os.environ.get(OFFLOADS_ENV, "").split(","))):
+        name = item[1:]
+        if item[:1] not in "+-" or name not in DEV_GSO_TYPES:
+            raise ConfigError(f"{OFFLOADS_ENV}: {item!r} is not +NAME or -NAME with NAME "
+                              f"one of {', '.join(sorted(DEV_GSO_TYPES))}")
+        forced[name] = item[0] == "+"
+    return forced
+
+
+def probe_write(fd: int, gso_type: str, tap: bool) -> bool:
+    """Does the kernel take a superpacket of this GSO type written to this TUN/TAP? fd's
+    device must still be down: the kernel checks the virtio header (virtio_net_hdr_to_skb,
+    EINVAL if it knows no such type) before it finds the device down (EIO), so the probe
+    is answered and the packet dropped without reaching any stack. The probe is shaped as
+    rx.pxi's writes are: two UDP datagrams or TCP segments of 100 bytes, NEEDS_CSUM."""
+    l2 = b"\xff" * 12 + b"\x08\x00" if tap else b""
+    udp = gso_type == "udp_l4"
+    l4 = (struct.pack("!HHHH", 9, 9, 208, 0) if udp
+          else struct.pack("!HHIIBBHHH", 9, 9, 1, 0, 0x50, 0x10, 0xffff, 0, 0))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + 200, 0, 0x4000, 64,
+                     17 if udp else 6, 0, b"\0\0\0\0", b"\0\0\0\0")
+    vnet = struct.pack("=BBHHHH", 1, _GSO_TYPE[gso_type], len(l2) + 20 + len(l4), 100,
+                       len(l2) + 20, 6 if udp else 16)
+    try:
+        os.write(fd, vnet + l2 + ip + l4 + bytes(200))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        if e.errno == errno.EIO:        # the header passed; the device is down
+            return True
+        raise DeviceError(f"cannot probe the TUN/TAP device's offloads: {e.strerror}") \
+            from None
+    return True
 
 
 def check_tun_available() -> None:
@@ -57,19 +107,35 @@ class Tun:
         """offload=False: plain packets, no virtio header (the Python baseline in bench/).
         tap: Ethernet frames, for a VXLAN fan. queues > 1: a multi-queue device
         (IFF_MULTI_QUEUE) with that many fds, `fds`; the kernel sends each flow to one of
-        them (by its hash, or to the queue that last wrote the flow)."""
+        them (by its hash, or to the queue that last wrote the flow).
+
+        With offload, `gso` says which superpackets the device takes in a write ({GSO
+        type name: taken}, probed here, FANPKT_OFFLOADS forcing answers) and `dev_gso`
+        the same as the engine's bits."""
+        self.gso = {name: False for name in DEV_GSO_TYPES}
+        self.dev_gso = 0
         check_tun_available()
         with IPRoute() as ipr:
             if link_index(ipr, name) is not None:
                 raise DeviceError(f"device {name} already exists; remove it or choose "
                                   f"another overlay")
+        # IFF_NO_PI: without it every packet carries a 4-byte prefix (pytun's default).
+        # IFF_VNET_HDR: a 10-byte virtio_net_hdr instead, which carries the offloads.
+        flags = ((pytun.IFF_TAP if tap else pytun.IFF_TUN) | pytun.IFF_NO_PI
+                 | (pytun.IFF_VNET_HDR if offload else 0))
+        self.queues = []
+        if queues > 1:
+            try:
+                self.queues = [pytun.TunTapDevice(name=name,
+                                                  flags=flags | pytun.IFF_MULTI_QUEUE)]
+                flags |= pytun.IFF_MULTI_QUEUE
+            except pytun.Error as e:    # a kernel (or sandbox) without multi-queue TUN
+                log.warning("%s: no multi-queue %s device here (%s): one queue", name,
+                            "TAP" if tap else "TUN", e)
+                queues = 1
         try:
-            # IFF_NO_PI: without it every packet carries a 4-byte prefix (pytun's default).
-            # IFF_VNET_HDR: a 10-byte virtio_net_hdr instead, which carries the offloads.
-            flags = ((pytun.IFF_TAP if tap else pytun.IFF_TUN) | pytun.IFF_NO_PI
-                     | (pytun.IFF_VNET_HDR if offload else 0)
-                     | (pytun.IFF_MULTI_QUEUE if queues > 1 else 0))
-            self.queues = [pytun.TunTapDevice(name=name, flags=flags)]
+            if not self.queues:
+                self.queues = [pytun.TunTapDevice(name=name, flags=flags)]
             # each further TUNSETIFF with the same name attaches one more queue
             self.queues += [pytun.TunTapDevice(name=name, flags=flags)
                             for _ in range(queues - 1)]
@@ -89,10 +155,33 @@ class Tun:
         except OSError as e:
             self.close()
             raise DeviceError(f"cannot enable offloads on TUN device {name}: {e}") from None
+        if offload:
+            try:
+                self._probe(tap)
+            except (ConfigError, DeviceError):
+                self.close()
+                raise
         _tune(name)
         with IPRoute() as ipr:
             self.index = link_index(ipr, name)
             ipr.link("set", index=self.index, mtu=mtu, txqlen=TXQUEUELEN, state="up")
+
+    def _probe(self, tap: bool) -> None:
+        """Fill gso and dev_gso, while the device is still down (probe_write)."""
+        forced = forced_offloads()
+        for name, bit in DEV_GSO_TYPES.items():
+            taken = forced[name] if name in forced else probe_write(self.fd, name, tap)
+            self.gso[name] = taken
+            self.dev_gso |= bit if taken else 0
+        if not self.gso["udp_l4"]:
+            log.info("%s: this kernel takes no UDP superpackets in TUN/TAP writes (Linux "
+                     "6.2 does)%s: received UDP datagrams are written one by one%s",
+                     self.name, " (FANPKT_OFFLOADS)" if "udp_l4" in forced else "",
+                     ", and VXLAN frames sent one by one" if tap else "")
+        if not self.gso["tcpv4"]:
+            log.warning("%s: this kernel takes no TCP superpackets in TUN/TAP writes%s: "
+                        "received TCP segments are written one by one", self.name,
+                        " (FANPKT_OFFLOADS)" if "tcpv4" in forced else "")
 
     def close(self) -> None:
         """Closing the fds (every queue's) destroys the device, and with it its addresses

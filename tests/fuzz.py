@@ -403,15 +403,15 @@ class Fuzzer:
             if v == "VERDICT_DELIVER":
                 delivered.append((inner, idx))
         written = eng.harness.receive(burst)
-        if sum(segs for _, segs, _ in written) != len(delivered):
+        if sum(segs for _, segs, _, _ in written) != len(delivered):
             self.fail("receive", f"{sum(w[1] for w in written)} segments written, the "
                       f"oracle delivers {len(delivered)}", b"".join(burst))
-        self.merged["receive"] += sum(segs > 1 for _, segs, _ in written)
-        for idx, segs, buf in written:
+        self.merged["receive"] += sum(segs > 1 for _, segs, _, _ in written)
+        for idx, segs, buf, _ in written:
             if segs > 1 and (buf[1] != 1 or not self._merged_header_ok(buf[10:])):
                 self.fail("receive", "a bad superpacket", buf)
         self._check_gro("receive", delivered, [(buf[10:], idx, segs > 1)
-                                               for idx, segs, buf in written],
+                                               for idx, segs, buf, _ in written],
                         burst, self._stream_piece)
         dropped = drops(eng.counters, "drop_rx_") - before
         if dropped != len(burst) - len(delivered):

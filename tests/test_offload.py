@@ -76,7 +76,7 @@ def test_gro_coalesces_and_round_trips():
     _, _, outs, _ = fastpath.Harness(tx, c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket())
     written = fastpath.Harness(rx, c).receive(outs)
     assert len(written) == 1
-    idx, segs, buf = written[0]
+    idx, segs, buf, _ = written[0]
     assert segs == len(outs)
     flags, gso_type, hdr_len, gso_size, start, off = struct.unpack("=BBHHHH", buf[:10])
     assert (flags, gso_type, gso_size, start, off) == (1, 1, 1428, 20, 16)
@@ -217,7 +217,7 @@ def test_udp_datagrams_coalesce_into_one_gso_write(sizes):
     written = through(datagrams)
     assert [w[1] for w in written] == [len(sizes)]          # a burst is at most 64
     got = []
-    for _, segs, buf in written:
+    for _, segs, buf, _ in written:
         flags, gso_type, hdr_len, gso_size, start, off = struct.unpack("=BBHHHH", buf[:10])
         assert (flags, gso_type, hdr_len, gso_size, start, off) == \
             (1, 5, 28, sizes[0], 20, 6)                         # NEEDS_CSUM, UDP_L4
@@ -275,3 +275,53 @@ def test_udp_without_checksum_joins_and_round_trips():
     written = through(datagrams)
     assert [w[1] for w in written] == [4]
     assert split_udp_gso(written[0][2]) == [fields(d) for d in datagrams]
+
+
+def tcp_segments(n, mss=1000):
+    """n segments of one flow, in order, the last with PSH: what a receive burst merges."""
+    return [bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF", id=300 + i) /
+                  TCP(sport=4000, dport=5001, seq=1000 + i * mss, ack=7,
+                      flags="PA" if i == n - 1 else "A", window=512) /
+                  Raw(bytes((i * 7 + k) & 0xFF for k in range(mss)))) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["udp", "tcp"])
+@pytest.mark.parametrize("device", ["probed-without", "refused-at-run-time"])
+def test_a_device_without_the_gso_type_gets_the_same_packets_one_by_one(kind, device):
+    """What a kernel older than a GSO type gets (UDP_L4 before Linux 6.2): each packet in
+    a write of its own, byte for byte the packet the sender sent. Either the probe said so
+    (the map's dev_gso lacks the type: nothing merged), or the device refused the
+    superpacket (EINVAL) and rx_write_segments split it as the kernel would have."""
+    import socket
+    packets = udp_datagrams([300] * 9 + [120]) if kind == "udp" else tcp_segments(6)
+    gso_bit = fastpath.DEV_GSO_TYPES["udp_l4" if kind == "udp" else "tcpv4"]
+    theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tx = fastpath.Engine([MapRow.of(TX)])
+    dev_gso = 3 & ~gso_bit if device == "probed-without" else 3
+    rx = fastpath.Engine([MapRow.of(RX, tun_fd=ours.fileno(), dev_gso=dev_gso)])
+    c = new_counters()
+    outs = [fastpath.Harness(tx, c).transmit(vnet(), p)[2][0] for p in packets]
+    # refuse: the write path as it is once the device refused the type (rx_write)
+    written = fastpath.Harness(rx, c).receive(outs, write=True,
+                                              refuse=gso_bit if device != "probed-without"
+                                              else 0)
+    names = fastpath.counter_names()
+    if device == "probed-without":
+        assert [w[1] for w in written] == [1] * len(packets)
+        assert not any(w[3] for w in written)
+    else:
+        assert [w[1] for w in written] == [len(packets)] and written[0][3]
+        assert c[names.index("rx_gro_merged")] == 0         # no write was saved
+    assert c[names.index("rx_packets")] == len(packets)
+    assert c[names.index("drop_rx_tun_write")] == 0
+    theirs.setblocking(False)
+    got = []
+    while True:
+        try:
+            got.append(theirs.recv(65536))
+        except BlockingIOError:
+            break
+    assert [g[:10] for g in got] == [bytes(10)] * len(packets)    # no offload asked
+    assert [g[10:] for g in got] == packets
+    theirs.close()
+    ours.close()

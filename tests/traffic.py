@@ -5,6 +5,8 @@
   udp-echo PORT                 echo datagrams until killed
   udp-sizes HOST PORT MAX       send every size 1..MAX, print the sizes that came back intact
   udp-flows HOST PORT FLOWS N   send N numbered datagrams on each of FLOWS sockets, in turn
+  udp-burst HOST PORT N SIZE    send N numbered datagrams of SIZE bytes from one socket,
+                                back to back (one flow, as a receiver merges them)
   udp-flows-sink PORT IDLE      count each flow's datagrams and those that came out of
                                 order; print JSON once IDLE seconds pass without one
 """
@@ -84,6 +86,15 @@ def udp_flows(host, port, flows, n):
     print("sent", flush=True)
 
 
+def udp_burst(host, port, n, size):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, 32, 4 << 20)    # SO_SNDBUFFORCE: never blocks here
+    s.connect((host, int(port)))
+    for seq in range(int(n)):
+        s.send(struct.pack("!I", seq) + bytes(int(size) - 4))
+    print("sent", flush=True)
+
+
 def udp_flows_sink(port, idle):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)   # SO_RCVBUFFORCE: Python reads slowly
@@ -108,5 +119,5 @@ def udp_flows_sink(port, idle):
 
 if __name__ == "__main__":
     {"tcp-sink": tcp_sink, "tcp-send": tcp_send, "udp-echo": udp_echo,
-     "udp-sizes": udp_sizes, "udp-flows": udp_flows,
+     "udp-sizes": udp_sizes, "udp-flows": udp_flows, "udp-burst": udp_burst,
      "udp-flows-sink": udp_flows_sink}[sys.argv[1]](*sys.argv[2:])

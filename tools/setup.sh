@@ -7,8 +7,10 @@ if [ "$(id -u)" -ne 0 ]; then echo "tools/setup.sh: run as root (apt-get, netns)
 missing=""
 # qemu, static busybox, cpio and static libc: the ufan-peer interop tests boot a real
 # Ubuntu fan kernel with them; lxc (its busybox template, from that static busybox): the
-# container tests and the demo
-for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio lxc-start; do
+# container tests and the demo; kmod (depmod, modprobe): the kernel matrix's guests
+# (tools/kernel_vm.py) load their kernel's modules with it
+for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio lxc-start \
+    depmod; do
   command -v "$cmd" >/dev/null || missing=1
 done
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1
@@ -18,7 +20,7 @@ if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool dnsmasq-base procps gcc python3-dev \
-    libc6-dev qemu-system-x86 busybox-static cpio python3-venv >/dev/null
+    libc6-dev qemu-system-x86 busybox-static cpio python3-venv kmod >/dev/null
   # without lxcfs, AppArmor and the download template's tools: nothing the busybox
   # template needs
   apt-get install -y -qq --no-install-recommends lxc >/dev/null

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Sets up (tools/setup.sh) and runs the whole test suite, on the release build and again
 # on the FANPKT_DEBUG=1 build (bounds checks); before them, once, the wheel's smoke test
-# (tools/wheel-smoke.sh). Needs root: the data-path tests create network namespaces, TUN
-# devices and raw sockets.
+# (tools/wheel-smoke.sh) and the kernel matrix: tests/test_kernel_compat.py on older
+# kernels booted in qemu (tools/kernel_vm.py). Needs root: the data-path tests create
+# network namespaces, TUN devices and raw sockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 # first, so that the suite's own summary closes the output
 echo "== the wheel: sdist and wheel built, the wheel smoke-tested in a clean venv"
 bash tools/wheel-smoke.sh
+for kernel in debian-6.1; do
+  echo "== kernel matrix: tests/test_kernel_compat.py on $kernel, in qemu"
+  python3 tools/kernel_vm.py --kernel "$kernel" -- \
+    python3 -m pytest -v -p no:cacheprovider tests/test_kernel_compat.py
+done
 echo "== tests, release build"
 python3 -m pytest -q tests "$@"
 echo "== soak, 2 minutes (bench/soak.py: traffic, reloads, flaps; fails on a leak, unbalanced counters or loss)"
