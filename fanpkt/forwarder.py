@@ -129,7 +129,11 @@ class Forwarder:
             self.sock = open_socket()
             if self.send_frames:
                 self.packet_sock = open_packet_socket()
-                self.gso_sock = open_packet_socket(vnet_hdr=True)
+                try:
+                    self.gso_sock = open_packet_socket(vnet_hdr=True)
+                except OSError as e:    # no PACKET_VNET_HDR: frames one send each
+                    log.warning("no virtio headers on packet sockets here (%s): VXLAN "
+                                "frames are sent one by one", e.strerror)
                 self.neighbours = NeighbourWatch()
             self.forward_before = plumbing.enable_forwarding()
             self.publish()

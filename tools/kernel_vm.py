@@ -29,6 +29,7 @@ CACHE = "/var/cache/fanpkt/kernels"
 # name -> the apt package pattern; the newest package matching is taken
 KERNELS = {
     "debian-6.1": r"linux-image-6\.1\.0-[0-9]+-amd64",     # Debian 12's own kernel
+    "debian-6.12": r"linux-image-6\.12\.[0-9]+\+deb12-amd64",  # Debian 12's backport
 }
 # what the initramfs loads to reach the shared root (with what they depend on)
 BOOT_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
