@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import lzma
 import os
 import re
 import shlex
@@ -115,19 +116,26 @@ def fetch(package: str) -> str:
 
 
 def module_index(moddir: str) -> dict[str, str]:
-    """Module name (dashes as underscores) -> its .ko path under moddir."""
+    """Module name (dashes as underscores) -> its .ko (or .ko.xz) path under moddir."""
     index = {}
     for dirpath, _, files in os.walk(moddir):
         for f in files:
-            if f.endswith(".ko"):
-                index[f[:-3].replace("-", "_")] = os.path.join(dirpath, f)
+            m = re.fullmatch(r"(.+)\.ko(\.xz)?", f)
+            if m:
+                index[m.group(1).replace("-", "_")] = os.path.join(dirpath, f)
     return index
+
+
+def module_bytes(path: str) -> bytes:
+    """A module's ELF image (busybox's insmod takes no compressed one)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return lzma.decompress(data) if path.endswith(".xz") else data
 
 
 def depends(path: str) -> list[str]:
     """The modules a .ko needs loaded first (its .modinfo `depends=`)."""
-    with open(path, "rb") as f:
-        m = re.search(rb"\0depends=([^\0]*)\0", f.read())
+    m = re.search(rb"\0depends=([^\0]*)\0", module_bytes(path))
     return [d.decode().replace("-", "_") for d in m.group(1).split(b",") if d] if m else []
 
 
@@ -159,7 +167,8 @@ def initramfs(kroot: str, release: str, job: str, out: str) -> None:
         shutil.copy(busybox, os.path.join(d, "bin/busybox"))
         order = load_order(index, BOOT_MODULES)
         for name in order:
-            shutil.copy(index[name], os.path.join(d, "modules", name + ".ko"))
+            with open(os.path.join(d, "modules", name + ".ko"), "wb") as f:
+                f.write(module_bytes(index[name]))
         with open(os.path.join(d, "modules.load"), "w") as f:
             f.write("".join(f"{name}.ko\n" for name in order))
         with open(os.path.join(d, "init"), "w") as f:

@@ -10,7 +10,7 @@ bash tools/setup.sh
 # first, so that the suite's own summary closes the output
 echo "== the wheel: sdist and wheel built, the wheel smoke-tested in a clean venv"
 bash tools/wheel-smoke.sh
-for kernel in debian-6.1; do
+for kernel in debian-6.1 debian-6.12; do
   echo "== kernel matrix: tests/test_kernel_compat.py on $kernel, in qemu"
   python3 tools/kernel_vm.py --kernel "$kernel" -- \
     python3 -m pytest -v -p no:cacheprovider tests/test_kernel_compat.py
