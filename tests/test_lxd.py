@@ -80,6 +80,9 @@ def test_lxd_containers_on_two_fanpkt_hosts(lab, lxds, image):
         assert nsx(ns, "ip", "-4", "-o", "addr", "show", "dev", NET).stdout.count(" inet ") == 1
         assert gw in nsx(ns, "ip", "-4", "-o", "addr", "show", "dev", NET).stdout
         assert f" master {NET} " in nsx(ns, "ip", "-o", "link", "show", "fan-240").stdout
+    # each host's bridge has a MAC of its own (docs/lxd.md), LXD's doing
+    macs = [nsx(ns, "cat", f"/sys/class/net/{NET}/address").stdout for ns in (h1, h2)]
+    assert macs[0] != macs[1], macs
     c1, a1 = container_on_fan(lab, lxd1, "c1", "240.3.4")
     c2, a2 = container_on_fan(lab, lxd2, "c2", "240.5.6")
     for ns, lxd, addr in ((h1, lxd1, a1), (h2, lxd2, a2)):
