@@ -67,12 +67,19 @@ def container_on_fan(lab, lxd, name, slice_prefix):
     return c, addr
 
 
+def to_log(capsys, text):
+    """Into the CI log even when the test passes (pytest shows captured output only for
+    failures): `lxc list` with the fan addresses, the transfers' hashes."""
+    with capsys.disabled():
+        print(f"\n{text}", flush=True)
+
+
 def lxc_ping(lxd, c, dst):
     r = lxd.exec(c, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst, check=False)
     return " 0% packet loss" in r.stdout, r.stdout + r.stderr
 
 
-def test_lxd_containers_on_two_fanpkt_hosts(lab, lxds, image):
+def test_lxd_containers_on_two_fanpkt_hosts(lab, lxds, image, capsys):
     h1, lxd1, fwd1 = lxd_fan_host(lab, lxds, image, "h1", "172.16.3.4", "240.3.4")
     h2, lxd2, _ = lxd_fan_host(lab, lxds, image, "h2", "172.16.5.6", "240.5.6")
     # fanpkt joined LXD's bridge as it is: LXD's gateway address, fanpkt's TAP a port
@@ -87,19 +94,19 @@ def test_lxd_containers_on_two_fanpkt_hosts(lab, lxds, image):
     c2, a2 = container_on_fan(lab, lxd2, "c2", "240.5.6")
     for ns, lxd, addr in ((h1, lxd1, a1), (h2, lxd2, a2)):
         listing = lxd.list()
-        print(f"lxc list on {ns}:\n{listing}")
+        to_log(capsys, f"lxc list on {ns}:\n{listing}")
         assert f"{addr} (eth0)" in listing, listing
     # across the fan both ways, then the host-to-container path through LXD's gateway
     for lxd, c, dst in ((lxd1, c1, a2), (lxd2, c2, a1), (lxd1, c1, "240.5.6.1")):
         ok, out = lxc_ping(lxd, c, dst)
         assert ok, out
     # a file each way, SHA-256 checked end to end
-    for server, srv_addr, client in ((lxd2, (c2, a2), (lxd1, c1)),
-                                     (lxd1, (c1, a1), (lxd2, c2))):
-        digest = server.serve(srv_addr[0], 4 << 20)
-        got = client[0].fetch(client[1], f"http://{srv_addr[1]}/blob")
-        print(f"{client[1]} fetched {got[0]} bytes from {srv_addr[0]} ({srv_addr[1]}): "
-              f"sha256 {got[1]}, served {digest}")
+    for (srv_lxd, srv, srv_addr), (cli_lxd, cli) in (((lxd2, c2, a2), (lxd1, c1)),
+                                                     ((lxd1, c1, a1), (lxd2, c2))):
+        digest = srv_lxd.serve(srv, 4 << 20)
+        got = cli_lxd.fetch(cli, f"http://{srv_addr}/blob")
+        to_log(capsys, f"{cli} fetched {got[0]} bytes from {srv} ({srv_addr}): "
+               f"sha256 {got[1]}, served {digest}")
         assert got == (4 << 20, digest)
     s1, s2 = lab.stats(h1), lab.stats(h2)
     assert s1["tx_packets"] > 2000 and s2["rx_packets"] > 2000, (s1, s2)
@@ -152,7 +159,8 @@ def test_lxd_fan_mode_needs_the_ubuntu_kernel(lab, lxds):
             'unknown command "fan-map"?') in r.stderr, r.stderr
 
 
-def test_lxd_containers_and_the_ubuntu_fan_kernel(lab, peer, lxds, image):  # noqa: F811
+def test_lxd_containers_and_the_ubuntu_fan_kernel(lab, peer, lxds, image,  # noqa: F811
+                                                  capsys):
     """A mixed fan: an LXD container on a fanpkt host (172.16.3.4, slice 241.3.4.0/24)
     and the container of a real Ubuntu fan host (241.9.9.2, LXD-style VXLAN fan in the
     Ubuntu kernel): a ping and a file each way."""
@@ -163,7 +171,7 @@ def test_lxd_containers_and_the_ubuntu_fan_kernel(lab, peer, lxds, image):  # no
     fanpkt_on_peer_host(lab, p, "--type", "vxlan", "bridge", NET)
     c, addr = container_on_fan(lab, lxd, "c1", "241.3.4")
     listing = lxd.list()
-    print(f"lxc list on {p.ns}:\n{listing}")
+    to_log(capsys, f"lxc list on {p.ns}:\n{listing}")
     assert f"{addr} (eth0)" in listing
     ok, out = lxc_ping(lxd, c, GUEST_CT)
     assert ok, out
