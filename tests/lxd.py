@@ -7,8 +7,13 @@ the machine's static busybox and imported with `lxc image import`.
 Why a daemon per namespace works: LXD creates its bridges, its dnsmasq, its nftables
 table and the containers' veths in the namespace it runs in; its mounts go to the mount
 namespace `ip netns exec` gives it, and its socket, database and storage pool (`dir`) to
-its LXD_DIR. Two daemons share only the kernel: container names must differ (LXC names
-cgroups after them), so they carry the lab's prefix.
+its LXD_DIR. What two daemons share is the machine's: the cgroup tree, where LXC names
+a container's cgroups after it (so container names carry the lab's prefix), and the
+subordinate ids of /etc/subuid, which every daemon maps its containers' root to. One
+daemon for two hosts would instead need a container's NIC moved to the other host's bridge
+behind LXD's back (LXD plugs a veth's host end into a bridge of its own namespace): LXD
+would list a network it does not serve. And a daemon in a namespace of ours keeps what it
+tries at start (fetching instance types from images.linuxcontainers.org) off the network.
 
 LXD's container monitors daemonise (their parent is PID 1 once lxd has forked them): the
 daemon runs under a reaper of ours (a child subreaper), so that they are reaped and
