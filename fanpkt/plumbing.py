@@ -9,7 +9,9 @@ IPIP (fanctl's layout): the gateway slice.1 with the slice's prefix on the bridg
 *overlay's* prefix on the bridge, so the whole overlay is on-link and hosts ARP for every
 overlay address; the TAP is a port of that bridge. A bridge fanpkt creates for a VXLAN fan
 gets a MAC derived from the overlay and the host's underlay address: unique per host (two
-hosts with one bridge MAC break host-to-fan traffic) and the same at every restart.
+hosts with one bridge MAC break host-to-fan traffic) and the same at every restart. A bridge
+that already holds the gateway (an LXD-managed bridge with ipv4.address) is joined as it
+is: the address stays its owner's, and fanpkt removes only what it added.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
@@ -73,6 +76,13 @@ def bridge_mac(spec: FanSpec) -> str:
                                          *spec.map.host.to_bytes(4, "big")))
 
 
+def holds_address(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
+    """Whether link `index` already has address/prefixlen (the pair the kernel refuses
+    to add twice)."""
+    return any(a.get_attr("IFA_LOCAL") == address and a["prefixlen"] == prefixlen
+               for a in ipr.get_addr(family=socket.AF_INET, index=index))
+
+
 def attach(spec: FanSpec, dev_index: int, overlay_mtu: int, run_dir: str) -> Plumbing:
     """Give the slice gateway a home (the bridge, or an IPIP fan's TUN itself), route an
     IPIP overlay into the TUN or make a VXLAN fan's TAP a port of its bridge, and start
@@ -96,8 +106,14 @@ def attach(spec: FanSpec, dev_index: int, overlay_mtu: int, run_dir: str) -> Plu
                                       f"(or a free name) with 'bridge NAME'")
                 ipr.link("set", index=idx, mtu=overlay_mtu, state="up")
                 plen = m.overlay_len if spec.vxlan else m.slice_len
-                ipr.addr("add", index=idx, address=ip(m.gateway), prefixlen=plen)
-                rec.addr = (bridge, ip(m.gateway), plen)
+                if holds_address(ipr, idx, ip(m.gateway), plen):
+                    # the bridge's owner put the gateway there (LXD's ipv4.address):
+                    # the same state, and it stays theirs when fanpkt stops
+                    log.info("%s already holds %s/%d: joining it", bridge, ip(m.gateway),
+                             plen)
+                else:
+                    ipr.addr("add", index=idx, address=ip(m.gateway), prefixlen=plen)
+                    rec.addr = (bridge, ip(m.gateway), plen)
                 if spec.vxlan:
                     ipr.link("set", index=dev_index, master=idx, state="up")
                     rec.bridge_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")

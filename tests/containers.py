@@ -47,6 +47,20 @@ LOCK_ROOT = "/run/lxc/lock"
 ENV = ["--clear-env", "-v", "PATH=/bin:/sbin:/usr/bin:/usr/sbin"]
 
 
+def remove_lock_dir(lxcpath: str) -> None:
+    """LXC keeps a lock directory per lxcpath, /run/lxc/lock/<lxcpath>: remove it and the
+    parents it made for it, as far as they are empty."""
+    lock = LOCK_ROOT + os.path.abspath(lxcpath)
+    shutil.rmtree(lock, ignore_errors=True)
+    parent = os.path.dirname(lock)
+    while parent != LOCK_ROOT:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break       # it holds something else
+        parent = os.path.dirname(parent)
+
+
 class Lxc:
     """Containers in one lxcpath; each belongs to a host namespace of a Lab."""
 
@@ -169,17 +183,7 @@ class Lxc:
             if os.path.isdir(os.path.join(self.path, name)):
                 self._lxc(name, "lxc-destroy", check=False, timeout=60)
         shutil.rmtree(self.path, ignore_errors=True)
-        # LXC keeps a lock directory per lxcpath, /run/lxc/lock/<lxcpath>: remove it and
-        # the parents it made for it, as far as they are empty
-        lock = LOCK_ROOT + self.path
-        shutil.rmtree(lock, ignore_errors=True)
-        parent = os.path.dirname(lock)
-        while parent != LOCK_ROOT:
-            try:
-                os.rmdir(parent)
-            except OSError:
-                break       # it holds something else
-            parent = os.path.dirname(parent)
+        remove_lock_dir(self.path)
         self.hosts.clear()
         self.monitors.clear()
 

@@ -259,3 +259,36 @@ def test_small_datagrams_of_one_flow_leave_in_udp_gso_runs_intact_and_in_order(l
     assert joined > 0 and after["tx_gso"] > before["tx_gso"], (joined, after)
     assert after["tx_packets"] - before["tx_packets"] >= 4000
     assert after["drop_tx_send_error"] == after["tx_gso_fallback"] == 0
+
+
+def test_joins_a_bridge_that_already_holds_the_gateway_and_leaves_it_so(lab):
+    """An LXD-managed bridge (docs/lxd.md) already holds the slice gateway with the
+    overlay's prefix: `bridge NAME` joins it as it is, and neither a clean stop nor the
+    cleanup after a crash removes the address or its route, which are the bridge owner's."""
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    # a MAC of its own, as LXD gives its bridges (else the bridge would take its lowest
+    # port's, and change with fanpkt's TAP)
+    for cmd in ("ip link add lxdst0 address 00:16:3e:00:01:01 type bridge",
+                "ip link set lxdst0 mtu 1450 up",
+                "ip addr add 241.1.1.1/8 dev lxdst0"):
+        nsx(h1, *cmd.split())
+    owned = ("ip -4 -o addr show dev lxdst0", "ip -4 route show dev lxdst0")
+    before = {c: nsx(h1, *c.split()).stdout for c in owned}
+    assert "241.1.1.1/8" in before[owned[0]]
+    lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16")
+    p1 = lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "bridge", "lxdst0")
+    assert "lxdst0 already holds 241.1.1.1/8" in open(lab.logs[h1]).read()
+    assert " master lxdst0 " in nsx(h1, "ip", "-o", "link", "show", "fan-241").stdout
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert ping(h2, "241.1.1.1").returncode == 0
+    # a crash, then a restart that cleans up after it: the record names no address of
+    # fanpkt's, so the owner's stays
+    p1.kill()
+    p1.wait()
+    p1 = lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "bridge", "lxdst0")
+    assert "cleaning up after an earlier run" in open(lab.logs[h1]).read()
+    assert ping(h2, "241.1.1.1").returncode == 0
+    assert lab.stop(p1) == 0
+    assert {c: nsx(h1, *c.split()).stdout for c in owned} == before
+    assert "fan-241" not in nsx(h1, "ip", "-o", "link").stdout

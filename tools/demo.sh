@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-exec python3 tools/demo.py
+exec python3 tools/demo.py "$@"

@@ -14,6 +14,13 @@ for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpi
   command -v "$cmd" >/dev/null || missing=1
 done
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1
+# LXD, Debian's package (on Ubuntu, apt's `lxd` is only a way to the snap): the LXD tests
+# and the demo's `--runtime lxd`
+debian=""
+if grep -qx 'ID=debian' /etc/os-release 2>/dev/null; then
+  debian=1
+  command -v lxd >/dev/null || missing=1
+fi
 # a venv with pip (Debian's python3 needs python3-venv): the wheel's smoke test
 python3 -c "import ensurepip, venv" 2>/dev/null || missing=1
 if [ -n "$missing" ]; then
@@ -24,6 +31,15 @@ if [ -n "$missing" ]; then
   # without lxcfs, AppArmor and the download template's tools: nothing the busybox
   # template needs
   apt-get install -y -qq --no-install-recommends lxc >/dev/null
+  # without AppArmor and lxd-agent (VMs): containers need neither. No daemon starts here:
+  # the tests run their own, each with its own LXD_DIR (tests/lxd.py)
+  if [ -n "$debian" ]; then
+    apt-get install -y -qq --no-install-recommends lxd >/dev/null
+    # under systemd, the package starts a system-wide daemon: nothing here uses it
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now lxd.socket lxd.service lxd-containers.service >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
