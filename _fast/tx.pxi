@@ -49,6 +49,7 @@ cdef struct txq:
     int cap
     uint16_t ip_id              # the last outer (or ICMP) IP ID this loop used
     uint16_t id_end             # the first ID past its block (id_reserve)
+    uint16_t id_size            # the block's size; 0: no block yet
     uint32_t *id_pool           # the host's ID sequence (Engine.ids); NULL: this loop's
                                 # own (tests)
     icmp_budget budget          # the ICMPs this loop may still send (icmp.pxd)
@@ -295,12 +296,14 @@ cdef inline void id_reserve(txq *q, uint32_t need) noexcept nogil:
     across packets), and one atomic add per block costs nothing per packet. The code that
     uses IDs keeps counting up q.ip_id; a block's rest is skipped."""
     cdef uint32_t base, size
-    if q.id_pool == NULL or <uint16_t>(q.id_end - q.ip_id - 1) >= need:
+    cdef uint16_t left = <uint16_t>(q.id_end - q.ip_id - 1)    # > id_size: overrun
+    if q.id_pool == NULL or (need <= left <= q.id_size):
         return
     size = ID_BLOCK if need <= ID_BLOCK else need
     base = fetch_add(q.id_pool, size)
     q.ip_id = <uint16_t>(base - 1)
     q.id_end = <uint16_t>(base + size)
+    q.id_size = <uint16_t>size
 
 
 cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil:

@@ -16,6 +16,7 @@ import select
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -102,6 +103,7 @@ class Forwarder:
         self.reload_wanted = threading.Event()
         self.exporter = None        # fanpkt/metrics.py's, with --metrics
         self.ctl: Optional[control.ControlServer] = None    # `fanpkt up`/`down`
+        self.watchdog: Optional[Watchdog] = None    # serve()'s
         # systemd's notification socket, if any, taken out of the environment before
         # start() runs children (dnsmasq), which must not speak for this process
         self.notifier = Notifier.from_env()
@@ -421,8 +423,18 @@ class Forwarder:
         return (f"forwarding {len(self.fans)} fan(s)"
                 + "".join(f" {f.tun.name}" for f in self.fans.values()))
 
+    @contextmanager
+    def _busy(self):
+        """A long change on the main thread: the watchdog keeps looking at the loops."""
+        if self.watchdog is None:
+            yield
+            return
+        with self.watchdog.busy(self.dp.ticks):
+            yield
+
     def _control(self, req: dict) -> dict:
-        reply = control.apply(self, req)
+        with self._busy():
+            reply = control.apply(self, req)
         self.notifier.send(f"STATUS={self.status()}")
         return reply
 
@@ -431,7 +443,7 @@ class Forwarder:
         configuration file; `fanpkt up`/`down` arrive on the control socket. systemd
         hears READY=1 once every fan is up (start() has returned), and STOPPING=1."""
         self.handle_signals()
-        watchdog = Watchdog(self.notifier)
+        watchdog = self.watchdog = Watchdog(self.notifier)
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
         last_refresh = last_follow = time.monotonic()
         dirty = False
@@ -471,7 +483,8 @@ class Forwarder:
                         continue
                     self.notifier.reloading()
                     try:
-                        self.reload(load_config())
+                        with self._busy():
+                            self.reload(load_config())
                     except Exception as e:  # a bad file must not take the fans down
                         log.error("reload refused, keeping the running fans: %s", e)
                     self.notifier.ready(self.status())
