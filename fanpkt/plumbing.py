@@ -132,7 +132,8 @@ def pin_mac(ipr, idx: int) -> None:
     """Give a bridge its own MAC as set by hand: a bridge whose MAC was never set takes
     its lowest port's and changes it whenever a port joins or leaves, which would leave
     V3's check (a frame from our own bridge) and the peers' ARP caches for slice.1 on a
-    MAC the bridge no longer has. A set MAC stays."""
+    MAC the bridge no longer has. A set MAC stays (after the fan too: it is the MAC the
+    bridge had)."""
     ipr.link("set", index=idx, address=ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"))
 
 
