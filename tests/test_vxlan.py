@@ -214,6 +214,8 @@ def test_local_mac_set_of_many():
     rng = random.Random(3)
     macs = {rng.randbytes(6) for _ in range(5000)}
     rx.local_macs = macs
+    with pytest.raises(ValueError):
+        rx.engine.set_local_macs([bytes(5)])        # not a MAC: refused, the set stays
     for mac in list(macs)[:300]:
         m = ":".join(f"{b:02x}" for b in mac)
         assert rx.decap(payload(frame(mac_src=m)), a("172.16.3.4"))[1] == "DROP_RX_LOCAL_MAC"
