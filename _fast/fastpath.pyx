@@ -33,7 +33,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
-from linux cimport (errno, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, writev, sockaddr_in, msghdr, mmsghdr, cmsghdr,
+from linux cimport (errno, IP_PKTINFO, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, EMSGSIZE, EINVAL, EOPNOTSUPP, ENOPROTOOPT, iovec, writev, sockaddr_in, msghdr, mmsghdr, cmsghdr,
                     CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA, sendmsg, sendmmsg, recvmmsg,
                     MSG_DONTWAIT,
                     AF_INET, AF_PACKET, IPPROTO_IP, IP_TOS, IPPROTO_IPIP, IPPROTO_TCP,
@@ -61,7 +61,8 @@ from offload cimport (VNET_HLEN, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV
                       tcp_header_len, gro_same_flow, udp_csum_ok, udp_same_flow)
 from vxlan cimport (flow_hash, UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_LEN, UDP_OFF_CSUM,
                     VXLAN_HLEN, VXLAN_FLAG_I, VXLAN_OUTER, ETH_OFF_SRC, ETH_OFF_TYPE, ARP_LEN,
-                    ARP_OFF_SPA, ARP_OFF_TPA, vxlan_source_port)
+                    ARP_OFF_SPA, ARP_OFF_TPA, vxlan_source_port, mac_set, mac_key,
+                    mac_slot, mac_set_has)
 
 # The counters, one per verdict and per drop reason, named after the rule they enforce
 # (docs/design.md §4 states the rules T1-T5 and R1-R7; §5 lists every counter). This
@@ -106,7 +107,8 @@ cpdef enum Counter:
     DROP_RX_BAD_OUTER           # R1: version, IHL or lengths
     DROP_RX_NOT_IPIP            # R1: protocol is not 4
     DROP_RX_SRC_NOT_UNDERLAY    # R2
-    DROP_RX_OUTER_DST           # R2: sent to no address of this host's (a broadcast)
+    DROP_RX_OUTER_DST           # R2, V2: not sent to this host's underlay address (the
+                                # underlay broadcast, another address of the host)
     DROP_RX_BAD_INNER           # R3: version, IHL or lengths
     DROP_RX_BAD_INNER_CSUM      # R3: header checksum
     DROP_RX_NOT_LOCAL           # R4
@@ -119,6 +121,9 @@ cpdef enum Counter:
     DROP_RX_BAD_VXLAN           # V1: VXLAN flags other than I alone, or reserved bits set
     DROP_RX_UNKNOWN_VNI         # V1: no VXLAN fan with this VNI on this port
     DROP_RX_OWN_MAC             # V3: a frame from our own bridge's MAC came back
+    DROP_RX_LOCAL_MAC           # V3: a frame from a MAC on this host's side of a fan
+                                # bridge (a local container's): forged
+    DROP_RX_DHCP                # V3: DHCP (UDP to port 67 or 68): never crosses a fan
     N_COUNTERS
 
 # Each loop owns one block of COUNTER_BLOCK counters (a multiple of 8, so 64-byte aligned
@@ -273,8 +278,9 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     o[0] = 0x45
     o[IPV4_OFF_TOS] = ecn
     store16(o + IPV4_OFF_TOT_LEN, len + IPV4_HLEN)
-    # One counter per sending loop: an ID repeats only after 65536 packets from this host,
-    # and only DF=0 packets (which may be fragmented) need it unique (RFC 6864).
+    # One sequence per host, which the loops take in blocks (tx.pxi id_reserve): an ID
+    # repeats only after about 65536 packets from this host, and only DF=0 packets
+    # (which may be fragmented) need it unique (RFC 6864).
     ip_id[0] += 1
     store16(o + IPV4_OFF_ID, ip_id[0])
     store16(o + IPV4_OFF_FRAG, frag & IPV4_FLAG_DF)
@@ -378,6 +384,10 @@ cdef class Engine:
     cdef fan_table *retired
     cdef neigh_table *neigh
     cdef neigh_table *neigh_retired
+    cdef mac_set *macs          # this host's MACs on its fan bridges (vxlan.pxd)
+    cdef mac_set *macs_retired
+    cdef uint32_t *ids          # the next outer IP ID, shared by every transmit loop
+                                # (tx.pxi id_reserve), alone on its cache line
     cdef uint32_t seed          # the VXLAN flow hash's seed, fixed for the engine's life
 
     def __cinit__(self):
@@ -385,7 +395,10 @@ cdef class Engine:
         self.retired = NULL
         self.neigh = NULL
         self.neigh_retired = NULL
-        if self.table == NULL:
+        self.macs = NULL
+        self.macs_retired = NULL
+        self.ids = <uint32_t *>calloc(16, sizeof(uint32_t))
+        if self.table == NULL or self.ids == NULL:
             raise MemoryError()
         self.table.check_spoof = 1
 
@@ -394,11 +407,17 @@ cdef class Engine:
         free(self.retired)
         free(self.neigh)
         free(self.neigh_retired)
+        free(self.macs)
+        free(self.macs_retired)
+        free(self.ids)
 
     def __init__(self, rows=(), check_spoof=True, seed=None):
         """seed: of the VXLAN source-port hash; random unless given (tests)."""
         import os
         self.seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        # a random start, as the kernel's IP IDs: a restart does not begin where the last
+        # run's fragments may still wait for reassembly
+        self.ids[0] = int.from_bytes(os.urandom(2), "little")
         self.load(rows, check_spoof)
 
     def load(self, rows, check_spoof=True):
@@ -512,6 +531,36 @@ cdef class Engine:
         self.neigh_retired = self.neigh
         self.neigh = nt
 
+    def set_local_macs(self, macs):
+        """Install a new set of this host's MACs on its fan bridges (6-byte each): a frame
+        from the wire with one of them as source is dropped (V3, drop_rx_local_mac). The
+        previous set stays until retire()."""
+        cdef mac_set *s
+        cdef uint32_t slots = 16, i
+        cdef uint64_t key
+        cdef const uint8_t[:] view
+        macs = {bytes(m) for m in macs}
+        for mac in macs:
+            if len(mac) != ETH_ALEN:
+                raise ValueError(f"bad MAC {mac.hex()}")
+        while slots < 2 * len(macs) + 1:
+            slots *= 2
+        s = <mac_set *>calloc(1, sizeof(mac_set) + slots * sizeof(uint64_t))
+        if s == NULL:
+            raise MemoryError()
+        s.mask = slots - 1
+        s.k = <uint64_t *>(s + 1)
+        for mac in macs:
+            view = mac
+            key = mac_key(&view[0])
+            i = mac_slot(s, key)
+            while s.k[i] != 0:
+                i = (i + 1) & s.mask
+            s.k[i] = key
+        free(self.macs_retired)
+        self.macs_retired = self.macs
+        self.macs = s
+
     def neighbours_used(self):
         """Addresses frames went to since the last call (each entry's used mark, cleared)."""
         cdef neigh_table *nt = self.neigh
@@ -532,6 +581,8 @@ cdef class Engine:
         self.retired = NULL
         free(self.neigh_retired)
         self.neigh_retired = NULL
+        free(self.macs_retired)
+        self.macs_retired = NULL
 
 
 cdef uint64_t *_counter_ptr(object counters, int need) except NULL:
@@ -617,6 +668,7 @@ def run_tx(Engine eng, Loop loop, int tun_fd, int sock_fd, int packet_fd, counte
         txq_release(&q)
         raise MemoryError()
     q.kind = FAN_VXLAN if vxlan else FAN_IPIP
+    q.id_pool = eng.ids
     q.gso_fd = gso_fd
     if dev_fd >= 0:
         q.dev_fd = dev_fd       # tun_fd is one queue of a multi-queue device
@@ -674,7 +726,7 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
     cdef int got, i, n
     cdef int refused = 0        # GSO types a device refused: not merged by this loop again
     cdef uint8_t otos
-    cdef uint32_t gso
+    cdef uint32_t gso, odst
     cdef uint8_t *ctl_bufs = <uint8_t *>malloc(<size_t>RX_CTL * BATCH)
     cdef timespec nap
     nap.tv_sec = 0
@@ -700,7 +752,7 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
                 recv_failed(got, c)
                 wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
-            rx_cmsgs(&msgs[got - 1].msg_hdr, &otos, &gso, c)   # the newest drop count
+            rx_cmsgs(&msgs[got - 1].msg_hdr, &otos, &gso, &odst, c)  # the newest drop count
             t = eng.table
             for i in range(got):
                 lens[i] = msgs[i].msg_len
@@ -717,8 +769,8 @@ def run_rx(Engine eng, Loop loop, int sock_fd, counters):
 
 def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
     """Underlay -> overlay for the VXLAN fans on UDP `port` until loop.stop(). sock_fd is
-    the UDP socket bound to the port, with IP_RECVTOS and, where the kernel has it,
-    UDP_GRO; every TAP of those fans is written from here (vxlan.pxi, vx_rx_message)."""
+    the UDP socket bound to the port, with IP_RECVTOS, IP_PKTINFO and, where the kernel
+    has it, UDP_GRO; every TAP of those fans is written from here (vxlan.pxi, vx_rx_message)."""
     cdef uint64_t *c = _counter_ptr(counters, N_COUNTERS)
     cdef loop_ctl *ctl = loop.ctl
     cdef uint8_t *arena = <uint8_t *>malloc(<size_t>SLOT * BATCH)
@@ -728,7 +780,7 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
     cdef sockaddr_in names[BATCH]
     cdef vx_rx x
     cdef uint8_t otos
-    cdef uint32_t gso
+    cdef uint32_t gso, odst
     cdef size_t bytes_in
     cdef int got, i
     cdef timespec nap
@@ -760,10 +812,11 @@ def run_rx_vxlan(Engine eng, Loop loop, int sock_fd, int port, counters):
                 wait_readable(sock_fd)      # empty (or EINTR): sleep until there is work
                 continue
             x.t = eng.table
+            x.macs = eng.macs
             bytes_in = 0
             for i in range(got):
-                rx_cmsgs(&msgs[i].msg_hdr, &otos, &gso, c)
-                vx_rx_message(&x, <uint16_t>port, ntohl(names[i].sin_addr.s_addr), otos,
+                rx_cmsgs(&msgs[i].msg_hdr, &otos, &gso, &odst, c)
+                vx_rx_message(&x, <uint16_t>port, ntohl(names[i].sin_addr.s_addr), odst, otos,
                               arena + <size_t>SLOT * i + RX_OFF, msgs[i].msg_len, gso,
                               arena + <size_t>SLOT * (i + 1))
                 bytes_in += msgs[i].msg_len

@@ -28,6 +28,8 @@ cdef extern from "<netinet/in.h>" nogil:
     enum:
         AF_INET
         IP_TOS
+        IP_PKTINFO                  # a cmsg (struct in_pktinfo): the datagram's header
+                                    # destination, ipi_addr, at byte 8 of its data
         IPPROTO_IP
         IPPROTO_ICMP
         IPPROTO_IPIP

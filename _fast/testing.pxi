@@ -181,18 +181,22 @@ cdef class Harness:
         return verdicts
 
     def vxlan_decap(self, const uint8_t[:] payload, uint32_t outer_src, uint8_t outer_tos=0,
-                    uint16_t port=8472):
+                    uint16_t port=8472, outer_dst=None):
         """vxlan_decap_one on a UDP payload (VXLAN header + frame) as run_rx_vxlan gets it:
-        (verdict, reason index or -1, frame bytes, map index)."""
+        (verdict, reason index or -1, frame bytes, map index). outer_dst: the datagram's
+        destination; None: the local address of the fan its VNI names (sent to us)."""
         cdef result r
         cdef uint32_t n = payload.shape[0]
+        cdef uint32_t odst
         cdef int v
         if n > SLOT - RX_OFF:
             raise ValueError("payload larger than any UDP datagram")
         if n:
             memcpy(self.buf + RX_OFF, &payload[0], n)
-        v = vxlan_decap_one(self.eng.table, port, outer_src, outer_tos, self.buf + RX_OFF, n,
-                            &r, self.c)
+        odst = vxlan_local(self.eng.table, port, bytes(payload)) if outer_dst is None \
+            else outer_dst
+        v = vxlan_decap_one(self.eng.table, self.eng.macs, port, outer_src, odst, outer_tos,
+                            self.buf + RX_OFF, n, &r, self.c)
         if v == VERDICT_DELIVER:
             return (Verdict(v), -1,
                     PyBytes_FromStringAndSize(<char *>self.buf + RX_OFF + r.off, r.out_len),
@@ -201,9 +205,9 @@ cdef class Harness:
 
     def vxlan_receive(self, messages, uint16_t port=8472):
         """Received buffers through vx_rx_message, as run_rx_vxlan takes them: messages
-        are (payload, gso_size, outer source, outer TOS), payload one datagram or (gso_size
-        > 0) several of gso_size bytes but the last, as the kernel's UDP GRO hands them
-        over. Frames are written to the maps' tun_fd (a test passes a socketpair's end)."""
+        are (payload, gso_size, outer source, outer TOS[, outer destination]), payload one
+        datagram or (gso_size > 0) several of gso_size bytes but the last, as the kernel's
+        UDP GRO hands them over; without a destination, the one vxlan_decap assumes. Frames are written to the maps' tun_fd (a test passes a socketpair's end)."""
         cdef vx_rx x
         cdef uint8_t *arena
         cdef const uint8_t[:] d
@@ -216,16 +220,19 @@ cdef class Harness:
             raise MemoryError()
         memset(&x, 0, sizeof(x))
         x.t = self.eng.table
+        x.macs = self.eng.macs
         x.c = self.c
+        messages = [m if len(m) == 5 else (*m, vxlan_local(x.t, port, bytes(m[0])))
+                    for m in messages]
         try:
-            for k, (payload, gso, osrc, otos) in enumerate(messages):
+            for k, (payload, gso, osrc, otos, odst) in enumerate(messages):
                 d = payload
                 if d.shape[0] > SLOT - RX_OFF:
                     raise ValueError("payload larger than any UDP datagram")
                 if d.shape[0]:
                     memcpy(arena + <size_t>SLOT * k + RX_OFF, &d[0], d.shape[0])
-            for k, (payload, gso, osrc, otos) in enumerate(messages):
-                vx_rx_message(&x, port, osrc, otos, arena + <size_t>SLOT * k + RX_OFF,
+            for k, (payload, gso, osrc, otos, odst) in enumerate(messages):
+                vx_rx_message(&x, port, osrc, odst, otos, arena + <size_t>SLOT * k + RX_OFF,
                               len(payload), gso, arena + <size_t>SLOT * (k + 1))
             vx_flush(&x)
         finally:
@@ -275,6 +282,20 @@ cdef class Harness:
             return result
         finally:
             free(arena)
+
+
+cdef uint32_t vxlan_local(const fan_table *t, uint16_t port, bytes payload):
+    """The local underlay address of the VXLAN fan on `port` whose VNI payload's VXLAN
+    header names (0 if none): where a peer sends it."""
+    cdef uint32_t vni
+    cdef int i
+    if len(payload) < 8:
+        return 0
+    vni = int.from_bytes(payload[4:7], "big")
+    for i in range(t.n):
+        if t.maps[i].kind == FAN_VXLAN and t.maps[i].vni == vni and t.maps[i].port == port:
+            return t.maps[i].local
+    return 0
 
 
 def map_dest(Engine eng, uint32_t addr):

@@ -47,7 +47,11 @@ cdef struct txq:
     int tun_fd                  # the device queue read: where ICMP for EMSGSIZE goes
     int dev_fd                  # the device's own fd (queue 0): which map a frame is from
     int cap
-    uint16_t ip_id              # outer (and ICMP) IP ID, one sequence per sending loop
+    uint16_t ip_id              # the last outer (or ICMP) IP ID this loop used
+    uint16_t id_end             # the first ID past its block (id_reserve)
+    uint16_t id_size            # the block's size; 0: no block yet
+    uint32_t *id_pool           # the host's ID sequence (Engine.ids); NULL: this loop's
+                                # own (tests)
     icmp_budget budget          # the ICMPs this loop may still send (icmp.pxd)
     uint64_t *c
     lane lanes[2]
@@ -273,6 +277,35 @@ cdef void tx_refused_too_big(txq *q, lane *l, int k) noexcept nogil:
         inc(q.c, DROP_TX_TUN_WRITE)
 
 
+cdef extern from *:
+    """
+    static inline uint32_t fanpkt_fetch_add(uint32_t *p, uint32_t n) {
+        return __atomic_fetch_add(p, n, __ATOMIC_RELAXED);
+    }
+    """
+    uint32_t fetch_add "fanpkt_fetch_add"(uint32_t *p, uint32_t n) noexcept nogil
+
+cdef enum:
+    ID_BLOCK = 2048             # outer IP IDs a loop takes from the host's sequence at once
+
+
+cdef inline void id_reserve(txq *q, uint32_t need) noexcept nogil:
+    """Make sure the loop's block holds `need` more IDs, taking a new block of the host's
+    sequence if not: two loops never use one ID at once (each counting from 0 would send
+    the same IDs to the same host together, and outer fragments could be reassembled
+    across packets), and one atomic add per block costs nothing per packet. The code that
+    uses IDs keeps counting up q.ip_id; a block's rest is skipped."""
+    cdef uint32_t base, size
+    cdef uint16_t left = <uint16_t>(q.id_end - q.ip_id - 1)    # > id_size: overrun
+    if q.id_pool == NULL or (need <= left <= q.id_size):
+        return
+    size = ID_BLOCK if need <= ID_BLOCK else need
+    base = fetch_add(q.id_pool, size)
+    q.ip_id = <uint16_t>(base - 1)
+    q.id_end = <uint16_t>(base + size)
+    q.id_size = <uint16_t>size
+
+
 cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil:
     """One read from the TUN: the packet pkt[0:len], its virtio header in the VNET_HLEN
     bytes in front, HEADROOM bytes of room in all. Queues what goes to the underlay and
@@ -282,6 +315,8 @@ cdef int tx_packet(txq *q, uint8_t *pkt, uint32_t len, result *r) noexcept nogil
     cdef tx_route rt
     cdef int v
     memcpy(&h, pkt - VNET_HLEN, VNET_HLEN)     # the outer header will overwrite it
+    # IDs this read may use: one per segment (a TSO split), and an ICMP's
+    id_reserve(q, 2 + (len // TCP_MIN_MSS if h.gso_type != VNET_GSO_NONE else 1))
     if q.kind == FAN_VXLAN:
         return tx_frame(q, &h, pkt, len, r)
     if h.gso_type != VNET_GSO_NONE:

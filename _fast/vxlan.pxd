@@ -1,6 +1,6 @@
 # VXLAN (RFC 7348) as the Fan uses it: the outer UDP and VXLAN headers, the inner Ethernet
 # and ARP fields the data path reads, and the flow hash that picks the UDP source port.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from linux cimport ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP
 from ipv4 cimport (IPV4_OFF_FRAG, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_FLAG_MF,
                    IPV4_FRAG_OFFSET_MASK, ipv4_ihl, load16, load32)
@@ -80,3 +80,36 @@ cdef inline uint16_t vxlan_source_port(const uint8_t *frame, uint32_t len,
                                        * SPORT_SPAN) >> 32)
     return SPORT_MIN + <uint16_t>((<unsigned long long>flow_hash(frame + 14, len - 14, seed)
                                    * SPORT_SPAN) >> 32)
+
+
+# The MACs of this host's side of its VXLAN fan bridges (every port but the TAP, the
+# bridges themselves): a frame from the wire with one of them as its source is forged
+# (V3). An open-addressing hash of the 48-bit MAC, as neigh.pxd's; Python builds it from
+# the bridges' forwarding databases (fanpkt/neighbours.py) and the engine swaps it whole.
+cdef struct mac_set:
+    uint32_t mask               # slots - 1; slots a power of two, over twice the entries
+    uint64_t *k                 # MAC | MAC_SET_USED; 0 marks an empty slot
+
+cdef inline uint64_t mac_key(const uint8_t *mac) noexcept nogil:
+    return ((<uint64_t>mac[0] << 40) | (<uint64_t>mac[1] << 32) | (<uint64_t>mac[2] << 24)
+            | (<uint64_t>mac[3] << 16) | (<uint64_t>mac[4] << 8) | mac[5]
+            | (<uint64_t>1 << 48))
+
+
+cdef inline uint32_t mac_slot(const mac_set *s, uint64_t key) noexcept nogil:
+    return <uint32_t>((key * <uint64_t>0x9E3779B97F4A7C15ULL) >> 40) & s.mask
+
+
+cdef inline bint mac_set_has(const mac_set *s, const uint8_t *mac) noexcept nogil:
+    """Is mac in s (NULL: the empty set)? There is always an empty slot: the probe ends."""
+    cdef uint64_t key
+    cdef uint32_t i
+    if s == NULL:
+        return False
+    key = mac_key(mac)
+    i = mac_slot(s, key)
+    while s.k[i] != 0:
+        if s.k[i] == key:
+            return True
+        i = (i + 1) & s.mask
+    return False

@@ -10,16 +10,19 @@
 # superpacket (TSO) -> tx_frame_tso: split into segments, sent as UDP GSO superpackets
 # (tx_vxlan_gso) or segment by segment on the lanes. Both sends are gso_send.
 # Receive: run_rx_vxlan takes datagrams from the fan port's UDP socket (the kernel has
-# checked the outer IPv4 and UDP, checksum included), with the outer source and TOS
-# beside them -> vxlan_decap_one -> the frame is written to the map's TAP.
+# checked the outer IPv4 and UDP, checksum included), with the outer source, destination
+# (IP_PKTINFO: the socket is bound to 0.0.0.0) and TOS beside them -> vxlan_decap_one ->
+# the frame is written to the map's TAP.
 
 cdef enum:
     VXLAN_TTL = 64              # the route's hop limit, as the kernel's vxlan sends (not
                                 # the inner TTL: the frame is switched, not routed)
     RX_OFF = 16                 # receive offset in a slot: room for the virtio header
                                 # in front of the frame (VXLAN_HLEN + RX_OFF >= VNET_HLEN)
-    RX_CTL = 96                 # control buffer per message: IP_TOS, UDP_GRO and
-                                # SO_RXQ_OVFL cmsgs, 24 bytes each
+    RX_CTL = 128                # control buffer per message: IP_TOS, UDP_GRO and
+                                # SO_RXQ_OVFL cmsgs, 24 bytes each, IP_PKTINFO's 32
+    DHCP_SERVER = 67            # UDP ports of DHCP (RFC 2131): it never crosses a fan
+    DHCP_CLIENT = 68
     SOL_UDP_ = 17               # <netinet/udp.h> SOL_UDP and UDP_GRO: the kernel hands
     UDP_GRO_ = 104              # over consecutive datagrams of a flow in one buffer
 
@@ -391,10 +394,13 @@ cdef void tx_run_close(txq *q) noexcept nogil:
         txq_add(q, &q.run_rt, q.run_o[k], load16(q.run_o[k] + IPV4_OFF_TOT_LEN), NULL, 0)
 
 
-cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8_t otos,
-                         uint8_t *buf, uint32_t len, result *r, uint64_t *c) noexcept nogil:
-    """Check the UDP payload buf[0:len] that arrived on `port` from osrc with outer TOS
-    otos (rules V1-V6 in order). On VERDICT_DELIVER the frame is at buf + r.off."""
+cdef int vxlan_decap_one(const fan_table *t, const mac_set *macs, uint16_t port,
+                         uint32_t osrc, uint32_t odst, uint8_t otos, uint8_t *buf,
+                         uint32_t len, result *r, uint64_t *c) noexcept nogil:
+    """Check the UDP payload buf[0:len] that arrived on `port` from osrc for the outer
+    destination odst with outer TOS otos (rules V1-V6 in order); macs: this host's own
+    MACs on its fan bridges (NULL: none known). On VERDICT_DELIVER the frame is at
+    buf + r.off."""
     cdef uint8_t *f = buf + VXLAN_HLEN
     cdef uint8_t *p
     cdef uint32_t n, pn, ihl, vni, key, ksrc
@@ -403,6 +409,7 @@ cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8
     cdef int i
     r.reason = -1
     r.map_index = -1
+    ihl = 0
     # V1: a whole VXLAN header and Ethernet header; flags exactly I, reserved bits zero
     # (the kernel drops anything else too); the VNI of a VXLAN fan on this port
     if len < VXLAN_HLEN + ETH_HLEN:
@@ -420,6 +427,11 @@ cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8
     # V2: the outer source is in that fan's underlay (the kernel does not check)
     if (osrc & m.underlay_mask) != m.underlay:
         return drop(c, r, DROP_RX_SRC_NOT_UNDERLAY)
+    # ... and sent to this host's underlay address, as IPIP's R2: the socket also takes
+    # datagrams to the underlay broadcast (one reaches every host) and to any other
+    # address of the host (another link's, reachable by whoever is on that link)
+    if odst != m.local:
+        return drop(c, r, DROP_RX_OUTER_DST)
     # V3: IPv4 (well-formed; Ethernet padding after it is allowed) or Ethernet/IPv4 ARP,
     # and not from our own bridge's MAC
     n = len - VXLAN_HLEN
@@ -447,6 +459,19 @@ cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8
         return drop(c, r, DROP_RX_BAD_INNER)
     if memcmp(f + ETH_OFF_SRC, m.dev_mac, ETH_ALEN) == 0:
         return drop(c, r, DROP_RX_OWN_MAC)
+    # ... nor from a MAC on this host's side of a fan bridge: the TAP port does not learn
+    # (plumbing.py), and a local container's MAC from the wire is forged
+    if mac_set_has(macs, f + ETH_OFF_SRC):
+        return drop(c, r, DROP_RX_LOCAL_MAC)
+    # ... nor DHCP: the bridge's dnsmasq cannot tell a frame from the TAP from a local
+    # container's, and a peer could lease its whole pool (the transmit side never sends
+    # DHCP either: a container's broadcast has no fan destination)
+    if (ethertype == ETH_P_IP and p[IPV4_OFF_PROTO] == IPPROTO_UDP
+            and ihl + 4 <= load16(p + IPV4_OFF_TOT_LEN)
+            and (load16(p + IPV4_OFF_FRAG) & IPV4_FRAG_OFFSET_MASK) == 0
+            and (load16(p + ihl + UDP_OFF_DPORT) == DHCP_SERVER
+                 or load16(p + ihl + UDP_OFF_DPORT) == DHCP_CLIENT)):
+        return drop(c, r, DROP_RX_DHCP)
     # V4: for this host's slice, and not its network or broadcast address
     if (key & m.slice_mask) != m.slice_net or fan_slice_edge(m, key):
         return drop(c, r, DROP_RX_NOT_LOCAL)
@@ -472,6 +497,7 @@ cdef int vxlan_decap_one(const fan_table *t, uint16_t port, uint32_t osrc, uint8
 
 cdef struct vx_rx:
     const fan_table *t
+    const mac_set *macs
     uint64_t *c
     rx_out o                    # the pending output (an inner IPv4 packet in its frame)
     bint pending
@@ -547,8 +573,9 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
     x.pending = True
 
 
-cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint8_t otos, uint8_t *buf,
-                        uint32_t total, uint32_t gso, const uint8_t *buf_end) noexcept nogil:
+cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint32_t odst, uint8_t otos,
+                        uint8_t *buf, uint32_t total, uint32_t gso,
+                        const uint8_t *buf_end) noexcept nogil:
     """One received buffer: a datagram, or (gso > 0) the kernel's UDP GRO of datagrams of
     gso bytes each but the last. Each is decapsulated and its frame taken (vx_take)."""
     cdef uint32_t step = gso if 0 < gso < total else total
@@ -558,27 +585,33 @@ cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint8_t otos, ui
     if step < total:
         add(x.c, RX_UDP_GRO, (total + step - 1) // step)
     if total == 0:          # an empty datagram is one too: V1 counts it (drop_rx_truncated)
-        vxlan_decap_one(x.t, port, osrc, otos, buf, 0, &r, x.c)
+        vxlan_decap_one(x.t, x.macs, port, osrc, odst, otos, buf, 0, &r, x.c)
     while off < total:
         n = total - off if total - off < step else step
-        if vxlan_decap_one(x.t, port, osrc, otos, buf + off, n, &r, x.c) == VERDICT_DELIVER:
+        if vxlan_decap_one(x.t, x.macs, port, osrc, odst, otos, buf + off, n, &r,
+                           x.c) == VERDICT_DELIVER:
             f = buf + off + r.off
             vx_take(x, f, r.out_len, r.map_index, <uint32_t>(buf_end - f - ETH_HLEN))
         off += n
 
 
-cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso, uint64_t *c) noexcept nogil:
-    """The outer TOS (IP_TOS, asked for with IP_RECVTOS) and the UDP GRO segment size of a
-    received message, 0 for what it does not carry; and the socket's drop count
-    (SO_RXQ_OVFL) into c's DROP_RX_SOCKET_FULL."""
+cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso, uint32_t *dst,
+                   uint64_t *c) noexcept nogil:
+    """The outer TOS (IP_TOS, asked for with IP_RECVTOS), the UDP GRO segment size and
+    the outer destination (IP_PKTINFO's ipi_addr, host order) of a received message, 0 for
+    what it does not carry; and the socket's drop count (SO_RXQ_OVFL) into c's
+    DROP_RX_SOCKET_FULL."""
     cdef cmsghdr *cm = CMSG_FIRSTHDR(h)
     cdef int v
     cdef uint32_t dropped
     tos[0] = 0
     gso[0] = 0
+    dst[0] = 0
     while cm != NULL:
         if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_TOS:
             tos[0] = CMSG_DATA(cm)[0]
+        elif cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
+            dst[0] = load32(CMSG_DATA(cm) + 8)
         elif cm.cmsg_level == SOL_UDP_ and cm.cmsg_type == UDP_GRO_:
             memcpy(&v, CMSG_DATA(cm), sizeof(int))
             gso[0] = <uint32_t>v if v > 0 else 0

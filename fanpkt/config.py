@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol
 
@@ -17,6 +18,7 @@ from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
 MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
+MAX_CONFIG = 1 << 20        # bytes: a fan file holds a few lines (read_text)
 # Queues per TUN/TAP and receive loops per VXLAN port, each with its own thread (design §15):
 # one per CPU by default, at most this many (the engine's MAX_QUEUES, _fast/fanmap.pxd).
 MAX_QUEUES = 8
@@ -211,11 +213,34 @@ def parse_lines(lines: Iterable[str], path: str, resolver: Resolver) -> list[Fan
 
 
 def parse_file(path: str, resolver: Resolver) -> list[FanSpec]:
+    return parse_lines(read_text(path).splitlines(), path, resolver)
+
+
+def read_text(path: str) -> str:
+    """A configuration file's text. Only a regular file of at most MAX_CONFIG bytes: the
+    forwarder's main thread reads it (a control request may name any path), and a FIFO
+    would block it, /dev/zero fill its memory."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return parse_lines(f, path, resolver)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"cannot read {path}: not a regular file")
+        data = b""
+        while len(data) <= MAX_CONFIG:
+            chunk = os.read(fd, MAX_CONFIG + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG:
+        raise ConfigError(f"cannot read {path}: over {MAX_CONFIG} bytes, no fan file is")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file") from None
 

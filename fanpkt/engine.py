@@ -138,6 +138,12 @@ class Dataplane:
         self.engine.set_neighbours(entries)
         self._retire()
 
+    def set_local_macs(self, macs) -> None:
+        """This host's MACs on its fan bridges: frames from the wire with one as source
+        are dropped (drop_rx_local_mac)."""
+        self.engine.set_local_macs(macs)
+        self._retire()
+
     def neighbours_used(self) -> list[int]:
         return self.engine.neighbours_used()
 

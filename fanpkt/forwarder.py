@@ -16,18 +16,21 @@ import select
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from pyroute2 import IPRoute
 
 from . import control, heap, plumbing, privileges
 from .config import MAX_FANS, FanSpec, check_table, default_queues
 from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
-from .errors import ConfigError, PrivilegeError
+from .errors import ConfigError, DeviceError, PrivilegeError
 from .fanmap import ip
-from .neighbours import NeighbourWatch
+from .neighbours import NeighbourWatch, bridge_macs
 from .notify import Notifier, Watchdog
 from .plumbing import Plumbing
-from .netlink import mac_bytes
+from .netlink import link_index, mac_bytes
 from .runstate import (CONTROL_SOCKET, N_BLOCKS, FanState, RunState, State, process_start,
                        rx_block, tx_block, vxlan_rx_block)
 from .tun import Tun, check_tun_available
@@ -40,6 +43,8 @@ NEIGH_EVENT_GAP = 0.2       # least time between refreshes the kernel's announce
 FOLLOW_REFRESH = 10.0       # seconds between unprompted looks for the underlay address's
                             # interface (an announcement prompts one at once)
 TICK = 0.1                  # how long the main thread sleeps between looks at its events
+MIN_OVERLAY_MTU = 68        # IPv4's least (RFC 791): a TUN or TAP takes no smaller
+MAX_UNDERLAY_MTU = 65535    # an IPv4 packet's most
 
 
 @dataclass
@@ -97,11 +102,14 @@ class Forwarder:
         self.neighbours: Optional[NeighbourWatch] = None
         self.neigh_entries: frozenset = frozenset()
         self.neigh_error: Optional[str] = None
+        self.local_macs: frozenset = frozenset()    # the engine's (drop_rx_local_mac)
+        self.macs_error: Optional[str] = None
         self.forward_before: Optional[str] = None
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
         self.exporter = None        # fanpkt/metrics.py's, with --metrics
         self.ctl: Optional[control.ControlServer] = None    # `fanpkt up`/`down`
+        self.watchdog: Optional[Watchdog] = None    # serve()'s
         # systemd's notification socket, if any, taken out of the environment before
         # start() runs children (dnsmasq), which must not speak for this process
         self.notifier = Notifier.from_env()
@@ -149,6 +157,7 @@ class Forwarder:
             for fan in self.fans.values():
                 self._start_tx(fan)
             self.refresh_neighbours()
+            self.refresh_local_macs()
             self.publish()
         except BaseException:
             self.stop()
@@ -157,9 +166,14 @@ class Forwarder:
     def _add_fan(self, spec: FanSpec) -> Fan:
         m = spec.map
         underlay = interface_of(m.host)
+        underlay = underlay._replace(mtu=min(underlay.mtu, MAX_UNDERLAY_MTU))
         used = {f.slot for f in self.fans.values()}
         slot = min(set(range(MAX_FANS)) - used)     # check_table keeps fans <= MAX_FANS
         mtu = underlay.mtu - spec.overhead
+        if mtu < MIN_OVERLAY_MTU:
+            raise DeviceError(f"cannot bring up {m.overlay_net}: the underlay MTU "
+                              f"{underlay.mtu} (on {underlay.name}) leaves {mtu} for the "
+                              f"overlay, under IPv4's least, {MIN_OVERLAY_MTU}")
         tun = Tun(m.device_name, mtu, tap=spec.vxlan, queues=self.queues)
         try:
             rec = plumbing.attach(spec, tun.index, mtu, self.run.path)
@@ -252,6 +266,26 @@ class Forwarder:
             self.dp.set_neighbours(entries)
             self.neigh_entries = entries
 
+    def refresh_local_macs(self) -> None:
+        """Bring the engine's set of this host's MACs on its VXLAN fan bridges in line
+        with the bridges' forwarding databases (drop_rx_local_mac)."""
+        names = {f.spec.bridge_name for f in self.fans.values() if f.spec.vxlan}
+        if not names and not self.local_macs:
+            return
+        try:
+            with IPRoute() as ipr:
+                idxs = {link_index(ipr, n) for n in names} - {None}
+                macs = bridge_macs(ipr, idxs) if idxs else frozenset()
+        except Exception as e:      # noqa: BLE001 - netlink trouble must not stop forwarding
+            if str(e) != self.macs_error:
+                log.warning("cannot read the fan bridges' forwarding databases (%s)", e)
+                self.macs_error = str(e)
+            return
+        self.macs_error = None
+        if macs != self.local_macs:
+            self.dp.set_local_macs(macs)
+            self.local_macs = macs
+
     def publish(self) -> None:
         blocks = {"rx" + (f":q{q}" if q else ""): rx_block(q)
                   for q in range(max(1, len(self.rx_socks)))}
@@ -271,7 +305,8 @@ class Forwarder:
     # -- reload ------------------------------------------------------------------------
     def reload(self, specs: list[FanSpec]) -> list[tuple[FanSpec, Exception]]:
         """Bring up added fans, take down removed ones; unchanged fans keep forwarding.
-        Returns the added fans that failed to come up, with why (the others are up)."""
+        Returns the added fans that failed to come up, with why (the others are up; a
+        failed one left nothing behind, _bring_up)."""
         specs = [s for s in specs if not s.off]
         check_table(specs)
         wanted = {s.key(): s for s in specs}
@@ -284,25 +319,52 @@ class Forwarder:
             self._install_table()
         for fan in removed:
             self._remove_fan(fan)
+        if removed:
+            self.specs = [f.spec for f in self.fans.values()]
+            self._sync_vxlan_ports()
+            plumbing.nft_apply(self.specs)
         added, failed = [], []
         for key, spec in wanted.items():
             if key not in self.fans:
                 try:
-                    added.append(self._add_fan(spec))
+                    added.append(self._bring_up(spec))
                 except Exception as e:      # one bad new fan must not stop the others
                     log.error("cannot bring up %s: %s", spec.map.overlay_net, e)
                     failed.append((spec, e))
         self.specs = [f.spec for f in self.fans.values()]
-        self._install_table()
-        self._sync_vxlan_ports()
-        for fan in added:
-            self._start_tx(fan)
-        plumbing.nft_apply(self.specs)
+        self.refresh_local_macs()
         self.publish()
         heap.trim()             # what the old fans' buffers and loops held (fanpkt/heap.py)
         log.info("reloaded: %d fan(s) up, %d added, %d removed", len(self.fans), len(added),
                  len(removed))
         return failed
+
+    def _bring_up(self, spec: FanSpec) -> Fan:
+        """One fan added to a running forwarder, all or nothing: its device and plumbing,
+        the table, its port's socket and receive loops, the nft rules, its transmit
+        loops. If any step fails (the port taken, nft refusing, a bad MTU, ...) the fans,
+        devices, loops and rules are put back as they were, so `fanpkt show` lists only
+        fans that forward, and a retry really retries."""
+        fan = self._add_fan(spec)           # on failure it leaves nothing itself
+        try:
+            self._install_table()
+            self._sync_vxlan_ports()
+            plumbing.nft_apply([f.spec for f in self.fans.values()])
+            self._start_tx(fan)
+        except BaseException:
+            for name in fan.loop_names:
+                self.dp.stop_loop(name)
+            del self.fans[spec.key()]
+            try:
+                self._install_table()
+                self._sync_vxlan_ports()
+                plumbing.nft_apply([f.spec for f in self.fans.values()])
+            except Exception as e:          # noqa: BLE001 - the first error is the one
+                log.error("while taking %s down again: %s", spec.map.overlay_net, e)
+            self._remove_fan(fan)
+            self.publish()
+            raise
+        return fan
 
     def _remove_fan(self, fan: Fan) -> None:
         fan.tun.close()
@@ -374,8 +436,18 @@ class Forwarder:
         return (f"forwarding {len(self.fans)} fan(s)"
                 + "".join(f" {f.tun.name}" for f in self.fans.values()))
 
+    @contextmanager
+    def _busy(self):
+        """A long change on the main thread: the watchdog keeps looking at the loops."""
+        if self.watchdog is None:
+            yield
+            return
+        with self.watchdog.busy(self.dp.ticks):
+            yield
+
     def _control(self, req: dict) -> dict:
-        reply = control.apply(self, req)
+        with self._busy():
+            reply = control.apply(self, req)
         self.notifier.send(f"STATUS={self.status()}")
         return reply
 
@@ -384,7 +456,7 @@ class Forwarder:
         configuration file; `fanpkt up`/`down` arrive on the control socket. systemd
         hears READY=1 once every fan is up (start() has returned), and STOPPING=1."""
         self.handle_signals()
-        watchdog = Watchdog(self.notifier)
+        watchdog = self.watchdog = Watchdog(self.notifier)
         log.info("forwarding (pid %d); SIGHUP reloads, SIGTERM stops", os.getpid())
         last_refresh = last_follow = time.monotonic()
         dirty = False
@@ -413,6 +485,7 @@ class Forwarder:
                     # forwarder's CPU.
                     follow = dirty or time.monotonic() - last_follow >= FOLLOW_REFRESH
                     self.refresh_neighbours(follow)
+                    self.refresh_local_macs()
                     last_refresh, dirty = time.monotonic(), False
                     if follow:
                         last_follow = last_refresh
@@ -423,7 +496,8 @@ class Forwarder:
                         continue
                     self.notifier.reloading()
                     try:
-                        self.reload(load_config())
+                        with self._busy():
+                            self.reload(load_config())
                     except Exception as e:  # a bad file must not take the fans down
                         log.error("reload refused, keeping the running fans: %s", e)
                     self.notifier.ready(self.status())

@@ -186,3 +186,17 @@ class NeighbourWatch:
     def _confirm(ipr, hosts: dict[int, int]) -> None:
         for a, idx in hosts.items():
             ipr.neigh("set", dst=str(IPv4Address(a)), ifindex=idx, flags=NTF_USE)
+
+
+def bridge_macs(ipr, bridges: set[int]) -> frozenset:
+    """The unicast MACs in the forwarding databases of these bridges (ifindexes): this
+    host's side of its VXLAN fans. The TAP port learns nothing (plumbing.wire_port), so
+    every entry is a port's own MAC or one learnt from a local port: a container's."""
+    macs = set()
+    for msg in ipr.get_neighbours(family=socket.AF_BRIDGE):
+        if msg.get_attr("NDA_MASTER") not in bridges:
+            continue
+        mac = mac_bytes(msg.get_attr("NDA_LLADDR"))
+        if len(mac) == 6 and not mac[0] & 1:
+            macs.add(mac)
+    return frozenset(macs)

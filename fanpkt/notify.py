@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
-from typing import Mapping, MutableMapping, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, MutableMapping, Optional
 
 log = logging.getLogger("fanpkt")
 MIN_LOOK = 0.5              # s: shortest sound ping interval, > POLL_MS (fastpath.pyx) twice
+BUSY_MAX = 300.0            # s: the longest the main thread may be busy (a reload) and still
+                            # ping: past it the pings stop, and systemd restarts a hung one
 
 
 class Notifier:
@@ -114,3 +118,31 @@ class Watchdog:
             return False
         self.notifier.send("WATCHDOG=1")
         return True
+
+    @contextmanager
+    def busy(self, ticks: Callable[[], Mapping[str, int]],
+             limit: float = BUSY_MAX) -> Iterator[None]:
+        """While the main thread is busy with something long but bounded (a reload: nft
+        may take 30 s, each dhcp fan's dnsmasq 5 s), a helper thread looks at the loops
+        instead, so systemd does not restart a forwarder whose loops all move; for at
+        most `limit` seconds, so a reload that hangs still stops the pings."""
+        if not self.interval:
+            yield
+            return
+        done = threading.Event()
+
+        def look() -> None:
+            end = time.monotonic() + limit
+            while not done.wait(min(self.interval, MIN_LOOK)) and time.monotonic() < end:
+                try:
+                    self.poll(ticks())
+                except RuntimeError:    # the loop table changed under us: next look
+                    pass
+
+        t = threading.Thread(target=look, name="watchdog", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()

@@ -115,7 +115,10 @@ def attach(spec: FanSpec, dev_index: int, overlay_mtu: int, run_dir: str) -> Plu
                     ipr.addr("add", index=idx, address=ip(m.gateway), prefixlen=plen)
                     rec.addr = (bridge, ip(m.gateway), plen)
                 if spec.vxlan:
+                    if not rec.bridge_created:
+                        pin_mac(ipr, idx)
                     ipr.link("set", index=dev_index, master=idx, state="up")
+                    wire_port(ipr, dev_index)
                     rec.bridge_mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
             else:
                 ipr.addr("add", index=dev_index, address=ip(m.gateway), prefixlen=32)
@@ -139,6 +142,24 @@ def attach(spec: FanSpec, dev_index: int, overlay_mtu: int, run_dir: str) -> Plu
             detach(rec)
             raise
     return rec
+
+
+def pin_mac(ipr, idx: int) -> None:
+    """Give a bridge its own MAC as set by hand: a bridge whose MAC was never set takes
+    its lowest port's and changes it whenever a port joins or leaves, which would leave
+    V3's check (a frame from our own bridge) and the peers' ARP caches for slice.1 on a
+    MAC the bridge no longer has. A set MAC stays (after the fan too: it is the MAC the
+    bridge had)."""
+    ipr.link("set", index=idx, address=ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"))
+
+
+def wire_port(ipr, tap_index: int) -> None:
+    """The TAP's bridge port, facing the wire: no learning, so a remote frame can neither
+    move a local container's MAC to the TAP nor grow the bridge's forwarding database
+    without bound (every source MAC a peer sends would be an entry); unknown unicast
+    flooded to it, so that frames to remote MACs, never learnt, still reach the TAP
+    (they reach the local ports too, as the bridge floods any unknown destination)."""
+    ipr.brport("set", index=tap_index, learning=0, unicast_flood=1)
 
 
 def detach(rec: Plumbing) -> None:

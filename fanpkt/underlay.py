@@ -33,9 +33,12 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_RXQ_OVFL = 32, 33, 40
 SOL_PACKET, PACKET_VNET_HDR = 263, 15
 SOL_UDP, UDP_GRO = 17, 104
 IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
+IP_PKTINFO = 8              # <linux/in.h>; Python's socket module lacks it on some builds
 RCVBUF = 64 << 20           # a full buffer makes the kernel answer "protocol unreachable"
 SNDBUF = 8 << 20
 ARPHRD_ETHER = 1
+IFF_LOOPBACK = 0x8
+RTAX_MTU = 2                # a route's MTU metric (<linux/rtnetlink.h>)
 
 
 class Interface(NamedTuple):
@@ -173,7 +176,9 @@ def open_vxlan_sockets(port: int, n: int = 1) -> list[socket.socket]:
 
 def open_vxlan_socket(port: int, reuseport: bool = False) -> socket.socket:
     """The UDP socket a VXLAN port's datagrams arrive on (the kernel checks their outer
-    IPv4 and UDP headers first). IP_RECVTOS hands over each outer TOS, for ECN; UDP_GRO
+    IPv4 and UDP headers first). IP_RECVTOS hands over each outer TOS, for ECN;
+    IP_PKTINFO each outer destination, which must be the fan's underlay address (V2: the
+    socket, bound to 0.0.0.0, also takes broadcasts and other local addresses); UDP_GRO
     (Linux 5.0) lets the kernel hand over a flow's consecutive datagrams in one buffer:
     without it each comes alone, and rx_udp_gro stays 0."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -183,6 +188,7 @@ def open_vxlan_socket(port: int, reuseport: bool = False) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+        s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         try:
             s.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError as e:
@@ -222,8 +228,11 @@ def frame_mac(link) -> bytes:
 
 
 def interfaces_holding(ipr, addrs: set[int]) -> dict[int, Interface]:
-    """The interface holding each local address of addrs, read through ipr (a pyroute2
-    IPRoute or NetNS); an address no interface holds is absent."""
+    """The interface each local address of addrs sends the underlay's packets from, read
+    through ipr (a pyroute2 IPRoute or NetNS): the one holding it, or, for an address on
+    the loopback (a routed host's /32), the one the route toward the underlay leaves by,
+    with that route's MTU (lo's 65536 is no underlay's). An address no interface holds is
+    absent; one on lo with no route out is AddressError."""
     where = {}
     for msg in ipr.get_addr(family=socket.AF_INET):
         a = msg.get_attr("IFA_LOCAL")
@@ -232,9 +241,34 @@ def interfaces_holding(ipr, addrs: set[int]) -> dict[int, Interface]:
     out = {}
     for a, idx in where.items():
         link = ipr.get_links(idx)[0]
-        out[a] = Interface(link.get_attr("IFLA_IFNAME"), idx, link.get_attr("IFLA_MTU"),
-                           frame_mac(link))
+        if link["flags"] & IFF_LOOPBACK:
+            out[a] = route_out(ipr, a)
+        else:
+            out[a] = Interface(link.get_attr("IFLA_IFNAME"), idx, link.get_attr("IFLA_MTU"),
+                               frame_mac(link))
     return out
+
+
+def route_out(ipr, addr: int) -> Interface:
+    """The interface and MTU of the route from addr toward its underlay neighbours
+    (addr ^ 1 stands for them: it is in any underlay prefix that holds addr and a
+    peer). The route's own MTU, if it has one, is the underlay's."""
+    try:
+        routes = ipr.route("get", dst=ip(addr ^ 1), src=ip(addr))
+    except Exception as e:      # noqa: BLE001 - NetlinkError: unreachable, no such source
+        routes, why = [], e
+    else:
+        why = "no route"
+    oif = routes[0].get_attr("RTA_OIF") if routes else None
+    link = ipr.get_links(oif)[0] if oif else None
+    if link is None or link["flags"] & IFF_LOOPBACK:
+        raise AddressError(f"underlay address {ip(addr)} is on the loopback and no route "
+                           f"toward its underlay leaves this host ({why}): add one")
+    mtu = link.get_attr("IFLA_MTU")
+    metrics = routes[0].get_attr("RTA_METRICS")
+    if metrics is not None and metrics.get_attr("RTAX_MTU"):
+        mtu = min(mtu, metrics.get_attr("RTAX_MTU"))
+    return Interface(link.get_attr("IFLA_IFNAME"), oif, mtu, frame_mac(link))
 
 
 def interface_of(addr: int) -> Interface:

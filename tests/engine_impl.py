@@ -37,6 +37,17 @@ class VxlanEngineImpl:
         self.engine = fastpath.Engine(rows, check_spoof, seed=seed)
         self.counters = new_counters()
         self.harness = fastpath.Harness(self.engine, self.counters)
+        self._local_macs: set = set()
+
+    @property
+    def local_macs(self) -> set:
+        return self._local_macs
+
+    @local_macs.setter
+    def local_macs(self, macs) -> None:
+        self._local_macs = set(macs)
+        self.engine.set_local_macs(self._local_macs)
+        self.engine.retire()
 
     def encap(self, frame: bytes):
         v, reason, outs, dst = self.harness.transmit(bytes(10), frame, vxlan=True)
@@ -44,8 +55,9 @@ class VxlanEngineImpl:
             (outs if v.name == "VERDICT_SEND" else b"")
         return v.name, COUNTER_NAMES[reason].upper() if reason >= 0 else None, out, dst
 
-    def decap(self, payload: bytes, osrc: int, otos: int = 0, port: int = 8472):
-        v, reason, frame, idx = self.harness.vxlan_decap(payload, osrc, otos, port)
+    def decap(self, payload: bytes, osrc: int, otos: int = 0, port: int = 8472,
+              odst: int | None = None):
+        v, reason, frame, idx = self.harness.vxlan_decap(payload, osrc, otos, port, odst)
         return v.name, COUNTER_NAMES[reason].upper() if reason >= 0 else None, frame, idx
 
     def counter(self, name: str) -> int:

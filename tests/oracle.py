@@ -243,6 +243,7 @@ class VxlanOracle:
         self.maps = sorted(zip(maps, vnis), key=lambda mv: -mv[0].overlay_len)
         self.port, self.dev_mac, self.seed = port, dev_mac, seed
         self.mtu, self.check_spoof = mtu, check_spoof
+        self.local_macs: set[bytes] = set()     # this host's MACs on its fan bridges
         self.ip_id = 0
 
     def encap(self, frame: bytes):
@@ -286,8 +287,10 @@ class VxlanOracle:
         body = body[:6] + struct.pack("!H", csum) + body[8:]
         return "VERDICT_SEND", None, outer + body, under
 
-    def decap(self, payload: bytes, osrc: int, otos: int = 0, port: int = 8472):
-        """(verdict, reason, frame, map index), rules V1-V6."""
+    def decap(self, payload: bytes, osrc: int, otos: int = 0, port: int = 8472,
+              odst: int | None = None):
+        """(verdict, reason, frame, map index), rules V1-V6; odst: the outer destination
+        (None: the fan's own underlay address)."""
         drop = lambda reason: ("VERDICT_DROP", reason, b"", -1)  # noqa: E731
         if len(payload) < 8 + 14:
             return drop("DROP_RX_TRUNCATED")
@@ -302,6 +305,8 @@ class VxlanOracle:
         m = self.maps[i][0]
         if not m.in_underlay(osrc):
             return drop("DROP_RX_SRC_NOT_UNDERLAY")
+        if odst is not None and odst != m.host:
+            return drop("DROP_RX_OUTER_DST")
         frame = bytearray(payload[8:])
         ethertype, p = struct.unpack_from("!H", frame, 12)[0], frame[14:]
         if ethertype == ETH_P_IP:
@@ -321,6 +326,12 @@ class VxlanOracle:
             return drop("DROP_RX_BAD_INNER")
         if bytes(frame[6:12]) == self.dev_mac:
             return drop("DROP_RX_OWN_MAC")
+        if bytes(frame[6:12]) in self.local_macs:
+            return drop("DROP_RX_LOCAL_MAC")
+        if (ethertype == ETH_P_IP and p[9] == UDP and ihl + 4 <= tot
+                and struct.unpack_from("!H", p, 6)[0] & 0x1FFF == 0
+                and struct.unpack_from("!H", p, ihl + 2)[0] in (67, 68)):
+            return drop("DROP_RX_DHCP")
         if key & mask(m.slice_len) != m.local_slice or m.slice_edge(key):
             return drop("DROP_RX_NOT_LOCAL")
         if self.check_spoof and (not m.in_overlay(ksrc) or m.dest(ksrc) != osrc):

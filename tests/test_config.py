@@ -1,9 +1,11 @@
 """/etc/network/fan and fanctl argument forms (docs/design.md §3), with a fake resolver."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from fanpkt.config import make_spec, parse_file, parse_lines
+from fanpkt.config import MAX_CONFIG, make_spec, parse_file, parse_lines
 from fanpkt.errors import ConfigError
 from fanpkt.fanmap import ip
 
@@ -109,3 +111,20 @@ def test_file_errors_name_file_line_token(text, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="cannot read /nonexistent/fan"):
         parse_file("/nonexistent/fan", R)
+
+
+def test_only_a_regular_file_of_bounded_size_is_read(tmp_path):
+    """The forwarder's main thread reads the file a control request names: a FIFO
+    (which would block it), a device (/dev/zero would fill its memory) or a file over
+    MAX_CONFIG bytes is a ConfigError at once."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"#" * (MAX_CONFIG + 1))
+    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (big, "over")):
+        with pytest.raises(ConfigError, match=why):
+            parse_file(str(path), None)
+    ok = tmp_path / "fan"
+    ok.write_text("# nothing but a comment\n")
+    assert parse_file(str(ok), None) == []

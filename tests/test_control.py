@@ -271,3 +271,120 @@ def test_hostile_clients_get_errors_and_never_stop_the_forwarder(lab):
     assert lab.procs[0].poll() is None
     assert shown(h1) == ["241.0.0.0/8", "10.0.0.0/8"]
     assert "Traceback" not in open(lab.logs[h1]).read()
+
+
+# -- a failed change leaves everything as it was ---------------------------------------
+def snapshot(ns, pid) -> dict:
+    """What a failed `fanpkt up` must not change: the fans `fanpkt show` lists, the
+    namespace's devices and addresses, the nft ruleset and the forwarder's threads."""
+    threads = sorted(open(f"/proc/{pid}/task/{t}/comm").read().strip()
+                     for t in os.listdir(f"/proc/{pid}/task"))
+    return {"show": ok(ns, "show").stdout,
+            "links": sorted(line.split(":")[1].split("@")[0].strip() for line in
+                            nsx(ns, "ip", "-o", "link").stdout.splitlines()),
+            "addrs": nsx(ns, "ip", "-o", "-4", "addr").stdout,
+            "nft": nsx(ns, "nft", "list", "ruleset").stdout, "threads": threads}
+
+
+FAKE_NFT = """#!/bin/sh
+# nft that refuses while the flag file exists
+[ -e "{flag}" ] && {{ echo "Error: Could not process rule: refused by the test" >&2; exit 1; }}
+exec {nft} "$@"
+"""
+
+
+def test_a_failed_up_leaves_nothing_and_a_retry_really_retries(lab, tmp_path):
+    """Each point where bringing a fan up can fail - its UDP port held by a kernel vxlan,
+    nft refusing the new rules, an underlay MTU too small - leaves `fanpkt show`, the
+    devices, the addresses, the rules and the threads exactly as they were; once the
+    cause is gone, the same `fanpkt up` brings the fan up."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    flag = tmp_path / "refuse"
+    (fake / "nft").write_text(FAKE_NFT.format(flag=flag, nft="/usr/sbin/nft"))
+    (fake / "nft").chmod(0o755)
+    h1 = lab.host("h1", H1)
+    p = lab.forward(h1, *FAN, "-u", f"{H1}/16",
+                    env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    # an interface whose MTU leaves an IPIP overlay less than 68
+    nsx(h1, "ip", "link", "add", "small", "mtu", "80", "type", "veth", "peer", "name", "s1")
+    nsx(h1, "ip", "addr", "add", "192.168.5.1/24", "dev", "small")
+    nsx(h1, "ip", "link", "set", "small", "up")
+
+    def fails(args, message):
+        before = snapshot(h1, p.pid)
+        r = fanpkt(h1, "up", *args)
+        assert r.returncode != 0 and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+        assert snapshot(h1, p.pid) == before
+
+    vx = ["-o", "250.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan", "--port", "4789"]
+    nsx(h1, "ip", "link", "add", "kvx", "type", "vxlan", "id", "9", "dstport", "4789",
+        "dev", "eth0")
+    nsx(h1, "ip", "link", "set", "kvx", "up")               # its socket holds 4789
+    fails(vx, "UDP port 4789 is taken")
+    fails(vx, "UDP port 4789 is taken")                     # still: nothing left over
+    nsx(h1, "ip", "link", "del", "kvx")
+    ok(h1, "up", *vx)                                       # a retry really retries
+    assert shown(h1) == ["241.0.0.0/8", "250.0.0.0/8"]
+    threads = snapshot(h1, p.pid)["threads"]
+    assert "fanpkt-tx-250" in threads and "fanpkt-rx-vxlan" in threads   # 15 chars
+
+    flag.write_text("")
+    fails(["-o", "10.0.0.0/8", "-u", f"{H1}/16", "nat"], "nft refused")
+    fails(["-o", "240.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan", "--port", "4790"],
+          "nft refused")                                    # a new port's loop, undone
+    flag.unlink()
+    ok(h1, "up", "-o", "10.0.0.0/8", "-u", f"{H1}/16", "nat")
+    assert "snat to 172.16.1.1" in nsx(h1, "nft", "list", "ruleset").stdout
+
+    fails(["-o", "100.64.0.0/10", "-u", "192.168.5.1/24"], "MTU 80")
+    assert shown(h1) == ["241.0.0.0/8", "250.0.0.0/8", "10.0.0.0/8"]
+    assert p.poll() is None
+
+
+def test_a_failed_reload_leaves_nothing_and_the_next_one_repairs(lab, tmp_path):
+    """SIGHUP with a file that adds a fan whose port is held: the running fans stay, the
+    new one is not half up; the next SIGHUP, once the port is free, brings it up."""
+    conf = tmp_path / "fan"
+    conf.write_text(f"241.0.0.0/8 {H1}/16\n")
+    h1 = lab.host("h1", H1)
+    p = lab.forward(h1, "-c", str(conf))
+    nsx(h1, "ip", "link", "add", "kvx", "type", "vxlan", "id", "9", "dstport", "4789",
+        "dev", "eth0")
+    nsx(h1, "ip", "link", "set", "kvx", "up")
+    before = snapshot(h1, p.pid)
+    conf.write_text(f"241.0.0.0/8 {H1}/16\n250.0.0.0/8 {H1}/16 type vxlan port 4789\n")
+    log_size = os.path.getsize(lab.logs[h1])
+    p.send_signal(signal.SIGHUP)
+    poll(lambda: "cannot bring up 250.0.0.0/8" in open(lab.logs[h1]).read()[log_size:],
+         "the reload did not report the fan it could not bring up")
+    assert snapshot(h1, p.pid) == before
+    nsx(h1, "ip", "link", "del", "kvx")
+    p.send_signal(signal.SIGHUP)
+    poll(lambda: shown(h1) == ["241.0.0.0/8", "250.0.0.0/8"]
+         and "fanpkt-tx-250" in snapshot(h1, p.pid)["threads"],
+         "the next reload did not bring the fan up")
+
+
+def test_an_underlay_address_on_lo_takes_the_routes_mtu(lab):
+    """A routed host's /32 on lo: the underlay MTU is the route's toward the underlay
+    (here 1400 on eth0), not lo's 65536; the fan comes up, forwarding and `fanpkt up`
+    alike, and carries traffic."""
+    h1 = lab.host("h1", H1)
+    h2 = lab.host("h2", H2)
+    for ns, addr in ((h1, "172.17.1.1"), (h2, "172.17.2.1")):
+        nsx(ns, "ip", "addr", "add", f"{addr}/32", "dev", "lo")
+        nsx(ns, "ip", "route", "add", "172.17.0.0/16", "dev", "eth0", "mtu", "1400")
+    lab.forward(h1, *FAN, "-u", "172.17.1.1/16")
+    lab.forward(h2, *FAN, "-u", "172.17.2.1/16")
+    assert nsx(h1, "cat", "/sys/class/net/fan-241/mtu").stdout.strip() == "1380"
+    ok(h1, "up", "-o", "10.0.0.0/8", "-u", "172.17.1.1/16", "--type", "vxlan")
+    assert nsx(h1, "cat", "/sys/class/net/fanbr-10/mtu").stdout.strip() == "1350"
+    ok(h2, "up", "-o", "10.0.0.0/8", "-u", "172.17.2.1/16", "--type", "vxlan")
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert ping(h1, "10.2.1.1").returncode == 0
+    nsx(h1, "ip", "route", "del", "172.17.0.0/16")          # no way out: a clear refusal
+    r = fanpkt(h1, "up", "-o", "250.0.0.0/8", "-u", "172.17.1.1/16")
+    assert r.returncode == 5 and "on the loopback and no route" in r.stderr, r.stderr
+    assert shown(h1) == ["241.0.0.0/8", "10.0.0.0/8"]

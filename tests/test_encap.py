@@ -60,8 +60,8 @@ def test_ids_do_not_repeat(impl):
     assert len(set(ids)) == 1000
 
 
-# -- the outer IP ID: one sequence per sending loop (a Harness keeps one, as run_tx's queue
-# does), +1 for every packet that leaves, wrapping at 16 bits ------------------------------
+# -- the outer IP ID: +1 for every packet that leaves, wrapping at 16 bits (a Harness keeps a
+# sequence of its own; run_tx's loops take blocks of the host's, test_queues.py) ----------
 TOO_BIG = dict(size=1481, df=True, proto="tcp")     # answered with frag-needed
 TSO = vnet(1, 1, 52, 1428, 20, 16)                  # superpacket(): 15 segments of 1428
 

@@ -1,5 +1,5 @@
 """The mutation fuzzer (tests/fuzz.py) in CI: a million packets through every path of
-both fan types, engine against oracle, and hostile text through the parsers. tools/test.sh
+both fan types (UDP merging, multi-message receive bursts and transmit runs included), engine against oracle, and hostile text through the parsers. tools/test.sh
 runs it on the release build and again on the FANPKT_DEBUG=1 build (bounds checks). The
 seed is printed and in every failure; FANPKT_FUZZ_SEED=<n> replays a run."""
 from __future__ import annotations
@@ -26,6 +26,11 @@ def test_fuzz_engine_against_oracle():
     transmit_drops = {reason for path, _, reason in fz.outcomes if path == "transmit"}
     assert {"drop_tx_bad_offload", "drop_tx_malformed", "drop_tx_too_big"} <= transmit_drops
     assert fz.merged["receive"] > 1000 and fz.merged["vxlan_receive"] > 1000, fz.merged
+    # UDP merged into UDP GSO writes on both receive paths; runs sent in UDP GSO sends
+    assert min(fz.merged[k] for k in ("receive_udp", "vxlan_receive_udp",
+                                      "transmit_run")) > 1000, fz.merged
+    vxlan_drops = {reason for path, _, reason in fz.outcomes if path == "vxlan_decap"}
+    assert {"DROP_RX_OUTER_DST", "DROP_RX_LOCAL_MAC", "DROP_RX_DHCP"} <= vxlan_drops
 
 
 def test_fuzz_parsers(tmp_path):

@@ -191,3 +191,58 @@ def test_watchdog_pings_stop_while_a_loop_is_stuck(lab, notify_socket):
     poll(lambda: pings(s, 0.6), "the pings never resumed", every=0)
     assert "watchdog pings resume" in open(lab.logs[h1]).read()
     assert lab.stop(p) == 0
+
+
+SLOW_NFT = """#!/bin/sh
+# nft that takes 3 s while the flag file exists, as a loaded host's may
+[ -e "{flag}" ] && sleep 3
+exec /usr/sbin/nft "$@"
+"""
+
+
+def test_watchdog_pings_go_on_through_a_long_reload(lab, notify_socket, tmp_path):
+    """A reload may keep the main thread for longer than WatchdogSec (nft up to 30 s,
+    dnsmasq 5 s a fan): while every loop still moves, the pings go on, and systemd does
+    not restart a forwarder that is only busy."""
+    s, path = notify_socket
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    flag = tmp_path / "slow"
+    (fake / "nft").write_text(SLOW_NFT.format(flag=flag))
+    (fake / "nft").chmod(0o755)
+    conf = tmp_path / "fan"
+    conf.write_text(f"241.0.0.0/8 {H1}/16\n")
+    h1 = lab.host("h1", H1)
+    p = lab.forward(h1, "-c", str(conf), env={"NOTIFY_SOCKET": path,
+                                              "WATCHDOG_USEC": "1000000",
+                                              "PATH": f"{fake}:{os.environ['PATH']}"})
+    poll(lambda: pings(s, 0.6), "no watchdog pings", every=0)
+    conf.write_text(f"241.0.0.0/8 {H1}/16\n10.0.0.0/8 {H1}/16\n")
+    flag.write_text("")
+    p.send_signal(signal.SIGHUP)
+    poll(lambda: receive(s).get("RELOADING") == "1", "no RELOADING=1", every=0)
+    got = pings(s, 2.5)                     # inside the 3 s nft: five intervals
+    assert got >= 3, got
+    assert p.poll() is None
+    flag.unlink()
+    out = nsx(h1, *FANPKT, "show").stdout
+    poll(lambda: "10.0.0.0/8" in nsx(h1, *FANPKT, "show").stdout, f"no reload: {out}")
+
+
+def test_a_config_file_that_is_no_regular_file_is_refused_at_once(lab, tmp_path):
+    """`fanpkt up -a -c` names the file the forwarder's main thread reads: a FIFO (which
+    would block it) and /dev/zero (which would fill its memory) are refused at once, and
+    so is a file too large to be a fan file."""
+    h1 = lab.host("h1", H1)
+    lab.forward(h1, "-o", "241.0.0.0/8", "-u", f"{H1}/16")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_text("# nothing\n" * 200_000)
+    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (big, "over 1048576 bytes")):
+        t = time.monotonic()
+        r = nsx(h1, *FANPKT, "up", "-a", "-c", str(path), check=False, timeout=30)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+        assert time.monotonic() - t < 10
+    assert ping(h1, "241.1.1.1", count=1).returncode == 0

@@ -127,3 +127,46 @@ def test_stats_show_what_the_kernel_dropped_at_the_fan_device(lab):
     text = nsx(h1, *FANPKT, "stats").stdout.split("kernel, at the fan devices:\n")[1]
     assert text.split() == ["fan-241", "tx_dropped", str(link["stats64"]["tx"]["dropped"]),
                             "rx_dropped", str(link["stats64"]["rx"]["dropped"])]
+
+
+SNIFF_IDS = """
+import json, socket, struct, sys, time
+want, timeout = int(sys.argv[1]), float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)      # SO_RCVBUFFORCE: miss nothing
+s.bind(("eth0", 0))
+s.settimeout(0.5)
+print("listening", flush=True)
+ids, end = [], time.monotonic() + timeout
+while len(ids) < want and time.monotonic() < end:
+    try:
+        f = s.recv(65536)
+    except socket.timeout:
+        continue
+    ip = f[14:]
+    if ip[9] == 4 and ip[12:16] == bytes([172, 16, 1, 1]):    # IPIP from h1
+        ids.append(struct.unpack_from("!H", ip, 4)[0])
+print(json.dumps(ids))
+"""
+
+
+def test_outer_ip_ids_are_unique_across_loops(lab):
+    """With --queues 2 both transmit loops send to one host at once: their outer IP IDs
+    come from one host-wide sequence, so no two packets to it share an ID (each loop
+    counting from 0 would send each ID twice; outer fragments could then be joined
+    across packets)."""
+    h1 = lab.host("h1", "172.16.1.1")
+    h2 = lab.host("h2", "172.16.2.1")
+    for ns, addr in ((h1, "172.16.1.1"), (h2, "172.16.2.1")):
+        lab.forward(ns, "-o", "241.0.0.0/8", "-u", f"{addr}/16", "--queues", "2")
+    assert ping(h1, "241.2.1.1").returncode == 0
+    n = FLOWS * 100
+    sniffer = start(h2, "python3", "-c", SNIFF_IDS, str(n), "30")
+    sink = start(h2, *TRAFFIC, "udp-flows-sink", "7100", "2")
+    nsx(h1, *TRAFFIC, "udp-flows", "241.2.1.1", "7100", str(FLOWS), "100", timeout=120)
+    sink.communicate(timeout=120)
+    ids = json.loads(sniffer.communicate(timeout=90)[0])
+    sent = loop_counts(h1, "tx:fan-241", "tx_packets")
+    assert min(sent.values()) > 0, sent                 # both loops sent
+    assert len(ids) >= 0.9 * n
+    assert len(set(ids)) == len(ids), sorted(i for i in set(ids) if ids.count(i) > 1)[:10]

@@ -159,6 +159,74 @@ def test_bad_inner_checksum_and_padding(vx):
         ("VERDICT_DELIVER", None, padded)
 
 
+@pytest.mark.parametrize("odst", ["172.16.255.255", "10.99.0.1", "172.16.3.4",
+                                  "255.255.255.255"],
+                         ids=["underlay-broadcast", "other-local-address", "peer",
+                              "limited-broadcast"])
+def test_outer_destination_must_be_this_hosts_underlay_address(vx, odst):
+    """V2, as IPIP's R2: the UDP socket, bound to 0.0.0.0, also takes datagrams to the
+    underlay broadcast and to any other address of the host; none reaches the bridge."""
+    _, rx = vx
+    data = payload(frame())
+    assert rx.decap(data, a("172.16.3.4"), 0, 8472, a("172.16.6.7"))[0] == "VERDICT_DELIVER"
+    assert rx.decap(data, a("172.16.3.4"), 0, 8472, a(odst))[:2] == \
+        ("VERDICT_DROP", "DROP_RX_OUTER_DST")
+
+
+@pytest.mark.parametrize("udp,reason", [
+    (UDP(sport=68, dport=67), "DROP_RX_DHCP"),                  # a client to a server
+    (UDP(sport=67, dport=68), "DROP_RX_DHCP"),                  # a server to a client
+    (UDP(sport=4000, dport=67), "DROP_RX_DHCP"),
+    (UDP(sport=67, dport=4000), None),                          # not DHCP's ports
+    (UDP(sport=68, dport=53), None),
+], ids=["request", "reply", "any-source-port", "from-67", "from-68"])
+def test_dhcp_never_crosses_a_fan(vx, udp, reason):
+    """A peer's DHCP would reach the bridge's dnsmasq as a local container's: a pool
+    exhausted from the wire. Any UDP to port 67 or 68 is dropped, counted."""
+    _, rx = vx
+    f = frame(udp / Raw(bytes(240)), dst="241.6.7.1")
+    got = rx.decap(payload(f), a("172.16.3.4"))
+    assert got[:2] == (("VERDICT_DROP", reason) if reason else ("VERDICT_DELIVER", None))
+    # a non-first fragment carries no ports: it is no DHCP of its own
+    frag = frame(Raw(b"\x00\x44\x00\x43" + bytes(40)), dst="241.6.7.1", proto=17, frag=8)
+    assert rx.decap(payload(frag), a("172.16.3.4"))[0] == "VERDICT_DELIVER"
+
+
+def test_a_local_mac_from_the_wire_is_dropped(vx):
+    """A frame from the wire with a MAC of this host's side of the bridge as source is
+    forged (a local container's MAC, V3): dropped, counted, never delivered."""
+    _, rx = vx
+    local = "0a:58:f1:06:07:09"
+    f = frame(mac_src=local)
+    assert rx.decap(payload(f), a("172.16.3.4"))[0] == "VERDICT_DELIVER"
+    rx.local_macs = {bytes.fromhex(local.replace(":", "")), bytes(6)}
+    assert rx.decap(payload(f), a("172.16.3.4"))[:2] == ("VERDICT_DROP", "DROP_RX_LOCAL_MAC")
+    assert rx.decap(payload(arp(src=local, psrc="241.3.4.9")), a("172.16.3.4"))[:2] == \
+        ("VERDICT_DROP", "DROP_RX_LOCAL_MAC")
+    assert rx.decap(payload(frame()), a("172.16.3.4"))[0] == "VERDICT_DELIVER"
+    rx.local_macs = set()
+    assert rx.decap(payload(f), a("172.16.3.4"))[0] == "VERDICT_DELIVER"
+
+
+def test_local_mac_set_of_many():
+    """The engine's set holds thousands (a hash, probed until an empty slot)."""
+    rx = VxlanEngineImpl(RX_MAPS, VNIS)
+    rng = random.Random(3)
+    macs = {rng.randbytes(6) for _ in range(5000)}
+    rx.local_macs = macs
+    with pytest.raises(ValueError):
+        rx.engine.set_local_macs([bytes(5)])        # not a MAC: refused, the set stays
+    for mac in list(macs)[:300]:
+        m = ":".join(f"{b:02x}" for b in mac)
+        assert rx.decap(payload(frame(mac_src=m)), a("172.16.3.4"))[1] == "DROP_RX_LOCAL_MAC"
+    others = [rng.randbytes(6) for _ in range(300)]
+    for mac in others:
+        if mac not in macs:
+            m = ":".join(f"{b:02x}" for b in mac)
+            assert rx.decap(payload(frame(mac_src=m)), a("172.16.3.4"))[0] == \
+                "VERDICT_DELIVER"
+
+
 def test_spoof_check_off_accepts_any_inner_source():
     rx = VxlanEngineImpl(RX_MAPS, VNIS, check_spoof=False)
     assert rx.decap(payload(frame(src="241.9.9.9")), a("172.16.3.4"))[0] == "VERDICT_DELIVER"
@@ -198,8 +266,9 @@ N_FRAMES = 100_000
 SEED = int(os.environ.get("FANPKT_SEED", random.randrange(1 << 32)))
 ADDRS = [0xF1030409, 0xF1060708, 0xF1030401, 0xF1FFFF01, 0xF1000001, 0x64475BC8,
          0x64400001, 0x0A000001, 0xF1060701, 0xF1090909, 0xFFFFFFFF]
+LOCAL_MAC = bytes.fromhex("0a58f1060709")            # a local container's, in the set
 MACS = [bytes.fromhex(PEER_MAC.replace(":", "")), bytes.fromhex(MY_MAC.replace(":", "")),
-        b"\xff" * 6]
+        b"\xff" * 6, LOCAL_MAC]
 
 
 def random_frame(rng: random.Random) -> bytes:
@@ -218,8 +287,10 @@ def random_frame(rng: random.Random) -> bytes:
                       rng.randrange(65536), rng.choice([0, 0x4000, 0x2000, 0x0010]),
                       64, rng.choice([1, 6, 17, 4]), 0, rng.choice(ADDRS), rng.choice(ADDRS))
     hdr = with_checksum(hdr + bytes(ihl * 4 - 20))
-    return eth + b"\x08\x00" + hdr + rng.randbytes(size - len(hdr)) + \
-        bytes(rng.choice([0, 0, 0, 6]))
+    tail = rng.randbytes(size - len(hdr))
+    if len(tail) >= 4 and rng.random() < 0.1:      # DHCP's ports (UDP) or not
+        tail = tail[:2] + rng.choice([b"\x00\x43", b"\x00\x44"]) + tail[4:]
+    return eth + b"\x08\x00" + hdr + tail + bytes(rng.choice([0, 0, 0, 6]))
 
 
 def whole(out):
@@ -242,6 +313,9 @@ def test_differential_vxlan():
     tx = (VxlanOracle(TX_MAPS, VNIS, seed=7), VxlanEngineImpl(TX_MAPS, VNIS, seed=7))
     rxs = [(VxlanOracle(RX_MAPS, VNIS, dev_mac=dev, check_spoof=c),
             VxlanEngineImpl(RX_MAPS, VNIS, dev_mac=dev, check_spoof=c)) for c in (True, False)]
+    for pair in rxs:
+        for impl in pair:
+            impl.local_macs = {LOCAL_MAC}
     seen: dict = {}
     for n in range(N_FRAMES):
         f = random_frame(rng)
@@ -256,8 +330,9 @@ def test_differential_vxlan():
                 data = mutate(rng, data, 50)
             osrc = rng.choice([0xAC100304, 0xAC100607, 0x0A000001, 0xAC090909])
             otos = rng.randrange(4)
+            odst = rng.choice([0xAC100607] * 8 + [0xAC10FFFF, 0x0A630001])
             ro, re = rxs[rng.random() < 0.2]
-            o, e = ro.decap(data, osrc, otos), re.decap(data, osrc, otos)
+            o, e = ro.decap(data, osrc, otos, 8472, odst), re.decap(data, osrc, otos, 8472, odst)
         assert e == o, f"frame {n} differs (seed {SEED}): {f.hex()}"
         seen[o[:2]] = seen.get(o[:2], 0) + 1
     reasons = {k[1] for k in seen if k[1]}
@@ -267,7 +342,8 @@ def test_differential_vxlan():
         "DROP_TX_TO_SELF", "DROP_RX_TRUNCATED", "DROP_RX_BAD_VXLAN", "DROP_RX_UNKNOWN_VNI",
         "DROP_RX_SRC_NOT_UNDERLAY", "DROP_RX_BAD_INNER", "DROP_RX_BAD_INNER_CSUM",
         "DROP_RX_OWN_MAC", "DROP_RX_NOT_LOCAL", "DROP_RX_SPOOFED_SRC",
-        "DROP_RX_ECN_CE_NOT_ECT"}, sorted(reasons)
+        "DROP_RX_ECN_CE_NOT_ECT", "DROP_RX_OUTER_DST", "DROP_RX_LOCAL_MAC",
+        "DROP_RX_DHCP"}, sorted(reasons)
 
 
 # -- offloads: the GSO and GRO paths against their unsegmented equivalents -----------------

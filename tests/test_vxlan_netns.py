@@ -4,6 +4,7 @@ checked with ordinary tools and sockets, and on the wire with scapy."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -292,3 +293,108 @@ def test_joins_a_bridge_that_already_holds_the_gateway_and_leaves_it_so(lab):
     assert lab.stop(p1) == 0
     assert {c: nsx(h1, *c.split()).stdout for c in owned} == before
     assert "fan-241" not in nsx(h1, "ip", "-o", "link").stdout
+
+
+# -- the wire cannot steer a fan host's bridge -------------------------------------------
+SEND_STEER = """
+import json, random, socket, struct, sys
+from scapy.all import BOOTP, DHCP, Ether, IP, Raw, UDP, mac2str
+me, h2, h2_other, local_mac = sys.argv[1:5]
+vni = 15794176
+rng = random.Random(21)
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+raw.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+def vx(inner, dst, src=me):
+    header = struct.pack("!BBBBI", 0x08, 0, 0, 0, vni << 8)
+    return bytes(IP(src=src, dst=dst) / UDP(sport=40000, dport=8472) / Raw(header) / inner)
+def send(pkt):
+    raw.sendto(pkt, (IP(pkt).dst, 0))
+def rand_mac():
+    return "02:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(5))
+to_c = lambda mac, src="241.9.9.2": (Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") /
+                                     IP(src=src, dst="241.2.1.9", proto=253) / Raw(b"x" * 20))
+for _ in range(5):      # to the underlay broadcast: one datagram reaches every host
+    send(vx(to_c("02:00:00:09:09:09"), "172.16.255.255"))
+for _ in range(5):      # to another address of h2's, the source forged as h1
+    send(vx(to_c("02:00:00:01:01:07", "241.1.1.7"), h2_other, src="172.16.1.1"))
+for i in range(300):    # DHCP requests for invented clients, unicast to the gateway
+    mac = rand_mac()
+    req = (Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="241.9.9.2", dst="241.2.1.1") /
+           UDP(sport=68, dport=67) / BOOTP(chaddr=mac2str(mac), xid=i) /
+           DHCP(options=[("message-type", "request"), ("requested_addr", f"241.2.1.{2 + i % 250}"),
+                         "end"]))
+    send(vx(req, h2))
+for _ in range(5):      # a local container's MAC, from the wire
+    send(vx(to_c(local_mac), h2))
+for _ in range(10000):  # distinct source MACs, each a frame the bridge would learn from
+    send(vx(to_c(rand_mac()), h2))
+print("sent")
+"""
+
+
+def fdb(ns, bridge="fanbr-241") -> list[dict]:
+    return json.loads(nsx(ns, "bridge", "-j", "fdb", "show", "br", bridge).stdout)
+
+
+def test_the_wire_cannot_steer_the_bridge(lab):
+    """The hostile VXLAN cases, each counted by its reason with nothing reaching the
+    bridge or its forwarding database: datagrams to the underlay broadcast and to another
+    address of the host (V2, drop_rx_outer_dst), a flood of 300 DHCP requests
+    (drop_rx_dhcp: the pool stays whole), a local container's MAC from the wire
+    (drop_rx_local_mac: the MAC stays on its port). 10,000 frames of distinct source MACs
+    are delivered (a peer's containers may have any MAC) but the TAP port learns none."""
+    h1, h2 = vxlan_hosts(lab, 2, "dhcp")
+    c = lab.container(h2, "c", "241.2.1.9", "241.2.1.1", bridge="fanbr-241", plen=8,
+                      mtu=1450)
+    local_mac = link_mac(c, "eth0")
+    assert ping(c, "241.2.1.1", count=1).returncode == 0        # the bridge learns c
+    assert ping(h1, "241.2.1.9", count=1).returncode == 0       # across the fan
+    poll(lambda: [e for e in fdb(h2) if e["mac"] == local_mac and e.get("ifname") == "vc"],
+         "the bridge did not learn the container's MAC")
+    evil = lab.host("evil", "172.16.9.9")
+    nsx(evil, "ip", "addr", "add", "10.99.0.2/8", "dev", "eth0")
+    nsx(h2, "ip", "addr", "add", "10.99.0.1/8", "dev", "eth0")
+    tap = lambda: json.loads(nsx(h2, "ip", "-s", "-j", "link", "show", "fan-241").stdout)[0][
+        "stats64"]["rx"]["packets"]
+    before, s0 = tap(), lab.stats(h2)
+    nsx(evil, sys.executable, "-c", SEND_STEER, "172.16.9.9", "172.16.2.1", "10.99.0.1",
+        local_mac, timeout=300)
+    want = {"drop_rx_outer_dst": 10, "drop_rx_dhcp": 300, "drop_rx_local_mac": 5,
+            "rx_packets": 10000}
+    s = poll(lambda: (lambda s: s if all(s[k] - s0[k] >= v for k, v in want.items())
+                      else None)(lab.stats(h2)), "the hostile datagrams were not all counted",
+             timeout=60)
+    # a broadcast reaches every socket of the port's SO_REUSEPORT group, one per queue
+    assert s["drop_rx_outer_dst"] - s0["drop_rx_outer_dst"] == 5 + 5 * len(
+        [k for k in json.loads(nsx(h2, *FANPKT, "stats", "--json").stdout)["loops"]
+         if k.startswith("rx-vxlan")])
+    assert s["drop_rx_dhcp"] - s0["drop_rx_dhcp"] == 300
+    assert s["drop_rx_local_mac"] - s0["drop_rx_local_mac"] == 5
+    # what reached the bridge is what was delivered: the 10,000 (and maybe an ARP of h1's)
+    assert tap() - before == s["rx_packets"] - s0["rx_packets"] < 10000 + 5
+    learnt = [e for e in fdb(h2) if e.get("ifname") == "fan-241"
+              and "permanent" not in e.get("state", "")]
+    assert learnt == []
+    assert [e.get("ifname") for e in fdb(h2) if e["mac"] == local_mac] == ["vc"]
+    ino = os.stat(f"/run/netns/{h2}").st_ino
+    leases = f"/run/fanpkt/net-{ino}/dhcp-fanbr-241.leases"
+    assert not os.path.exists(leases) or open(leases).read().strip() == ""
+    assert ping(c, "241.2.1.1", count=1).returncode == 0         # c keeps its port
+    assert ping(h1, "241.2.1.9", count=1).returncode == 0
+
+
+def test_a_joined_bridges_mac_is_pinned(lab):
+    """A bridge fanpkt joins (bridge NAME) whose MAC was never set follows its lowest
+    port's and changes when a container joins; fanpkt pins it, so V3's own-MAC check and
+    the peers' ARP caches for slice.1 stay right."""
+    h1 = lab.host("h1", "172.16.1.1")
+    nsx(h1, "ip", "link", "add", "lxdfan0", "type", "bridge")
+    nsx(h1, "ip", "link", "set", "lxdfan0", "up")
+    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "bridge", "lxdfan0")
+    mac = link_mac(h1, "lxdfan0")
+    state = f"/run/fanpkt/net-{os.stat(f'/run/netns/{h1}').st_ino}/state.json"
+    assert json.load(open(state))["fans"][0]["plumbing"]["bridge_mac"] == mac
+    nsx(h1, "ip", "link", "add", "vlow", "address", "00:00:00:00:00:01", "type", "veth",
+        "peer", "name", "vlow1")
+    nsx(h1, "ip", "link", "set", "vlow", "master", "lxdfan0", "up")
+    assert link_mac(h1, "lxdfan0") == mac
