@@ -4,7 +4,16 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 cdef enum:
     MAX_MAPS = 32
-    MAX_QUEUES = 8              # queues of one multi-queue TUN/TAP (fanpkt/config.py says why)
+
+# Queues of one multi-queue TUN/TAP: fanpkt/config.py's MAX_QUEUES (which says why), which
+# setup.py passes to the compiler, so that the shell and the engine share one definition.
+cdef extern from *:
+    """
+    #ifndef FANPKT_MAX_QUEUES
+    #error "FANPKT_MAX_QUEUES is fanpkt/config.py's MAX_QUEUES: build through setup.py"
+    #endif
+    """
+    enum: MAX_QUEUES "FANPKT_MAX_QUEUES"
 
 # The fan types (docs/design.md §4 IPIP, §12 VXLAN); FAN_ANY matches either in lookups.
 cdef enum:

@@ -40,6 +40,7 @@ from linux cimport (errno, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, EMSGSIZE, EIN
                     IPPROTO_UDP, sockaddr_ll, ETH_ALEN, ETH_HLEN, ETH_P_IP, ETH_P_ARP, pollfd,
                     poll, POLLIN, read, write, htonl, ntohl, htons, ioctl, ifreq, SIOCGIFMTU,
                     timespec, nanosleep)
+from ipv4 cimport IPV4_VER_IHL
 from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_OFF_FRAG,
                    IPV4_OFF_TTL, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_OFF_DST, IPV4_FLAG_DF,
                    IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ECN_NOT_ECT, ECN_ECT1, ECN_ECT0,
@@ -264,7 +265,7 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     if ecn == ECN_CE:
         ecn = ECN_ECT0
     o = pkt - IPV4_HLEN
-    o[0] = 0x45
+    o[0] = IPV4_VER_IHL
     o[IPV4_OFF_TOS] = ecn
     store16(o + IPV4_OFF_TOT_LEN, len + IPV4_HLEN)
     # One counter per sending loop: an ID repeats only after 65536 packets from this host,

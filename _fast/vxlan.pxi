@@ -86,7 +86,7 @@ cdef void vxlan_outer(const fan_map *m, uint32_t under, uint16_t ip_id, uint16_t
     cdef uint32_t ulen = UDP_HLEN + VXLAN_HLEN + frame_len
     cdef uint64_t acc
     cdef uint16_t csum
-    o[0] = 0x45
+    o[0] = IPV4_VER_IHL
     o[IPV4_OFF_TOS] = ecn
     store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
     store16(o + IPV4_OFF_ID, ip_id)
@@ -289,7 +289,7 @@ cdef ssize_t gso_send(txq *q, const fan_map *m, const tx_route *rt, uint8_t tos,
     memcpy(e, rt.dmac, ETH_ALEN)
     memcpy(e + ETH_ALEN, m.mac, ETH_ALEN)
     store16(e + 2 * ETH_ALEN, ETH_P_IP)
-    o[0] = 0x45
+    o[0] = IPV4_VER_IHL
     o[IPV4_OFF_TOS] = tos
     store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
     store16(o + IPV4_OFF_ID, ip_id)
@@ -507,7 +507,7 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
     cdef uint8_t flags = 0
     cdef bint candidate = False, udp = False
     cdef rx_out *o = &x.o
-    if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == 0x45
+    if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == IPV4_VER_IHL
             and load16(p + IPV4_OFF_TOT_LEN) == plen):
         if p[IPV4_OFF_PROTO] == IPPROTO_UDP:
             udp = udp_candidate(p, plen)

@@ -18,7 +18,8 @@ from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
 MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
 # Queues per TUN/TAP and receive loops per VXLAN port, each with its own thread (design §15):
-# one per CPU by default, at most this many (the engine's MAX_QUEUES, _fast/fanmap.pxd).
+# one per CPU by default, at most this many. The one definition: setup.py compiles the
+# engine with it (_fast/fanmap.pxd). A literal, since setup.py reads it without importing.
 MAX_QUEUES = 8
 
 
