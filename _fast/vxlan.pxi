@@ -1,6 +1,6 @@
 # The VXLAN fan (included by fastpath.pyx): Ethernet frames from a fan bridge's TAP port,
-# steered by the inner IPv4 destination or the ARP target, carried in UDP (docs/design.md
-# §12, transmit rules X1-X3, receive rules V1-V6).
+# steered by the inner IPv4 destination or the ARP target, carried in UDP (docs/spec.md
+# §6, transmit rules X1-X3, receive rules V1-V6).
 #
 # Transmit: run_tx reads a frame from the TAP -> tx_packet -> tx_frame: vxlan_encap_one
 # writes outer IPv4 + UDP + VXLAN (VXLAN_OUTER bytes) into the headroom in front of the

@@ -4,7 +4,7 @@ names, installing tables under running loops, and the threads the loops run in.
 Importing this module without a built core raises BuildError (exit status 8), so every
 other module imports the core through here and never directly.
 
-Table swaps (docs/design.md §7): the loops read the engine's table pointers once per
+Table swaps (docs/internals.md §2): the loops read the engine's table pointers once per
 batch. Engine.load() and set_neighbours() swap in a new table and keep the old one;
 install() then waits until every loop has ticked twice - each tick is a batch boundary,
 so no loop can still hold the old pointer - and only then frees it.

@@ -1,7 +1,7 @@
 """fanpkt-forward's lifecycle: bring fans up, serve (signals, neighbour refreshes, loop
 health), reload on SIGHUP, and take everything down again.
 
-Threads (docs/design.md §7): one transmit loop per fan (its TUN or TAP -> the raw socket,
+Threads (docs/internals.md §2): one transmit loop per fan (its TUN or TAP -> the raw socket,
 or the packet socket for resolved neighbours), one receive loop for IPIP (the raw socket
 -> every IPIP fan's TUN) and one per VXLAN port (its UDP socket -> the TAPs of the VXLAN
 fans on that port), all in fanpkt/engine.py. The main thread waits for signals and the kernel's

@@ -1,4 +1,4 @@
-"""Many cores (design §15): a multi-queue TUN/TAP with one transmit loop per queue, VXLAN
+"""Many cores (docs/internals.md §8): a multi-queue TUN/TAP with one transmit loop per queue, VXLAN
 receive spread over an SO_REUSEPORT group, decapsulated packets written to their flow's
 queue. Checked on real traffic: many flows use every queue and every receive loop, and
 no flow's packets are reordered on the way."""
