@@ -62,7 +62,8 @@ def cmd_map(args) -> int:
     for a in addrs:
         overlay = m.in_overlay(a)
         host = m.dest(a) if overlay else a
-        info = {"address": ip(a), "kind": "overlay" if overlay else "underlay"}
+        info: dict[str, object] = {"address": ip(a),
+                                   "kind": "overlay" if overlay else "underlay"}
         if overlay:
             info["underlay_host"] = ip(host)
         info["routable"] = m.routable(host)

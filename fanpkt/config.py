@@ -18,8 +18,9 @@ from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
 MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
 # Queues per TUN/TAP and receive loops per VXLAN port, each with its own thread
-# (docs/internals.md §8): one per CPU by default, at most this many. The one definition: setup.py compiles the
-# engine with it (_fast/fanmap.pxd). A literal, since setup.py reads it without importing.
+# (docs/internals.md §8): one per CPU by default, at most this many. The one definition:
+# setup.py compiles the engine with it (_fast/fanmap.pxd), reading this literal without
+# importing the package.
 MAX_QUEUES = 8
 
 

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import control, heap, plumbing, privileges
 from .config import MAX_FANS, FanSpec, check_table, default_queues
@@ -31,6 +31,11 @@ from .netlink import mac_bytes
 from .runstate import (CONTROL_SOCKET, N_BLOCKS, FanState, RunState, State, process_start,
                        rx_block, tx_block, vxlan_rx_block)
 from .tun import Tun, check_tun_available
+if TYPE_CHECKING:
+    import socket
+
+    from .metrics import Exporter
+    from .runstate import Counters
 from .underlay import (Interface, interface_of, open_packet_socket, open_receive_sockets,
                        open_socket, open_vxlan_sockets)
 
@@ -81,10 +86,10 @@ class Forwarder:
         self.run = RunState.find(run_dir)
         self.fans: dict[tuple, Fan] = {}
         self.dp = Dataplane(check_spoof)
-        self.counters = None
-        self.sock = None
-        self.packet_sock = None
-        self.gso_sock = None                        # VXLAN UDP GSO (a vnet-header socket)
+        self.counters: Optional[Counters] = None
+        self.sock: Optional[socket.socket] = None
+        self.packet_sock: Optional[socket.socket] = None
+        self.gso_sock: Optional[socket.socket] = None   # VXLAN UDP GSO (a vnet-header socket)
         self.rx_socks: list = []                    # IPIP: self.sock, then one per loop
         self.vxlan_socks: dict[int, list] = {}      # UDP port -> its sockets, one per loop
         self.vxlan_blocks: dict[int, int] = {}      # UDP port -> k of its vxlan_rx_blocks
@@ -94,7 +99,7 @@ class Forwarder:
         self.forward_before: Optional[str] = None
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
-        self.exporter = None        # fanpkt/metrics.py's, with --metrics
+        self.exporter: Optional[Exporter] = None    # fanpkt/metrics.py's, with --metrics
         self.ctl: Optional[control.ControlServer] = None    # `fanpkt up`/`down`
         # systemd's notification socket, if any, taken out of the environment before
         # start() runs children (dnsmasq), which must not speak for this process

@@ -141,7 +141,8 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for the name of the address (getfqdn): skip it
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, self.server_port = self.server_address[:2]
+        self.server_name = str(host)
         self.setup_environ()
 
     def process_request(self, request, client_address) -> None:
@@ -198,7 +199,7 @@ class Exporter:
                 raise ConfigError(f"{where}: no interface in this network namespace holds "
                                   "that address") from None
             raise ConfigError(f"{where}: cannot listen there ({e.strerror})") from None
-        self.thread = None
+        self.thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple:

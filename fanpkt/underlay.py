@@ -40,7 +40,7 @@ ARPHRD_ETHER = 1
 
 class Interface(NamedTuple):
     name: str
-    index: int
+    index: int      # type: ignore[assignment]  # shadows tuple.index, as the kernel names it
     mtu: int
     mac: bytes              # b"" unless the link is Ethernet: then frames can be sent on it
 
