@@ -5,7 +5,7 @@ and MTU by DHCP from fanpkt's dnsmasq. Shows pings across both fans, TCP transfe
 the containers, `fanpkt show` and `fanpkt stats`; removes everything at the end, also on
 Ctrl-C or an error.
 
-    sudo tools/demo.sh        (sets up the machine first)
+    tools/demo.sh        (as root, or with sudo; sets up the machine first)
 """
 import os
 import shutil
