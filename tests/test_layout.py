@@ -253,3 +253,5 @@ def test_the_specs_counter_table_lists_every_counter_once_in_order():
     table = text[start:text.index("\n\n", start)]      # one table: no blank line inside
     rows = re.findall(r"^\| `([a-z0-9_]+)` \|", table, re.MULTILINE)
     assert rows == list(COUNTER_NAMES)
+    # and the count the text gives
+    assert re.findall(r"the counters \((\d+) of them\)", text) == [str(len(COUNTER_NAMES))]
