@@ -4,6 +4,7 @@ FANPKT_DEBUG=1 builds with bounds checks and -O0 -g (asserts on); FANPKT_ASAN=1 
 AddressSanitizer (run Python with LD_PRELOAD of libasan: tools/fuzz.sh --asan does);
 force=True so that switching a flag really rebuilds.
 """
+import ast
 import os
 
 from Cython.Build import cythonize
@@ -13,10 +14,25 @@ DEBUG = os.environ.get("FANPKT_DEBUG") == "1"
 ASAN = ["-fsanitize=address", "-fno-omit-frame-pointer"] \
     if os.environ.get("FANPKT_ASAN") == "1" else []
 
+
+def config_constant(name: str) -> int:
+    """A constant of fanpkt/config.py, read without importing the package (which needs
+    its dependencies): the one definition both the shell and the engine use."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fanpkt",
+                           "config.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and \
+                    [getattr(t, "id", None) for t in node.targets] == [name]:
+                return int(ast.literal_eval(node.value))
+    raise SystemExit(f"setup.py: fanpkt/config.py defines no {name}")
+
+
 ext = Extension(
     "fanpkt._fastpath",
     ["_fast/fastpath.pyx"],
     include_dirs=["_fast"],
+    # _fast/fanmap.pxd sizes its arrays by it
+    define_macros=[("FANPKT_MAX_QUEUES", str(config_constant("MAX_QUEUES")))],
     extra_compile_args=(["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]) + ASAN,
     extra_link_args=ASAN,
 )

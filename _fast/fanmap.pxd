@@ -1,12 +1,21 @@
-# The Fan map in the data path (docs/design.md §1-2): one struct per map, a small table of them.
+# The Fan map in the data path (docs/spec.md §1-2): one struct per map, a small table of them.
 # All addresses are host byte order here; packets are converted at load/store.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 cdef enum:
     MAX_MAPS = 32
-    MAX_QUEUES = 8              # queues of one multi-queue TUN/TAP (fanpkt/config.py says why)
 
-# The fan types (docs/design.md §4 IPIP, §12 VXLAN); FAN_ANY matches either in lookups.
+# Queues of one multi-queue TUN/TAP: fanpkt/config.py's MAX_QUEUES (which says why), which
+# setup.py passes to the compiler, so that the shell and the engine share one definition.
+cdef extern from *:
+    """
+    #ifndef FANPKT_MAX_QUEUES
+    #error "FANPKT_MAX_QUEUES is fanpkt/config.py's MAX_QUEUES: build through setup.py"
+    #endif
+    """
+    enum: MAX_QUEUES "FANPKT_MAX_QUEUES"
+
+# The fan types (docs/spec.md §4 IPIP, §6 VXLAN); FAN_ANY matches either in lookups.
 cdef enum:
     FAN_ANY = -1
     FAN_IPIP = 0
@@ -48,7 +57,7 @@ cdef struct fan_map:
 
 cdef struct fan_table:
     int n
-    int check_spoof             # design §4 rule R5 (and VXLAN's V5), on by default
+    int check_spoof             # docs/spec.md §4 rule R5 (and VXLAN's V5), on by default
     uint32_t hash_seed          # VXLAN source ports: the flow hash's seed, random per process
     fan_map maps[MAX_MAPS]
 

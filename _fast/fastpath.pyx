@@ -2,7 +2,7 @@
 """fanpkt's packet engine: the Fan data path for IPIP and VXLAN, and the loops that drive
 it.
 
-One compiled module, in units included by direction (docs/design.md §6 follows one
+One compiled module, in units included by direction (docs/internals.md §1 follows one
 packet through them):
   fastpath.pyx  the counters (the one list of their names), encap_one and decap_one, the
                 Engine that holds the tables, and the two forwarding loops
@@ -40,6 +40,7 @@ from linux cimport (errno, IP_PKTINFO, SOL_SOCKET, SO_RXQ_OVFL, EINTR, EAGAIN, E
                     IPPROTO_UDP, sockaddr_ll, ETH_ALEN, ETH_HLEN, ETH_P_IP, ETH_P_ARP, pollfd,
                     poll, POLLIN, read, write, htonl, ntohl, htons, ioctl, ifreq, SIOCGIFMTU,
                     timespec, nanosleep)
+from ipv4 cimport IPV4_VER_IHL
 from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_OFF_FRAG,
                    IPV4_OFF_TTL, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_OFF_DST, IPV4_FLAG_DF,
                    IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ECN_NOT_ECT, ECN_ECT1, ECN_ECT0,
@@ -65,7 +66,7 @@ from vxlan cimport (flow_hash, UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_L
                     mac_slot, mac_set_has)
 
 # The counters, one per verdict and per drop reason, named after the rule they enforce
-# (docs/design.md §4 states the rules T1-T5 and R1-R7; §5 lists every counter). This
+# (docs/spec.md §4 states the rules T1-T5 and R1-R7; §5 lists every counter). This
 # enum is the single source of truth: Python reads the names from it.
 cpdef enum Counter:
     # transmit (overlay -> underlay)
@@ -150,7 +151,7 @@ cpdef enum Verdict:
     VERDICT_ICMP = 3            # write the ICMP built in icmp_out back to the TUN
     VERDICT_DELIVER = 4         # decap: inner packet at off, out_len bytes
 
-# Why these sizes: docs/design.md §8.
+# Why these sizes: docs/internals.md §9.
 cdef enum:
     HEADROOM = ETH_HLEN + VXLAN_OUTER   # room for the outer headers in front of each
                                         # packet: Ethernet + IPv4 (+ UDP + VXLAN)
@@ -200,7 +201,7 @@ cdef bint icmp_source_ok(const fan_table *t, const uint8_t *pkt) noexcept nogil:
 cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t len,
                    uint32_t wire, result *r, uint8_t *icmp_out, icmp_budget *budget,
                    uint64_t *c) noexcept nogil:
-    """Encapsulate the overlay packet pkt[0:len] (design §4, rules T1-T5).
+    """Encapsulate the overlay packet pkt[0:len] (docs/spec.md §4, rules T1-T5).
 
     pkt must have IPV4_HLEN writable bytes in front of it: the outer header goes there, so
     the payload is never copied. wire is the largest inner packet that will go out: 0 for
@@ -275,7 +276,7 @@ cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t l
     if ecn == ECN_CE:
         ecn = ECN_ECT0
     o = pkt - IPV4_HLEN
-    o[0] = 0x45
+    o[0] = IPV4_VER_IHL
     o[IPV4_OFF_TOS] = ecn
     store16(o + IPV4_OFF_TOT_LEN, len + IPV4_HLEN)
     # One sequence per host, which the loops take in blocks (tx.pxi id_reserve): an ID
@@ -310,7 +311,7 @@ cdef inline bint ecn_decapsulate(uint8_t oecn, uint8_t *inner, uint64_t *c) noex
 
 cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
                    uint64_t *c) noexcept nogil:
-    """Check and unwrap the IPIP datagram buf[0:len] (design §4, rules R1-R7 in order).
+    """Check and unwrap the IPIP datagram buf[0:len] (docs/spec.md §4, rules R1-R7 in order).
 
     The outer header checksum is not verified: the kernel's ip_rcv did that before the raw
     socket saw the datagram, and reassembly rewrites it.

@@ -8,6 +8,7 @@ from linux cimport htonl, ntohl, htons, ntohs
 
 cdef enum:
     IPV4_HLEN = 20              # header without options
+    IPV4_VER_IHL = 0x45         # byte 0 of such a header: version 4, IHL 5 (20 bytes)
     IPV4_OFF_VER_IHL = 0
     IPV4_OFF_TOS = 1
     IPV4_OFF_TOT_LEN = 2

@@ -2,10 +2,10 @@
 # IFF_VNET_HDR (include/uapi/linux/virtio_net.h), TCP segmentation of the superpackets the
 # kernel hands us (TSO) and the checks for coalescing received segments into one (GRO).
 #
-# Why (docs/design.md §8-9): the kernel's per-packet cost dominates. With offloads
-# a TCP sender's 64 KB write crosses the TUN once instead of ~45 times, and so does the
-# receiver's; only the underlay still carries one packet per segment (there is no GSO type
-# for IPIP).
+# Why (docs/performance.md §3, docs/internals.md §3): the kernel's per-packet cost
+# dominates. With offloads a TCP sender's 64 KB write crosses the TUN once instead of ~45
+# times, and so does the receiver's; only the underlay still carries one packet per
+# segment (there is no GSO type for IPIP).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 from linux cimport ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, htons

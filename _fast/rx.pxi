@@ -103,7 +103,7 @@ cdef bint udp_candidate(const uint8_t *p, uint32_t len) noexcept nogil:
     """May this UDP packet start or join a UDP GSO superpacket? IPv4 without options, not
     a fragment, a UDP length that matches, and a payload (a zero-length one has no
     gso_size)."""
-    return (p[0] == 0x45 and len > IPV4_HLEN + UDP_HLEN
+    return (p[0] == IPV4_VER_IHL and len > IPV4_HLEN + UDP_HLEN
             and not (load16(p + IPV4_OFF_FRAG) & (IPV4_FLAG_MF | IPV4_FRAG_OFFSET_MASK))
             and load16(p + IPV4_HLEN + UDP_OFF_LEN) == len - IPV4_HLEN)
 
@@ -152,7 +152,7 @@ cdef int rx_gather(rx_out *outs, int n, uint8_t *p, uint32_t len, int map_index,
     if udp and udp_candidate(p, len):
         thl = UDP_HLEN
         candidate = (gso_ok & DEV_GSO_UDP_L4) != 0
-    elif tcp and p[0] == 0x45:
+    elif tcp and p[0] == IPV4_VER_IHL:
         thl = tcp_header_len(p, len)
     if thl and tcp:
         # Longer than any one segment from a peer with our MTU: the underlay NIC's GRO

@@ -1,6 +1,6 @@
 # The VXLAN fan (included by fastpath.pyx): Ethernet frames from a fan bridge's TAP port,
-# steered by the inner IPv4 destination or the ARP target, carried in UDP (docs/design.md
-# §12, transmit rules X1-X3, receive rules V1-V6).
+# steered by the inner IPv4 destination or the ARP target, carried in UDP (docs/spec.md
+# §6, transmit rules X1-X3, receive rules V1-V6).
 #
 # Transmit: run_tx reads a frame from the TAP -> tx_packet -> tx_frame: vxlan_encap_one
 # writes outer IPv4 + UDP + VXLAN (VXLAN_OUTER bytes) into the headroom in front of the
@@ -89,7 +89,7 @@ cdef void vxlan_outer(const fan_map *m, uint32_t under, uint16_t ip_id, uint16_t
     cdef uint32_t ulen = UDP_HLEN + VXLAN_HLEN + frame_len
     cdef uint64_t acc
     cdef uint16_t csum
-    o[0] = 0x45
+    o[0] = IPV4_VER_IHL
     o[IPV4_OFF_TOS] = ecn
     store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
     store16(o + IPV4_OFF_ID, ip_id)
@@ -292,7 +292,7 @@ cdef ssize_t gso_send(txq *q, const fan_map *m, const tx_route *rt, uint8_t tos,
     memcpy(e, rt.dmac, ETH_ALEN)
     memcpy(e + ETH_ALEN, m.mac, ETH_ALEN)
     store16(e + 2 * ETH_ALEN, ETH_P_IP)
-    o[0] = 0x45
+    o[0] = IPV4_VER_IHL
     o[IPV4_OFF_TOS] = tos
     store16(o + IPV4_OFF_TOT_LEN, IPV4_HLEN + ulen)
     store16(o + IPV4_OFF_ID, ip_id)
@@ -531,7 +531,7 @@ cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
     cdef bint candidate = False, udp = False
     cdef rx_out *o = &x.o
     cdef int gso_ok = x.t.maps[map_index].dev_gso & ~x.refused
-    if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == 0x45
+    if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == IPV4_VER_IHL
             and load16(p + IPV4_OFF_TOT_LEN) == plen):
         if p[IPV4_OFF_PROTO] == IPPROTO_UDP:
             udp = udp_candidate(p, plen)

@@ -37,19 +37,23 @@ from lab import Lab, nsx  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu(pid: int, name: str) -> float:
-    """CPU seconds of the threads called `name`, or `name.<queue>`, in process pid."""
+def thread_cpu(pid: int, loop: str) -> float:
+    """CPU seconds of the threads of loop `loop` and its other queues (`loop.<queue>`) in
+    process pid, found by the names the kernel gives them (engine.kernel_name)."""
+    from fanpkt.config import MAX_QUEUES
+    from fanpkt.engine import kernel_name
+    names = {kernel_name(loop)} | {kernel_name(f"{loop}.{q}") for q in range(1, MAX_QUEUES)}
     total, found = 0.0, False
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as f:
             stat = f.read()
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if comm == name or comm.startswith(name + "."):
+        if comm in names:
             fields = stat[stat.rindex(")") + 2:].split()
             total += (int(fields[11]) + int(fields[12])) / TICK
             found = True
     if not found:
-        raise LookupError(f"no thread {name} in {pid}")
+        raise LookupError(f"no thread of loop {loop} in {pid}")
     return total
 
 
@@ -165,7 +169,7 @@ def run_mode(lab, h1, h2, mode, seconds):
         extra = {"fanpkt": (), "fanpkt-ip": ("--underlay-send", "ip"),
                  "fanpkt-vxlan": ("--type", "vxlan"), "fanpkt-1q": ("--queues", "1"),
                  "fanpkt-vxlan-1q": ("--type", "vxlan", "--queues", "1")}[mode]
-        rx_thread = "fanpkt-rx-vxlan" if "vxlan" in mode else "fanpkt-rx"   # (15 chars)
+        rx_loop = "rx-vxlan-8472" if "vxlan" in mode else "rx"
         p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", *extra)
         p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16", *extra)
         try:
@@ -176,7 +180,7 @@ def run_mode(lab, h1, h2, mode, seconds):
             time.sleep(1.5)
             before = lab.stats(h1)
             res = measure(lab, h1, h2, "241.2.1.1", seconds,
-                          ((p1.pid, "fanpkt-tx-241"), (p2.pid, rx_thread)),
+                          ((p1.pid, "tx-241"), (p2.pid, rx_loop)),
                           pids=(p1.pid, p2.pid))
             after = lab.stats(h1)
             sent = after["tx_packets"] - before["tx_packets"]

@@ -4,7 +4,7 @@ Same two-host topology as e2e.py. Per round, for the kernel's VXLAN and each fan
 `iperf3 -P FLOWS` for 8 s, and 300 pings at 10 ms intervals from its second 1.5 on; the
 ping average and maximum and the aggregate rate. Each fanpkt type also runs with its
 forwarders' threads reniced (`--nice`, e.g. -10): if that cuts the ping time, the ping was
-waiting for a CPU, not in a queue of packets (design §15).
+waiting for a CPU, not in a queue of packets (docs/performance.md §4).
 
     sudo python3 bench/loaded_ping.py [--rounds 2] [--flows 1,8] [--types vxlan,ipip]
                                       [--nice -10] [--out bench/results]

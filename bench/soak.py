@@ -163,7 +163,7 @@ def balance(ns: str) -> dict:
         accounted = c["tx_packets"] + sum(drops.values())
         # reads that made more than one packet would break read == accounted: a TSO
         # superpacket (however it left) or outer fragments. Not tx_gso: it also counts
-        # runs of plain frames, each of which is one packet (design §12, Runs).
+        # runs of plain frames, each of which is one packet (docs/internals.md §3, Runs).
         multi = {k: c[k] for k in ("tx_tso_split", "tx_fragmented")}
         dev_stats = json.loads(nsx(ns, "ip", "-s", "-j", "link", "show", dev).stdout)[0]
         out[name] = {"device_tx_dropped": dev_stats["stats64"]["tx"]["dropped"],

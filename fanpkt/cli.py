@@ -62,7 +62,8 @@ def cmd_map(args) -> int:
     for a in addrs:
         overlay = m.in_overlay(a)
         host = m.dest(a) if overlay else a
-        info = {"address": ip(a), "kind": "overlay" if overlay else "underlay"}
+        info: dict[str, object] = {"address": ip(a),
+                                   "kind": "overlay" if overlay else "underlay"}
         if overlay:
             info["underlay_host"] = ip(host)
         info["routable"] = m.routable(host)
@@ -102,21 +103,95 @@ def cmd_stats(args) -> int:
     run = RunState.find(args.run_dir)
     if args.watch is not None:
         from .watch import seconds, watch
-        if args.json:
-            raise ConfigError("--watch prints rates as text; --json takes one reading")
+        if args.json or args.all:
+            raise ConfigError(f"--watch prints rates as text; {'--json' if args.json else '--all'}"
+                              f" takes one reading")
         return watch(run.read_counters, seconds(args.watch))
+    if args.json and args.all:
+        raise ConfigError("--json already holds every counter; give one of --json, --all")
     snap = run.read_counters()
-    print(json.dumps(snap, indent=2) if args.json else format_stats(snap))
+    print(json.dumps(snap, indent=2) if args.json else
+          format_stats_all(snap) if args.all else format_stats(snap))
     return 0
 
 
+def fan_line(fan: dict) -> str:
+    """The fan, its flags, and the offloads its device took (docs/kernels.md)."""
+    return (f"fan {fan['device']}: {fan['overlay']} {fan['type']}"
+            + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type"))
+            + f"; offloads {' '.join(fan.get('offloads', [])) or 'none'}")
+
+
+def wrapped(label: str, items: dict[str, int], indent: str = "      ",
+            width: int = 79) -> list[str]:
+    """`label: name value, name value, ...` over as many lines as it takes."""
+    lines, line = [], f"{indent}{label}:"
+    for i, (name, value) in enumerate(items.items()):
+        word = f" {name} {value:,}"
+        if i and len(line) + len(word) + 1 > width:
+            lines.append(line + ",")
+            line = indent + " " * (len(label) + 1)
+        elif i:
+            line += ","
+        line += word
+    return lines + [line]
+
+
 def format_stats(snap: dict) -> str:
-    """Totals by direction: transmit counters and drops, then receive."""
+    """For a person: per fan and direction its packets, bytes and drops, then only the
+    drop reasons and paths (offloads, frames, ECN) that are not zero, named without their
+    direction (under tx, `no_map` is drop_tx_no_map and `l2` tx_l2). A receive loop that
+    serves several fans (every IPIP fan; the VXLAN fans of one port) cannot tell them
+    apart: its counts show under the first of them listed, and the others point there."""
+    from .counters import DIRECTIONS, human_bytes, summaries
+    sums = summaries(snap)
+    fans = snap.get("fans", [])
+    lines = [f"fanpkt-forward pid {snap['pid']}"]
+
+    def show(d: str, s) -> None:
+        lines.append(f"  {d}  {s.packets:>14,} packets  {human_bytes(s.bytes):>9}  "
+                     f"{s.drops:>,} dropped")
+        if len(s.fans) > 1:
+            lines.append(f"      one receive loop for {', '.join(s.fans)}: their "
+                         f"packets together")
+        # names without the direction the row already says: no_map is drop_tx_no_map
+        if s.reasons:
+            lines.extend(wrapped("drops", {n.split("_", 2)[2]: v
+                                           for n, v in s.reasons.items()}))
+        if s.paths:
+            lines.extend(wrapped("paths", {n.split("_", 1)[1]: v for n, v in s.paths.items()}))
+
+    shown: dict[tuple[str, str], str] = {}      # (label, direction) -> the fan it is under
+    for fan in fans:
+        dev = fan["device"]
+        lines.append(fan_line(fan))
+        for d in DIRECTIONS:
+            key = next((k for k in sums if k[1] == d and dev in sums[k].fans), None)
+            if key is None:
+                lines.append(f"  {d}  nothing counted yet")
+            elif key in shown:
+                lines.append(f"  {d}  counted with {shown[key]} (one receive loop for "
+                             f"{', '.join(sums[key].fans)})")
+            else:
+                show(d, sums[key])
+                shown[key] = dev
+        kernel = {k: v for k, v in snap.get("devices", {}).get(dev, {}).items() if v}
+        if kernel:      # losses before fanpkt sees a packet, or after it wrote one
+            lines.extend(wrapped(f"kernel at {dev}", kernel, indent="  "))
+    for key in sorted(set(sums) - set(shown)):       # loops of no listed fan, if they counted
+        s = sums[key]
+        if s.packets or s.drops or s.paths:
+            lines.append(f"loop for {', '.join(s.fans) or 'no fan'}:")
+            show(key[1], s)
+    return "\n".join(lines)
+
+
+def format_stats_all(snap: dict) -> str:
+    """`--all`: every counter, summed over all fans, by direction: transmit counters and
+    drops, then receive."""
     lines = [f"fanpkt-forward pid {snap['pid']}"]
     for fan in snap.get("fans", []):
-        lines.append(f"fan {fan['device']}: {fan['overlay']} {fan['type']}"
-                     + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type"))
-                     + f"; offloads: {' '.join(fan.get('offloads', [])) or 'none'}")
+        lines.append(fan_line(fan))
     for direction in ("tx", "rx"):
         lines.append(f"{direction}:")
         for name, value in snap["total"].items():
@@ -207,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run-dir", type=path,
                     help="state directory of the forwarder (default: per netns)")
     sp.set_defaults(func=cmd_show)
-    st = sub.add_parser("stats", help="live counters of the running forwarder")
-    st.add_argument("--json", action="store_true")
+    st = sub.add_parser("stats", help="live counters of the running forwarder: per fan and "
+                                      "direction, packets, bytes, drops and what is not zero")
+    st.add_argument("--json", action="store_true",
+                    help="every counter of every loop, and which fans each loop counts for")
+    st.add_argument("--all", action="store_true",
+                    help="every counter, summed over the fans, by direction")
     st.add_argument("--watch", nargs="?", const="1", metavar="SECONDS",
                     help="packets/s, bytes/s and drops/s per fan, refreshed every SECONDS "
                          "(default 1) until Ctrl-C")

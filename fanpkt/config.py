@@ -1,5 +1,5 @@
 """The configuration users already have: /etc/network/fan lines and fanctl arguments
-(docs/design.md §3), resolved to FanSpec objects.
+(docs/spec.md §3), resolved to FanSpec objects.
 
 Interface names and the default route are looked up through a Resolver; the kernel one
 uses pyroute2, tests pass their own.
@@ -19,8 +19,10 @@ from .fanmap import IFNAMSIZ, FanMap, FanTable, decimal
 DEFAULT_UNDERLAY_LEN = 16   # fanctl: a bare address or interface implies /16
 MAX_FANS = 16               # fans one forwarder runs (its counter file has a block each)
 MAX_CONFIG = 1 << 20        # bytes: a fan file holds a few lines (read_text)
-# Queues per TUN/TAP and receive loops per VXLAN port, each with its own thread (design §15):
-# one per CPU by default, at most this many (the engine's MAX_QUEUES, _fast/fanmap.pxd).
+# Queues per TUN/TAP and receive loops per VXLAN port, each with its own thread
+# (docs/internals.md §8): one per CPU by default, at most this many. The one definition:
+# setup.py compiles the engine with it (_fast/fanmap.pxd), reading this literal without
+# importing the package.
 MAX_QUEUES = 8
 
 
@@ -76,7 +78,7 @@ class FanSpec:
     off: bool = False
     nat: bool = False
     origin: str = "command line"    # 'FILE:LINE' for file entries
-    type: str = "ipip"              # or "vxlan" (design §12)
+    type: str = "ipip"              # or "vxlan" (docs/spec.md §6)
     vni: Optional[int] = None       # VXLAN: None is LXD's default, overlay address >> 8
     port: int = VXLAN_PORT          # VXLAN UDP port
 

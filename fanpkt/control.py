@@ -1,6 +1,6 @@
 """The control socket: `fanpkt up` and `fanpkt down` change the fans of the running
 fanpkt-forward of this network namespace, as `fanctl up`/`down` change a host's
-(docs/design.md §13). This module owns the request and reply format, the server the
+(docs/internals.md §7). This module owns the request and reply format, the server the
 forwarder's main thread runs, what each request does, and the client.
 
 The socket is `control` in the run directory (fanpkt/runstate.py): AF_UNIX, SOCK_STREAM,

@@ -1,9 +1,10 @@
 """What the counters mean to their readers: each counter's direction and kind, a snapshot
-summed per fan and direction, and the rates between two snapshots. Used by `fanpkt stats
---watch` and the Prometheus exporter (fanpkt/metrics.py), so both group alike.
+summed per fan and direction, and the rates between two snapshots. Used by `fanpkt stats`
+(its summaries), `--watch` and the Prometheus exporter (fanpkt/metrics.py), so all three
+group alike.
 
 Everything is derived from the counter names, i.e. from the `Counter` enum in
-_fast/fastpath.pyx (docs/design.md §5): `drop_<direction>_<reason>` is a drop,
+_fast/fastpath.pyx (docs/spec.md §5): `drop_<direction>_<reason>` is a drop,
 `<direction>_packets` and `<direction>_bytes` are what a direction carried, and any other
 `<direction>_<what>` counts a path some packets took (offloads, local delivery, ECN).
 A snapshot is what runstate.totals() returns (`fanpkt stats --json`).
@@ -95,3 +96,47 @@ def rates(before: Optional[dict], after: dict, seconds: float) -> list[Rate]:
         rows.append(Rate(fan, d, sums[PACKETS] / seconds, sums[BYTES] / seconds,
                          sums[DROPPED] / seconds))
     return sorted(rows, key=lambda r: (r.fan, DIRECTIONS.index(r.direction)))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one fan's (or one shared receive loop's) direction carried, for a person:
+    totals, then only what is not zero."""
+    fans: tuple[str, ...]       # the fans counted together: several for a shared rx loop
+    direction: str
+    packets: int
+    bytes: int
+    drops: int                  # every drop_ counter summed
+    reasons: dict[str, int]     # the drop counters that are not zero, in enum order
+    paths: dict[str, int]       # the path counters (offloads, ECN, frames) not zero
+
+
+def summaries(snap: dict) -> dict[tuple[str, str], Summary]:
+    """by_fan(snap) summed into a Summary per (fan label, direction)."""
+    out = {}
+    for (label, d), values in by_fan(snap).items():
+        sums = {PACKETS: 0, BYTES: 0, DROPPED: 0}
+        reasons, paths = {}, {}
+        for name, v in values.items():
+            family = kind(name).family
+            if family in sums:
+                sums[family] += v
+            if v and family == DROPPED:
+                reasons[name] = v
+            elif v and family == PATH:
+                paths[name] = v
+        out[label, d] = Summary(tuple(label.split(",")) if label else (), d, sums[PACKETS],
+                                sums[BYTES], sums[DROPPED], reasons, paths)
+    return out
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in SI units, one decimal from kB on: 512 B, 1.5 kB, 3.2 GB."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        value /= 1000
+        if value < 999.95 or unit == "PB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError

@@ -1,4 +1,4 @@
-"""The `dhcp` flag (docs/design.md §11): a dnsmasq per fan bridge, serving slice.(K+1) up to the
+"""The `dhcp` flag (docs/internals.md §5): a dnsmasq per fan bridge, serving slice.(K+1) up to the
 slice's last address before broadcast (slice.254 for a /24; K = host-reserve), with the
 slice gateway as router and the overlay MTU, and no DNS.
 

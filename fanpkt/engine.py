@@ -4,7 +4,7 @@ names, installing tables under running loops, and the threads the loops run in.
 Importing this module without a built core raises BuildError (exit status 8), so every
 other module imports the core through here and never directly.
 
-Table swaps (docs/design.md §7): the loops read the engine's table pointers once per
+Table swaps (docs/internals.md §2): the loops read the engine's table pointers once per
 batch. Engine.load() and set_neighbours() swap in a new table and keep the old one;
 install() then waits until every loop has ticked twice - each tick is a batch boundary,
 so no loop can still hold the old pointer - and only then frees it.
@@ -80,11 +80,28 @@ def new_counters(blocks: int = 1) -> array.array:
 _libc = ctypes.CDLL(None)   # once: each CDLL() builds its own function-pointer types
 
 
+COMM_LEN = 15      # the kernel keeps 15 characters of a thread's name (TASK_COMM_LEN - 1)
+
+
+def kernel_name(loop: str) -> str:
+    """The kernel's name for a loop's thread, unique within COMM_LEN characters, so that
+    `top -H`, /proc/PID/task/*/comm and the benchmark tell every loop apart:
+    `fanpkt-<loop>` where that fits (`fanpkt-tx-241`, `fanpkt-rx.1`), `rx-vxlan-` shortened
+    to `rxv-` (`fanpkt-rxv-8472`); else the loop's name alone (`rxv-8472.1`, `tx-100-64`),
+    and `tx-` shortened to `t` where even that is too long (a 15-character device's
+    queue). Loop names are unique and none starts with `fanpkt-`, `rxv-` or a bare `t`."""
+    short = "rxv-" + loop[len("rx-vxlan-"):] if loop.startswith("rx-vxlan-") else loop
+    if len("fanpkt-" + short) <= COMM_LEN:
+        return "fanpkt-" + short
+    if len(short) > COMM_LEN and short.startswith("tx-"):
+        short = "t" + short[len("tx-"):]
+    return short[:COMM_LEN]
+
+
 def set_thread_name(name: str) -> None:
-    """The kernel's name for this thread (15 chars), so `top -H` and the benchmark can
-    tell the loops apart."""
+    """The kernel's name for the calling thread (at most COMM_LEN characters kept)."""
     try:
-        _libc.prctl(PR_SET_NAME, name[:15].encode(), 0, 0, 0)
+        _libc.prctl(PR_SET_NAME, name[:COMM_LEN].encode(), 0, 0, 0)
     except AttributeError:
         pass
 
@@ -104,7 +121,7 @@ class LoopThread:
         self.thread.start()
 
     def _run(self, target, args) -> None:
-        set_thread_name(f"fanpkt-{self.name}")
+        set_thread_name(kernel_name(self.name))
         try:
             target(self.loop, *args)
         except BaseException as e:      # noqa: BLE001 - reported by check()

@@ -1,4 +1,4 @@
-"""The Fan address map (docs/design.md §1-2): validation, slice and destination math,
+"""The Fan address map (docs/spec.md §1-2): validation, slice and destination math,
 reserved addresses, device names, a table of maps, and a numpy batch form.
 
 Control-plane code: plain Python integers. The data path has its own C form of the same
@@ -194,19 +194,19 @@ class FanMap:
         return self.dest(d)
 
     def slice_edge(self, a: int) -> bool:
-        """Is overlay address a the network or broadcast address of its slice (design §2:
+        """Is overlay address a the network or broadcast address of its slice (docs/spec.md §2:
         unusable, so the data path neither sends nor delivers to it)?"""
         hb = a & hostmask(self.slice_len)
         return hb == 0 or hb == hostmask(self.slice_len)
 
     def usable_range(self, h: int) -> tuple[int, int]:
         """First and last container address of host h's slice: past the host reserve,
-        before the broadcast (design §2). dhcp hands out exactly these."""
+        before the broadcast (docs/spec.md §2). dhcp hands out exactly these."""
         net = self.slice_of(h)
         return net + self.host_reserve + 1, net + self.slice_size - 2
 
     def slice_info(self, h: int) -> dict:
-        """Everything derived from host h's slice (design §2)."""
+        """Everything derived from host h's slice (docs/spec.md §2)."""
         net = self.slice_of(h)
         size = self.slice_size
         first, last = self.usable_range(h)

@@ -1,7 +1,7 @@
 """fanpkt-forward's lifecycle: bring fans up, serve (signals, neighbour refreshes, loop
 health), reload on SIGHUP, and take everything down again.
 
-Threads (docs/design.md §7): one transmit loop per fan (its TUN or TAP -> the raw socket,
+Threads (docs/internals.md §2): one transmit loop per fan (its TUN or TAP -> the raw socket,
 or the packet socket for resolved neighbours), one receive loop for IPIP (the raw socket
 -> every IPIP fan's TUN) and one per VXLAN port (its UDP socket -> the TAPs of the VXLAN
 fans on that port), all in fanpkt/engine.py. The main thread waits for signals and the kernel's
@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pyroute2 import IPRoute
 
@@ -34,6 +34,11 @@ from .netlink import link_index, mac_bytes
 from .runstate import (CONTROL_SOCKET, N_BLOCKS, FanState, RunState, State, process_start,
                        rx_block, tx_block, vxlan_rx_block)
 from .tun import Tun, check_tun_available
+if TYPE_CHECKING:
+    import socket
+
+    from .metrics import Exporter
+    from .runstate import Counters
 from .underlay import (Interface, interface_of, open_packet_socket, open_receive_sockets,
                        open_socket, open_vxlan_sockets)
 
@@ -92,10 +97,10 @@ class Forwarder:
         self.run = RunState.find(run_dir)
         self.fans: dict[tuple, Fan] = {}
         self.dp = Dataplane(check_spoof)
-        self.counters = None
-        self.sock = None
-        self.packet_sock = None
-        self.gso_sock = None                        # VXLAN UDP GSO (a vnet-header socket)
+        self.counters: Optional[Counters] = None
+        self.sock: Optional[socket.socket] = None
+        self.packet_sock: Optional[socket.socket] = None
+        self.gso_sock: Optional[socket.socket] = None   # VXLAN UDP GSO (a vnet-header socket)
         self.rx_socks: list = []                    # IPIP: self.sock, then one per loop
         self.vxlan_socks: dict[int, list] = {}      # UDP port -> its sockets, one per loop
         self.vxlan_blocks: dict[int, int] = {}      # UDP port -> k of its vxlan_rx_blocks
@@ -107,7 +112,7 @@ class Forwarder:
         self.forward_before: Optional[str] = None
         self.stop_event = threading.Event()
         self.reload_wanted = threading.Event()
-        self.exporter = None        # fanpkt/metrics.py's, with --metrics
+        self.exporter: Optional[Exporter] = None    # fanpkt/metrics.py's, with --metrics
         self.ctl: Optional[control.ControlServer] = None    # `fanpkt up`/`down`
         self.watchdog: Optional[Watchdog] = None    # serve()'s
         # systemd's notification socket, if any, taken out of the environment before

@@ -5,7 +5,7 @@ Imported only with --metrics, so a forwarder without it never loads prometheus_c
 
 The collector reads the counter file through RunState.snapshot(), the same totals() that
 `fanpkt stats --json` prints, and groups it as fanpkt/counters.py does: nothing is counted
-per packet and no thread polls. Metric families (docs/design.md §5, "Metrics"):
+per packet and no thread polls. Metric families (docs/spec.md §5, "Metrics"):
   fanpkt_packets_total, fanpkt_bytes_total                  {fan, direction}
   fanpkt_dropped_packets_total                              {fan, direction, reason}
   fanpkt_<counter>_total for every other counter (paths)     {fan, direction}
@@ -90,7 +90,7 @@ class FanCollector:
                 metric = ("dropped_packets" if k.family == counters.DROPPED else key)
                 families[key] = CounterMetricFamily(
                     f"fanpkt_{metric}", HELP.get(k.family, f"Counter {name} of fanpkt stats "
-                                                 "(docs/design.md §5)."), labels=labels)
+                                                 "(docs/spec.md §5)."), labels=labels)
             return families[key]
 
         if snap is not None:
@@ -141,7 +141,8 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for the name of the address (getfqdn): skip it
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, self.server_port = self.server_address[:2]
+        self.server_name = str(host)
         self.setup_environ()
 
     def process_request(self, request, client_address) -> None:
@@ -198,7 +199,7 @@ class Exporter:
                 raise ConfigError(f"{where}: no interface in this network namespace holds "
                                   "that address") from None
             raise ConfigError(f"{where}: cannot listen there ({e.strerror})") from None
-        self.thread = None
+        self.thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple:

@@ -77,7 +77,7 @@ class NeighbourWatch:
     """The refresher's reads of the kernel's tables. Each follow() and table() opens its
     own netlink socket and closes it (0.5 ms): pyroute2 0.9 leaves the kernel's ACK of
     every single-object request (`route get`, `link get`) queued on a long-lived socket,
-    where a refresh a second piled up thousands of messages (docs/design.md §14)."""
+    where a refresh a second piled up thousands of messages (docs/internals.md §10)."""
 
     def __init__(self, netlink: Callable[[], Any] = IPRoute):
         """netlink: opens the pyroute2 socket to use (IPRoute, or a NetNS in tests)."""

@@ -1,6 +1,6 @@
 """What systemd learns from a running forwarder (sd_notify(3), Type=notify): READY=1 once
 every fan is up, RELOADING=1/READY=1 around a SIGHUP reload, STOPPING=1 when it stops, and
-WATCHDOG=1 while every forwarding loop still makes progress (docs/design.md §7).
+WATCHDOG=1 while every forwarding loop still makes progress (docs/internals.md §2).
 
 sd_notify is one datagram of `KEY=VALUE` lines to the AF_UNIX socket named by
 $NOTIFY_SOCKET (a leading '@' names an abstract socket); a few lines here, so no libsystemd

@@ -1,4 +1,4 @@
-"""Host plumbing around the data path (docs/design.md §11, §12), with pyroute2 and
+"""Host plumbing around the data path (docs/internals.md §5, docs/spec.md §6), with pyroute2 and
 nftables: addresses, the overlay route, bridges, the bridge's dnsmasq, forwarding, NAT,
 and the rule that keeps the kernel quiet about IPIP it has no tunnel for. Everything made
 here is recorded (Plumbing) so that it can be removed, by this run or, after a crash, by

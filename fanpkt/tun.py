@@ -18,7 +18,7 @@ from .netlink import link_index
 
 log = logging.getLogger("fanpkt")
 
-TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (design §8)
+TXQUEUELEN = 4000           # 500 (the default) dropped packets at ~3 Gbit/s (docs/internals.md §9)
 
 # <linux/if_tun.h>: let the kernel hand us TCP superpackets and partial checksums, which
 # the compiled loops split and complete (_fast/offload.pxd).

@@ -3,9 +3,9 @@ UDP socket per VXLAN port, and facts about the local underlay interfaces.
 
 With no ipip module the kernel hands every protocol-4 datagram for a local address to raw
 sockets. IP_HDRINCL because the engine writes the outer header itself (TTL, DF and ECN
-follow the inner packet, design §4 T3, which the kernel's own header could not do per
+follow the inner packet, docs/spec.md §4 T3, which the kernel's own header could not do per
 packet); the same socket sends VXLAN's outer IPv4/UDP packets, whose UDP source port
-follows the inner flow (design §12 X3), which a UDP socket's fixed port could not.
+follows the inner flow (docs/spec.md §6 X3), which a UDP socket's fixed port could not.
 
 The packet socket sends the same packets as Ethernet frames to underlay hosts the kernel
 has already resolved (fanpkt/neighbours.py): per packet it skips the kernel's IP output
@@ -43,12 +43,12 @@ RTAX_MTU = 2                # a route's MTU metric (<linux/rtnetlink.h>)
 
 class Interface(NamedTuple):
     name: str
-    index: int
+    index: int      # type: ignore[assignment]  # shadows tuple.index, as the kernel names it
     mtu: int
     mac: bytes              # b"" unless the link is Ethernet: then frames can be sent on it
 
 
-# Spreading IPIP receive over n loops (design §15). Every raw IPPROTO_IPIP socket gets
+# Spreading IPIP receive over n loops (docs/internals.md §8). Every raw IPPROTO_IPIP socket gets
 # its own clone of each datagram, so n plain sockets would deliver each n times. Instead
 # each socket has a classic BPF filter that keeps only its share: a hash of the inner
 # addresses (and, for unfragmented TCP and UDP, ports) modulo n must equal its index. A
@@ -148,7 +148,7 @@ def open_socket() -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
         # PROBE, not DO: refuse (EMSGSIZE) what exceeds the device MTU, which fanpkt answers
-        # with "fragmentation needed" (design §4 T5), but ignore path MTUs the kernel
+        # with "fragmentation needed" (docs/spec.md §4 T5), but ignore path MTUs the kernel
         # learnt: one forged ICMP quoting IPIP between two fan hosts would otherwise
         # shrink their path for ten minutes.
         s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
@@ -207,7 +207,7 @@ def open_vxlan_socket(port: int, reuseport: bool = False) -> socket.socket:
 
 def open_packet_socket(vnet_hdr: bool = False) -> socket.socket:
     """vnet_hdr: every frame sent starts with a virtio_net_hdr, which lets a VXLAN fan
-    hand the kernel one UDP GSO superpacket for many segments (design §12)."""
+    hand the kernel one UDP GSO superpacket for many segments (docs/internals.md §3)."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)

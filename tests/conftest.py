@@ -1,6 +1,10 @@
-"""Shared fixtures. The helper modules beside this file (lab, traffic, oracle, packets,
-vectors, engine_impl) are importable by name: pyproject.toml puts tests/ on pytest's
-pythonpath."""
+"""Shared fixtures, and the `root` marker. The helper modules beside this file (lab,
+traffic, oracle, packets, vectors, engine_impl) are importable by name: pyproject.toml puts
+tests/ on pytest's pythonpath.
+
+A test that needs root (network namespaces, TUN devices, raw sockets, LXC, qemu) is marked
+`root` here, by what it uses, so that `pytest -m 'not root'` runs the rest anywhere, as
+any user; CI runs as root and runs everything."""
 from __future__ import annotations
 
 import pytest
@@ -54,3 +58,17 @@ def lab(request):
         yield lab
     finally:
         lab.close()
+
+
+# What makes a test need root: a fixture it uses (`lab`: namespaces, devices, forwarders),
+# or, for the few that need it without one, its name (module::function). Found by running
+# `pytest -m 'not root'` as a normal user: everything else passes there.
+ROOT_FIXTURES = {"lab"}
+ROOT_TESTS = {"test_plumbing::test_nft_accepts_the_ruleset"}    # nft -c talks to netlink
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = f"{item.module.__name__}::{getattr(item, 'originalname', item.name)}"
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())) or name in ROOT_TESTS:
+            item.add_marker(pytest.mark.root)

@@ -3,7 +3,7 @@ types, the compiled engine held to the oracle (tests/oracle.py), and hostile tex
 the config and command-line parsers. tests/test_fuzz.py runs it in CI (on the release and
 the FANPKT_DEBUG=1 build); `tools/fuzz.sh --seconds N` runs it for as long as asked.
 
-Paths and what each compares (docs/design.md §4, §9, §12):
+Paths and what each compares (docs/spec.md §4, §6, docs/internals.md §3):
   decap        IPIP datagram: Harness.decap vs Oracle.decap (spoof check on or off)
   encap        IPIP TUN packet: Harness.encap vs Oracle.encap (outer IP IDs included)
   vxlan_decap  VXLAN UDP payload: Harness.vxlan_decap vs VxlanOracle.decap

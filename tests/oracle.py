@@ -1,4 +1,4 @@
-"""A slow, plain-Python statement of docs/design.md §4, written from the rules and not from
+"""A slow, plain-Python statement of docs/spec.md §4, written from the rules and not from
 the C code: the reference the engine is held to, byte for byte and drop reason for drop
 reason.
 
@@ -192,7 +192,7 @@ class Oracle:
         return "VERDICT_DELIVER", None, bytes(inner), i
 
 
-# -- VXLAN (docs/design.md §12) --------------------------------------------------------
+# -- VXLAN (docs/spec.md §6) --------------------------------------------------------
 M32 = 0xFFFFFFFF
 ETH_P_IP, ETH_P_ARP, UDP = 0x0800, 0x0806, 17
 
@@ -212,7 +212,7 @@ def _final(h: int) -> int:
 
 
 def source_port(frame: bytes, seed: int) -> int:
-    """The UDP source port of a frame (design §12 X3): a hash of the inner flow, the same
+    """The UDP source port of a frame (docs/spec.md §6 X3): a hash of the inner flow, the same
     for both directions, mapped into 32768..60999; non-IPv4 frames hash their EtherType."""
     ethertype = struct.unpack_from("!H", frame, 12)[0]
     if ethertype != ETH_P_IP or len(frame) < 34:

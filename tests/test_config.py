@@ -1,4 +1,4 @@
-"""/etc/network/fan and fanctl argument forms (docs/design.md §3), with a fake resolver."""
+"""/etc/network/fan and fanctl argument forms (docs/spec.md §3), with a fake resolver."""
 from __future__ import annotations
 
 import os

@@ -10,7 +10,9 @@ import threading
 
 import pytest
 
-from fanpkt.engine import Dataplane, LoopThread, MapRow, fastpath
+from fanpkt.config import MAX_QUEUES
+from fanpkt.engine import (COMM_LEN, Dataplane, LoopThread, MapRow, fastpath,
+                           kernel_name)
 from fanpkt.errors import LoopError
 from fanpkt.fanmap import FanMap
 
@@ -61,6 +63,47 @@ def test_a_loop_told_to_stop_is_not_dead():
         dp.check()
     lt.stopping = True
     dp.check()
+
+
+def every_loop_name() -> list[str]:
+    """The names the forwarder gives its loops (forwarder.py), for devices of every
+    shape: one octet, two, three (the longest), the hex fallback."""
+    from fanpkt.forwarder import Forwarder
+    devices = [FanMap.parse(o, u).device_name
+               for o, u in (("241.0.0.0/8", "10.1.2.3/16"), ("100.64.0.0/10", "10.1.2.3/16"),
+                            ("100.100.100.0/22", "10.1.2.3/28"),
+                            ("100.100.100.128/25", "10.1.2.1/30"))]
+    assert len(max(devices, key=len)) == 15 and len({len(d) for d in devices}) == 4
+    names = []
+    for q in range(MAX_QUEUES):
+        suffix = f".{q}" if q else ""
+        names += [f"tx-{d[4:]}{suffix}" for d in devices]
+        names.append(f"rx{suffix}")
+        names += [Forwarder._vxlan_loop(port, q) for port in (1, 8472, 65535)]
+    return names
+
+
+def test_thread_names_are_unique_within_the_kernels_15_characters():
+    """Every VXLAN receive loop used to be `fanpkt-rx-vxlan` to the kernel."""
+    names = every_loop_name()
+    comms = [kernel_name(n) for n in names]
+    assert max(map(len, comms)) <= COMM_LEN == 15
+    assert len(set(comms)) == len(names)
+    assert [kernel_name(n) for n in ("tx-241", "tx-241.1", "rx", "rx.3", "rx-vxlan-8472",
+                                     "rx-vxlan-8472.1", "tx-100-100-100.7")] == [
+        "fanpkt-tx-241", "fanpkt-tx-241.1", "fanpkt-rx", "fanpkt-rx.3", "fanpkt-rxv-8472",
+        "rxv-8472.1", "t100-100-100.7"]
+
+
+def test_a_loop_thread_carries_its_kernel_name():
+    seen = {}
+
+    def body(loop):
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            seen["comm"] = f.read().strip()
+    lt = LoopThread("rx-vxlan-8472.1", body)
+    lt.thread.join(10)
+    assert seen == {"comm": "rxv-8472.1"}
 
 
 def test_missing_core_is_exit_status_8():

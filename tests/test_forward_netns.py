@@ -210,8 +210,8 @@ def test_containers_across_hosts(lab):
 
 
 def test_dhcp_serves_the_slice_on_the_bridge(lab):
-    """`dhcp` (docs/design.md §11): a DHCPDISCOVER from a container on the fan bridge is offered an
-    address above the host reserve, the slice gateway as router and the overlay MTU; the
+    """`dhcp` (docs/internals.md §5): a DHCPDISCOVER from a container on the fan bridge is
+    offered an address above the host reserve, the slice gateway as router and the overlay MTU; the
     dnsmasq goes when the forwarder stops, or at the next start after a crash."""
     h1 = lab.host("h1", "172.16.1.1")
     p1 = lab.forward(h1, *FAN, "-u", "172.16.1.1/16", "bridge", "fanbr", "dhcp",

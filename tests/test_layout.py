@@ -4,6 +4,7 @@ no reference to material outside this repository."""
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -196,3 +197,61 @@ def test_no_reference_to_material_outside_the_repository():
             continue
         hits += [f"{name}: {s}" for s in OUTSIDE_REFERENCES if s.encode() in data]
     assert hits == []
+
+
+# -- the user's pages speak of the software, not of the project's history --------------
+# History (what a run measured against a goal, what an earlier attempt did) belongs in
+# CHANGELOG.md and commit bodies. These patterns catch the words such notes use.
+HISTORY = re.compile("|".join([
+    r"\bsessions?\b", r"\b(?:this|last|previous|earlier|next) (?:runs?|sessions?)\b",
+    r"\bnot kept\b", r"\b(?:targets?|goals?)\b[^\n]{0,30}?\b(?:met|missed)\b",
+    r"\b(?:met|missed)\b[^\n]{0,20}?\b(?:targets?|goals?)\b",
+    r"\btest (?:VM|machine)\b",             # the project's own lab, not the user's host
+]), re.IGNORECASE)
+# What is shipped to users and read as documentation: the sdist's pages and the unit.
+PAGES = ["README.md", "CONTRIBUTING.md", "LICENSE", "docs/*.md", "tools/*.service"]
+
+
+def history_words(text: str) -> list[str]:
+    """Each line of `text` that speaks of sessions, runs or goals met, with its number."""
+    return [f"{n}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1)
+            if HISTORY.search(line)]
+
+
+def test_history_words_are_caught():
+    """Lines of the kind the README used to hold, and ones that must pass."""
+    caught = ["Last session's run: 0.61× (0.51–0.74).",
+              "(this session, code at 5cea88d, 2 queues, 600 reloads)",
+              "target ≥ 2×: met.", "IPIP ≥ 1×: missed. target 0.8×: met in every round",
+              "a CoDel on the transmit ring (built, measured, not kept: design §15)",
+              "the previous session's run grew 3.2 MB", "This run: three rounds",
+              "Goals met: all", "on the 2-vCPU test VM, nice -10 cut a ping"]
+    for line in caught:
+        assert history_words(line), line
+    fine = ["Remove everything this forwarder created.", "ARP asks for the target's MAC.",
+            "a missed wake-up costs 50 µs", "the run directory of this forwarder"]
+    for line in fine:
+        assert history_words(line) == [], line
+
+
+def test_pages_do_not_speak_of_the_projects_history():
+    """README, docs and shipped files describe the software as it is; CHANGELOG.md is
+    where its history goes, and is exempt."""
+    pages = sorted({p for pattern in PAGES for p in ROOT.glob(pattern)})
+    assert ROOT / "README.md" in pages and ROOT / "docs" / "spec.md" in pages
+    assert any(p.suffix == ".service" for p in pages)
+    hits = [f"{p.relative_to(ROOT)}:{h}" for p in pages for h in history_words(p.read_text())]
+    assert hits == []
+
+
+def test_the_specs_counter_table_lists_every_counter_once_in_order():
+    """docs/spec.md §5: one table row per counter, in the enum's order, so that a counter
+    added to the engine is documented where operators look it up."""
+    from fanpkt.engine import COUNTER_NAMES
+    text = (ROOT / "docs" / "spec.md").read_text()
+    start = text.index("| counter | rule |", text.index("## §5 Counters"))
+    table = text[start:text.index("\n\n", start)]      # one table: no blank line inside
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \|", table, re.MULTILINE)
+    assert rows == list(COUNTER_NAMES)
+    # and the count the text gives
+    assert re.findall(r"the counters \((\d+) of them\)", text) == [str(len(COUNTER_NAMES))]

@@ -53,7 +53,8 @@ def test_resolved_neighbour_gets_a_frame_around_the_same_packet():
 
 def test_tso_segments_all_go_as_frames():
     c = new_counters()
-    v, _, outs, _ = fastpath.Harness(engine(), c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket())
+    v, _, outs, _ = fastpath.Harness(engine(), c).transmit(vnet(1, 1, 52, 1428, 20, 16),
+                                                           superpacket())
     assert v.name == "VERDICT_SEND" and len(outs) == -(-len(PAYLOAD) // 1428)
     data = b""
     for o in outs:
@@ -72,7 +73,8 @@ def test_tso_segments_all_go_as_frames():
     (7, ((PEER + 1, 7, PEER_MAC),)),            # another host resolved
 ])
 def test_otherwise_the_raw_socket_gets_the_ip_packet(ifindex, neighbours):
-    v, _, outs, _ = fastpath.Harness(engine(ifindex, neighbours), new_counters()).transmit(NO_OFFLOAD, PLAIN)
+    harness = fastpath.Harness(engine(ifindex, neighbours), new_counters())
+    v, _, outs, _ = harness.transmit(NO_OFFLOAD, PLAIN)
     assert v.name == "VERDICT_SEND" and IP(outs[0]).dst == "172.16.6.7"
     assert len(outs[0]) == len(PLAIN) + 20
 

@@ -108,7 +108,8 @@ def test_gro_never_merges_past_a_later_packet_of_the_connection():
     tx = fastpath.Engine([MapRow.of(TX)])
     rx = fastpath.Engine([MapRow.of(RX)])
     c = new_counters()
-    _, _, outs, _ = fastpath.Harness(tx, c).transmit(vnet(1, 1, 52, 1428, 20, 16), superpacket(PAYLOAD[:2856], flags="A"))
+    _, _, outs, _ = fastpath.Harness(tx, c).transmit(vnet(1, 1, 52, 1428, 20, 16),
+                                                     superpacket(PAYLOAD[:2856], flags="A"))
     # a packet of the same connection with other TCP options (so another header length),
     # e.g. a window probe, sent between the two segments
     probe = bytes(IP(src="241.3.4.9", dst="241.6.7.8", flags="DF") /

@@ -1,4 +1,4 @@
-"""The VXLAN fan's data path (docs/design.md §12): frames from a TAP through the engine's
+"""The VXLAN fan's data path (docs/spec.md §6): frames from a TAP through the engine's
 transmit path, UDP payloads through its receive checks, both against the oracle; scapy
 builds the packets and parses what comes out. The wire facts held here are those of the
 kernel's own fan (outer DF clear, TTL 64, UDP port 8472, VNI = overlay >> 8, flags 0x08,

@@ -1,4 +1,4 @@
-"""The VXLAN fan end to end (docs/design.md §12): fanpkt hosts in namespaces, with each
+"""The VXLAN fan end to end (docs/spec.md §6): fanpkt hosts in namespaces, with each
 other and with this machine's own kernel vxlan driver, as operators run them. Packets are
 checked with ordinary tools and sockets, and on the wire with scapy."""
 from __future__ import annotations
@@ -237,7 +237,7 @@ def test_ipip_and_vxlan_fans_side_by_side(lab, tmp_path):
 @pytest.mark.parametrize("peer", ["fanpkt", "kernel"])
 def test_small_datagrams_of_one_flow_leave_in_udp_gso_runs_intact_and_in_order(lab, peer):
     """Bursts of 64-byte datagrams of one flow: h1's transmit loop reads several frames
-    at once and sends each burst as one UDP GSO superpacket (design §12, runs). Whether
+    at once and sends each burst as one UDP GSO superpacket (docs/internals.md §3, Runs). Whether
     fanpkt or the kernel's vxlan receives them, every datagram arrives, in order (the
     sink's kernel checks each UDP checksum, so a mangled one would be missing)."""
     h1 = lab.host("h1", "172.16.1.1")

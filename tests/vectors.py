@@ -1,4 +1,4 @@
-"""The public test vectors of the Fan map (docs/design.md §1), verbatim."""
+"""The public test vectors of the Fan map (docs/spec.md §1), verbatim."""
 VECTORS = [
     # overlay, underlay, host, slice, overlay dest, underlay host (None: unroutable)
     ("241.0.0.0/8", "172.16.0.0/16", "172.16.3.4", "241.3.4.0/24", "241.3.4.5", "172.16.3.4"),

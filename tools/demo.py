@@ -4,7 +4,7 @@ and real containers on the fan bridges of two of them. Shows pings across both f
 transfers between the containers, `fanpkt show` and `fanpkt stats`; removes everything at
 the end, also on Ctrl-C or an error.
 
-    sudo tools/demo.sh [--runtime lxc|lxd]        (sets up the machine first)
+    tools/demo.sh [--runtime lxc|lxd]     (as root, or with sudo; sets up the machine first)
 
 --runtime lxc: LXC containers (busybox) on both fans' bridges, addresses and MTU by DHCP
 from fanpkt's dnsmasq. --runtime lxd (the default where LXD is installed): an LXD daemon

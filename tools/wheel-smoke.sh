@@ -31,7 +31,8 @@ tar tzf "$sdist" | sed 's|^[^/]*/||' | sort >sdist.txt
 python3 -m zipfile -l "$wheel" | awk 'NR > 1 {print $1}' | sort >wheel.txt
 for f in setup.py pyproject.toml MANIFEST.in README.md _fast/fastpath.pyx _fast/tx.pxi \
          _fast/rx.pxi _fast/vxlan.pxi _fast/linux.pxd _fast/fanmap.pxd fanpkt/cli.py \
-         fanpkt/_fastpath.pyi fanpkt/py.typed tests/lab.py; do
+         fanpkt/_fastpath.pyi fanpkt/py.typed tests/lab.py LICENSE CHANGELOG.md \
+         CONTRIBUTING.md docs/spec.md docs/internals.md docs/performance.md; do
   grep -qx "$f" sdist.txt || fail "the sdist lacks $f"
 done
 # every Cython source of the checkout, and no build product
