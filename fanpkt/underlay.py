@@ -253,12 +253,11 @@ def route_out(ipr, addr: int) -> Interface:
     """The interface and MTU of the route from addr toward its underlay neighbours
     (addr ^ 1 stands for them: it is in any underlay prefix that holds addr and a
     peer). The route's own MTU, if it has one, is the underlay's."""
+    why: object = "no route"
     try:
         routes = ipr.route("get", dst=ip(addr ^ 1), src=ip(addr))
     except Exception as e:      # noqa: BLE001 - NetlinkError: unreachable, no such source
         routes, why = [], e
-    else:
-        why = "no route"
     oif = routes[0].get_attr("RTA_OIF") if routes else None
     link = ipr.get_links(oif)[0] if oif else None
     if link is None or link["flags"] & IFF_LOOPBACK:

@@ -1,7 +1,8 @@
 """The mutation fuzzer (tests/fuzz.py) in CI: a million packets through every path of
-both fan types (UDP merging, multi-message receive bursts and transmit runs included), engine against oracle, and hostile text through the parsers. tools/test.sh
-runs it on the release build and again on the FANPKT_DEBUG=1 build (bounds checks). The
-seed is printed and in every failure; FANPKT_FUZZ_SEED=<n> replays a run."""
+both fan types (UDP merging, multi-message receive bursts and transmit runs included),
+engine against oracle, and hostile text through the parsers. tools/test.sh runs it on the
+release build and again on the FANPKT_DEBUG=1 build (bounds checks). The seed is printed
+and in every failure; FANPKT_FUZZ_SEED=<n> replays a run."""
 from __future__ import annotations
 
 from fuzz import PATHS, run_packets, run_parsers, seed_from_env

@@ -354,8 +354,9 @@ def test_the_wire_cannot_steer_the_bridge(lab):
     evil = lab.host("evil", "172.16.9.9")
     nsx(evil, "ip", "addr", "add", "10.99.0.2/8", "dev", "eth0")
     nsx(h2, "ip", "addr", "add", "10.99.0.1/8", "dev", "eth0")
-    tap = lambda: json.loads(nsx(h2, "ip", "-s", "-j", "link", "show", "fan-241").stdout)[0][
-        "stats64"]["rx"]["packets"]
+    def tap():
+        return json.loads(nsx(h2, "ip", "-s", "-j", "link", "show", "fan-241").stdout)[0][
+            "stats64"]["rx"]["packets"]
     before, s0 = tap(), lab.stats(h2)
     nsx(evil, sys.executable, "-c", SEND_STEER, "172.16.9.9", "172.16.2.1", "10.99.0.1",
         local_mac, timeout=300)

@@ -190,7 +190,8 @@ def run(kernel: str, cmd: list[str], timeout: float, memory: int, cpus: int,
     vmlinuz = next(os.path.join(kroot, "boot", f) for f in os.listdir(os.path.join(kroot, "boot"))
                    if f.startswith("vmlinuz-"))
     release = os.path.basename(vmlinuz)[len("vmlinuz-"):]
-    job = JOB.format(release=release, moddir=shlex.quote(os.path.join(kroot, "lib/modules", release)),
+    moddir = os.path.join(kroot, "lib/modules", release)
+    job = JOB.format(release=release, moddir=shlex.quote(moddir),
                      path=shlex.quote(os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")),
                      env=" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
                      cwd=shlex.quote(os.getcwd()), cmd=shlex.join(cmd),
