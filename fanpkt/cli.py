@@ -115,11 +115,18 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def fan_line(fan: dict) -> str:
-    """The fan, its flags, and the offloads its device took (docs/kernels.md)."""
+def fan_line(fan: dict, every: bool = False) -> str:
+    """The fan and its flags; then the offloads its kernel did not take (docs/kernels.md),
+    or with every, the offloads it took."""
+    offloads = fan.get("offloads") or {}
+    if every:
+        extra = f"; offloads {' '.join(n for n, on in offloads.items() if on) or 'none'}" \
+            if offloads else ""
+    else:
+        missing = [n for n, on in offloads.items() if not on]
+        extra = f"; without {' '.join(missing)}" if missing else ""
     return (f"fan {fan['device']}: {fan['overlay']} {fan['type']}"
-            + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type"))
-            + f"; offloads {' '.join(fan.get('offloads', [])) or 'none'}")
+            + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type")) + extra)
 
 
 def wrapped(label: str, items: dict[str, int], indent: str = "      ",
@@ -191,7 +198,7 @@ def format_stats_all(snap: dict) -> str:
     drops, then receive."""
     lines = [f"fanpkt-forward pid {snap['pid']}"]
     for fan in snap.get("fans", []):
-        lines.append(fan_line(fan))
+        lines.append(fan_line(fan, every=True))
     for direction in ("tx", "rx"):
         lines.append(f"{direction}:")
         for name, value in snap["total"].items():

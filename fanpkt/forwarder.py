@@ -79,10 +79,10 @@ class Fan:
                         type=self.spec.type, port=self.spec.port if self.spec.vxlan else 0,
                         offloads=self.offloads())
 
-    def offloads(self) -> list[str]:
-        """The offloads its device's writes (and, for VXLAN, its sends) use: the GSO types
-        the kernel took when probed (tun.Tun.gso)."""
-        return [f"gso_{name}" for name, taken in self.tun.gso.items() if taken]
+    def offloads(self) -> dict[str, bool]:
+        """The offloads its device's writes (and, for VXLAN, its sends) may use: each GSO
+        type, and whether the kernel took it when probed (tun.Tun.gso)."""
+        return {f"gso_{name}": taken for name, taken in self.tun.gso.items()}
 
 
 class Forwarder:

@@ -82,7 +82,7 @@ class FanState:
     plumbing: dict              # plumbing.Plumbing.to_json()
     type: str = "ipip"          # or "vxlan"
     port: int = 0               # a VXLAN fan's UDP port (its receive loop's); 0 for IPIP
-    offloads: list[str] = field(default_factory=list)  # Fan.offloads(): what the kernel took
+    offloads: dict[str, bool] = field(default_factory=dict)   # Fan.offloads()
 
 
 @dataclass

@@ -95,9 +95,11 @@ def two_fans(ipip_rx_fans=("fan-241",)) -> dict:
                       "tx:fan-250": ["fan-250"], "tx:fan-250:q1": ["fan-250"],
                       "rx-vxlan:8472": ["fan-250"]},
         "fans": [{"device": "fan-241", "type": "ipip", "overlay": "241.0.0.0/8",
-                  "flags": ["dhcp", "bridge fanbr1"]},
+                  "flags": ["dhcp", "bridge fanbr1"],
+                  "offloads": {"gso_tcpv4": True, "gso_udp_l4": True}},
                  {"device": "fan-250", "type": "vxlan", "overlay": "250.0.0.0/8",
-                  "flags": ["type vxlan", "dhcp"]}],
+                  "flags": ["type vxlan", "dhcp"],
+                  "offloads": {"gso_tcpv4": True, "gso_udp_l4": False}}],
         "devices": {"fan-241": {"tx_dropped": 0, "rx_dropped": 0},
                     "fan-250": {"tx_dropped": 7, "rx_dropped": None}}}
 
@@ -111,7 +113,7 @@ fan fan-241: 241.0.0.0/8 ipip, dhcp, bridge fanbr1
   rx          45,012 packets    70.5 MB  2 dropped
       drops: not_local 2
       paths: gro_merged 40,000
-fan fan-250: 250.0.0.0/8 vxlan, dhcp
+fan fan-250: 250.0.0.0/8 vxlan, dhcp; without gso_udp_l4
   tx          50,010 packets     1.0 MB  28 dropped
       drops: no_map 25, to_self 3
       paths: l2 50,000, gso 2,300
@@ -175,6 +177,19 @@ def test_stats_of_a_shared_receive_loop_say_so():
     fan241 = lines.index("fan fan-241: 241.0.0.0/8 ipip, dhcp, bridge fanbr1")
     assert lines[fan241 + 4] == ("  rx  counted with fan-10 (one receive loop for fan-10, "
                                  "fan-241)")
+
+
+def test_stats_say_which_offloads_a_fan_runs_without_and_all_with():
+    """The kernel's answers to the offload probe (docs/kernels.md): the person's view
+    names only what a fan's kernel lacks, --all what it took."""
+    snap = two_fans()
+    lines = cli.format_stats(snap).splitlines()
+    assert "fan fan-241: 241.0.0.0/8 ipip, dhcp, bridge fanbr1" in lines
+    assert "fan fan-250: 250.0.0.0/8 vxlan, dhcp; without gso_udp_l4" in lines
+    lines = cli.format_stats_all({**snap, "total": {}}).splitlines()
+    assert ("fan fan-241: 241.0.0.0/8 ipip, dhcp, bridge fanbr1; offloads gso_tcpv4 "
+            "gso_udp_l4") in lines
+    assert "fan fan-250: 250.0.0.0/8 vxlan, dhcp; offloads gso_tcpv4" in lines
 
 
 def test_stats_all_exact():

@@ -98,7 +98,10 @@ def test_two_hosts_ping_tcp_and_a_udp_burst(lab, fan, forced):
     assert total["drop_rx_tun_write"] == 0, total
     fans = {f["device"]: f for f in stats["fans"]}
     udp_l4 = {"": kernel() >= UDP_L4_SINCE, "-udp_l4": False, "+udp_l4": True}[forced]
-    assert ("gso_udp_l4" in fans["fan-241"]["offloads"]) == udp_l4, fans
+    assert fans["fan-241"]["offloads"] == {"gso_tcpv4": True, "gso_udp_l4": udp_l4}, fans
+    # `fanpkt stats` says so where a kernel lacks it
+    text = nsx(h2, *FANPKT, "stats").stdout
+    assert ("; without gso_udp_l4" in text) == (not udp_l4), text
     if forced == "+udp_l4" and kernel() < UDP_L4_SINCE:
         # merged, refused, written one by one: at most once per receive loop
         assert total["rx_gso_fallback"] <= len(stats["loops"]), total
