@@ -328,7 +328,7 @@ def test_a_failed_up_leaves_nothing_and_a_retry_really_retries(lab, tmp_path):
     ok(h1, "up", *vx)                                       # a retry really retries
     assert shown(h1) == ["241.0.0.0/8", "250.0.0.0/8"]
     threads = snapshot(h1, p.pid)["threads"]
-    assert "fanpkt-tx-250" in threads and "fanpkt-rx-vxlan" in threads   # 15 chars
+    assert "fanpkt-tx-250" in threads and "fanpkt-rxv-4789" in threads
 
     flag.write_text("")
     fails(["-o", "10.0.0.0/8", "-u", f"{H1}/16", "nat"], "nft refused")
