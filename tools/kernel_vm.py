@@ -54,10 +54,11 @@ exec switch_root /newroot /bin/sh /kernel-vm-job.sh
 """
 
 # Runs in the guest's real root (the overlay). The module tree of the guest's kernel is
-# put where modprobe (and the kernel's own module requests) look for it.
+# put where modprobe (and the kernel's own module requests) look for it. /run is the
+# guest's own (network namespaces, fanpkt's state); /tmp stays the host's, under the
+# overlay, since the checkout may live there.
 JOB = """set -u
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mkdir -p /run/netns /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
@@ -70,7 +71,7 @@ modprobe -a tun veth bridge
 ip link set lo up
 hostname kernel-vm
 export HOME=/root PATH={path} CI="${{CI:-}}" {env}
-cd {cwd}
+cd {cwd} || {{ echo "{mark}125"; poweroff -f; }}
 echo "kernel_vm: running on $(uname -r): {cmd_text}"
 {cmd}
 rc=$?
