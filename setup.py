@@ -1,4 +1,7 @@
-"""Declares the one compiled module, fanpkt._fastpath, built from _fast/.
+"""Declares the one compiled module, fanpkt._fastpath, built from _fast/, and the eBPF
+object of the kernel data path, fanpkt/fan_vxlan.bpf.o, built from
+_fast/fan_vxlan.bpf.c with clang when clang and libbpf's headers are there (without
+them the package builds, and VXLAN fans keep to the userspace engine).
 
 FANPKT_DEBUG=1 builds with bounds checks and -O0 -g (asserts on); FANPKT_ASAN=1 adds
 AddressSanitizer (run Python with LD_PRELOAD of libasan: tools/fuzz.sh --asan does);
@@ -6,9 +9,15 @@ force=True so that switching a flag really rebuilds.
 """
 import ast
 import os
+import shutil
+import subprocess
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+BPF_SOURCE = os.path.join("_fast", "fan_vxlan.bpf.c")
+BPF_OBJECT = "fan_vxlan.bpf.o"
 
 DEBUG = os.environ.get("FANPKT_DEBUG") == "1"
 ASAN = ["-fsanitize=address", "-fno-omit-frame-pointer"] \
@@ -36,7 +45,29 @@ ext = Extension(
     extra_compile_args=(["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]) + ASAN,
     extra_link_args=ASAN,
 )
+
+
+class BuildWithBpf(build_ext):
+    """build_ext, then the eBPF object beside the compiled module."""
+
+    def run(self):
+        super().run()
+        out = os.path.join("fanpkt" if self.inplace else
+                           os.path.join(self.build_lib, "fanpkt"), BPF_OBJECT)
+        clang = shutil.which("clang")
+        if clang is None or not os.path.exists("/usr/include/bpf/bpf_helpers.h"):
+            print("setup.py: clang or libbpf's headers missing: no kernel data path built")
+            return
+        # <asm/types.h> lives under the multiarch directory on Debian
+        arch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True,
+                              text=True).stdout.strip()
+        subprocess.run([clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf",
+                        *([f"-I/usr/include/{arch}"] if arch else []),
+                        "-c", BPF_SOURCE, "-o", out], check=True)
+
+
 directives = {"language_level": 3, "boundscheck": DEBUG, "wraparound": DEBUG,
               "initializedcheck": DEBUG, "cdivision": not DEBUG}
 setup(ext_modules=cythonize([ext], compiler_directives=directives,
-                            include_path=["_fast"], force=True))
+                            include_path=["_fast"], force=True),
+      cmdclass={"build_ext": BuildWithBpf})

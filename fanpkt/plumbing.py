@@ -31,8 +31,7 @@ from . import dhcp
 from .config import FanSpec
 from .errors import DeviceError, FanError, NotABridge
 from .fanmap import ip
-from .netlink import link_index, link_kind
-from .tun import disable_ipv6
+from .netlink import disable_ipv6, link_index, link_kind
 
 log = logging.getLogger("fanpkt")
 NFT_TABLE = "fanpkt"

@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 
 from .engine import DEV_GSO_TYPES
 from .errors import ConfigError, DeviceError
-from .netlink import link_index
+from .netlink import disable_ipv6, link_index, sysctl
 
 log = logging.getLogger("fanpkt")
 
@@ -77,25 +77,11 @@ def check_tun_available() -> None:
                           "container access to /dev/net/tun")
 
 
-def _sysctl(path: str, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError:
-        pass                # e.g. no IPv6 in this kernel: nothing to set
-
-
-def disable_ipv6(name: str) -> None:
-    """IPv4 only: otherwise the kernel's own router solicitations and MLD reports would
-    show up as drops (drop_tx_not_ipv4, drop_tx_ethertype)."""
-    _sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
-
-
 def _tune(name: str) -> None:
     disable_ipv6(name)
     # fanpkt writes back packets whose source is this host's own overlay address (its ICMP
     # "fragmentation needed", local deliveries): without accept_local they are martians.
-    _sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1")
+    sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1")
 
 
 class Tun:

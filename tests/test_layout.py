@@ -4,6 +4,7 @@ no reference to material outside this repository."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 import subprocess
@@ -153,6 +154,15 @@ def test_only_engine_imports_the_core():
     importers = {i.module for i in IMPORTS if i.target == CORE or i.target.endswith("._fastpath")
                  or i.target == "_fastpath"}
     assert importers == {"fanpkt.engine"}
+
+
+def test_only_kernelpath_loads_the_ebpf_object():
+    """The kernel data path has one door too: fanpkt/kernelpath.py alone names the eBPF
+    object and libbpf."""
+    pkg = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fanpkt")
+    doors = {name for name in os.listdir(pkg) if name.endswith(".py")
+             and re.search(r"bpf\.o|libbpf|CDLL\(.*bpf", open(os.path.join(pkg, name)).read())}
+    assert doors == {"kernelpath.py"}
 
 
 def test_numpy_is_never_imported_at_module_level():

@@ -10,10 +10,12 @@ missing=""
 # container tests and the demo; kmod (depmod, modprobe): the kernel matrix's guests
 # (tools/kernel_vm.py) load their kernel's modules with it
 for cmd in ip nft iperf3 ping ethtool dnsmasq gcc qemu-system-x86_64 busybox cpio lxc-start \
-    depmod; do
+    depmod clang; do
   command -v "$cmd" >/dev/null || missing=1
 done
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing=1
+# clang and libbpf's headers: the kernel data path's eBPF object (_fast/fan_vxlan.bpf.c)
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing=1
 # LXD, Debian's package (on Ubuntu, apt's `lxd` is only a way to the snap): the LXD tests
 # and the demo's `--runtime lxd`
 debian=""
@@ -27,7 +29,7 @@ if [ -n "$missing" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq iproute2 nftables iperf3 iputils-ping ethtool dnsmasq-base procps gcc python3-dev \
-    libc6-dev qemu-system-x86 busybox-static cpio python3-venv kmod >/dev/null
+    libc6-dev qemu-system-x86 busybox-static cpio python3-venv kmod clang libbpf-dev >/dev/null
   # without lxcfs, AppArmor and the download template's tools: nothing the busybox
   # template needs
   apt-get install -y -qq --no-install-recommends lxc >/dev/null

@@ -39,10 +39,12 @@ done
 for f in $(cd "$repo" && git ls-files '_fast/*'); do
   grep -qx "$f" sdist.txt || fail "the sdist lacks $f"
 done
-! grep -E '\.(so|c)$' sdist.txt || fail "the sdist holds build products (above)"
+# (the eBPF program's source is C, and source: *.bpf.c)
+! grep -E '\.(so|c|o)$' sdist.txt | grep -v '\.bpf\.c$' ||
+  fail "the sdist holds build products (above)"
 grep -qE '^fanpkt/_fastpath\.cpython-.*\.so$' wheel.txt ||
   fail "the wheel lacks the compiled core"
-for f in fanpkt/_fastpath.pyi fanpkt/py.typed fanpkt/cli.py; do
+for f in fanpkt/_fastpath.pyi fanpkt/py.typed fanpkt/cli.py fanpkt/fan_vxlan.bpf.o; do
   grep -qx "$f" wheel.txt || fail "the wheel lacks $f"
 done
 python3 - "$wheel" <<'EOF' || fail "the wheel lacks the fanpkt and fanpkt-forward commands"

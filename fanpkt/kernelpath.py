@@ -1,0 +1,359 @@
+"""The kernel data path of VXLAN fans: the one door to the eBPF object
+(fanpkt/fan_vxlan.bpf.o, built from _fast/fan_vxlan.bpf.c) and the devices it runs on.
+
+Per UDP port, one stock flow-based vxlan device, `fanvx-PORT`, not bridged: the kernel's
+vxlan driver encapsulates and decapsulates, in the fan's own wire format. Per fan, a veth
+pair whose end `fan-O` (the name the userspace engine gives its TAP) is the fan bridge's
+port and whose other end `fanp-O` only keeps it up. The object's two programs steer
+between them (fan_tx on fan-O's tc egress, fan_rx on fanvx-PORT's tc ingress) and count
+in a per-CPU array map, one row per fan slot, under the userspace engine's counter names.
+
+Loaded with libbpf (libbpf.so.1, through ctypes): the loader the kernel's own tools use,
+present wherever iproute2 is, and the one that understands the object's BTF-defined
+maps. pyroute2 attaches the programs (clsact, cls_bpf direct-action) and makes the
+devices. Attached programs outlive this process: after a crash the fans keep forwarding,
+and the next start removes the devices (and so the programs) and sets them up anew.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import FanError
+from .netlink import disable_ipv6, link_index
+
+log = logging.getLogger("fanpkt")
+
+OBJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fan_vxlan.bpf.o")
+MAX_FANS = 32               # MAX_FANS of the object
+# enum kcounter of _fast/fan_vxlan.bpf.c, in its order: the userspace engine's names
+KERNEL_COUNTERS = [
+    "tx_packets", "tx_bytes", "drop_tx_malformed", "drop_tx_ethertype", "drop_tx_no_map",
+    "drop_tx_unroutable", "drop_tx_to_self", "drop_tx_send_error",
+    "rx_packets", "rx_bytes", "drop_rx_bad_vxlan", "drop_rx_unknown_vni",
+    "drop_rx_src_not_underlay", "drop_rx_outer_dst", "drop_rx_bad_inner",
+    "drop_rx_bad_inner_csum", "drop_rx_own_mac", "drop_rx_local_mac", "drop_rx_dhcp",
+    "drop_rx_not_local",
+    "drop_rx_spoofed_src",
+]
+NO_FAN = MAX_FANS           # the counter row of drops that belong to no fan
+TC_EGRESS, TC_INGRESS = "ffff:fff3", "ffff:fff2"
+# struct fan_conf: 12 u32 (overlay .. check_spoof), the bridge MAC, 2 bytes of padding
+FAN_CONF = struct.Struct("=12I6s2x")
+
+
+class KernelPathError(FanError):
+    """The kernel path cannot be set up here (the reason is one line)."""
+    exit_status = 4
+
+
+def vxlan_device(port: int) -> str:
+    return f"fanvx-{port}"
+
+
+def peer_device(port_device: str) -> str:
+    """fan-241 -> fanp-241: the veth end that keeps the bridge port up."""
+    return "fanp-" + port_device[len("fan-"):]
+
+
+class _Libbpf:
+    """The few libbpf calls used, declared once."""
+
+    def __init__(self):
+        path = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(path, use_errno=True)
+        except OSError as e:
+            raise KernelPathError(f"libbpf is not installed ({e})") from None
+        p, i, c = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
+        for name, res, args in [
+                ("bpf_object__open_file", p, [c, p]), ("bpf_object__load", i, [p]),
+                ("bpf_object__close", None, [p]),
+                ("bpf_object__find_program_by_name", p, [p, c]),
+                ("bpf_program__fd", i, [p]), ("bpf_object__find_map_by_name", p, [p, c]),
+                ("bpf_map__fd", i, [p]), ("bpf_map_update_elem", i, [i, p, p, ctypes.c_uint64]),
+                ("bpf_map_lookup_elem", i, [i, p, p]), ("bpf_map_delete_elem", i, [i, p]),
+                ("libbpf_num_possible_cpus", i, [])]:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.lib = lib
+
+
+# The tunnel key's local address (struct bpf_tunnel_key.local_ipv4), which fan_rx checks
+# the outer destination against and fan_tx sends from, arrived in Linux 5.19. An older
+# kernel loads the programs but refuses every key of that size at run time, so it is
+# refused here, by version: no probe can see it before traffic does.
+MIN_KERNEL = (5, 19)
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+class BpfObject:
+    """The loaded object: its programs' and maps' fds, until close()."""
+
+    def __init__(self, path: str = OBJECT):
+        release = os.uname().release
+        if kernel_version(release) < MIN_KERNEL:
+            raise KernelPathError(f"Linux {release} is older than "
+                                  f"{'.'.join(map(str, MIN_KERNEL))}, which the eBPF programs "
+                                  f"need (the tunnel key's local address)")
+        if not os.path.exists(path):
+            raise KernelPathError(f"the eBPF object {path} was not built (clang missing "
+                                  f"at build time)")
+        self._bpf = _Libbpf()
+        lib = self._bpf.lib
+        self.obj = lib.bpf_object__open_file(path.encode(), None)
+        if not self.obj:
+            raise KernelPathError(f"cannot open {path}: {os.strerror(ctypes.get_errno())}")
+        err = lib.bpf_object__load(self.obj)
+        if err:
+            lib.bpf_object__close(self.obj)
+            self.obj = None
+            raise KernelPathError(f"the kernel refused the eBPF programs "
+                                  f"({os.strerror(-err)}; libbpf's log says why)")
+        self.progs = {n: lib.bpf_program__fd(lib.bpf_object__find_program_by_name(
+            self.obj, n.encode())) for n in ("fan_tx", "fan_rx")}
+        self.maps = {n: lib.bpf_map__fd(lib.bpf_object__find_map_by_name(self.obj, n.encode()))
+                     for n in ("fan_conf", "fan_by_port", "fan_by_vni", "fan_counters",
+                               "local_macs")}
+        self.cpus = lib.libbpf_num_possible_cpus()
+
+    def update(self, map_name: str, key: bytes, value: bytes) -> None:
+        k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value)
+        if self._bpf.lib.bpf_map_update_elem(self.maps[map_name], k, v, 0):
+            raise KernelPathError(f"cannot update the eBPF map {map_name}: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+
+    def delete(self, map_name: str, key: bytes) -> None:
+        k = ctypes.create_string_buffer(key)
+        self._bpf.lib.bpf_map_delete_elem(self.maps[map_name], k)
+
+    def counters(self, row: int) -> dict[str, int]:
+        """One row of the per-CPU counters, summed over the CPUs."""
+        out = {}
+        buf = (ctypes.c_uint64 * self.cpus)()
+        for k, name in enumerate(KERNEL_COUNTERS):
+            key = ctypes.c_uint32(row * len(KERNEL_COUNTERS) + k)
+            if self._bpf.lib.bpf_map_lookup_elem(self.maps["fan_counters"],
+                                                 ctypes.byref(key), buf):
+                raise KernelPathError(f"cannot read the eBPF counters: "
+                                      f"{os.strerror(ctypes.get_errno())}")
+            out[name] = sum(buf)
+        return out
+
+    def close(self) -> None:
+        """The programs stay attached where they are: only this process's hold goes."""
+        if self.obj:
+            self._bpf.lib.bpf_object__close(self.obj)
+            self.obj = None
+
+
+@dataclass
+class KernelFan:
+    """One fan on the kernel path: its slot (counter row) and devices. To the forwarder it
+    is the fan's device, as a Tun is on the userspace engine's (name, index, close), with
+    no queue for a transmit loop to read (fds) and no virtio header to probe (gso)."""
+    slot: int
+    port_device: str            # fan-O, the bridge port
+    port: int                   # its UDP port
+    vni: int
+    index: int = 0              # fan-O's ifindex
+    path: Optional["KernelPath"] = None
+    fds: tuple = ()
+    fd: int = -1
+    gso: dict = field(default_factory=dict)
+    dev_gso: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.port_device
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.remove(self)
+            self.path = None
+
+
+class KernelPath:
+    """Every kernel-path VXLAN fan of this process: one eBPF object, one vxlan device per
+    UDP port, a veth pair per fan."""
+
+    def __init__(self, check_spoof: bool = True):
+        self.check_spoof = check_spoof
+        self.bpf = BpfObject()
+        self.fans: dict[int, KernelFan] = {}
+        self.ports: dict[int, int] = {}         # UDP port -> fanvx-PORT's ifindex
+        self.local_macs: frozenset = frozenset()
+
+    # -- devices -------------------------------------------------------------------------
+    def create(self, slot: int, port_device: str, port: int, vni: int, mtu: int) -> KernelFan:
+        """The fan's veth pair and its port's vxlan device (if it is the port's first
+        fan), up: fan-O is for the bridge (plumbing.attach). Nothing is steered until
+        configure(). On failure nothing stays."""
+        fan = KernelFan(slot, port_device, port, vni, path=self)
+        peer = peer_device(port_device)
+        created: list[str] = []
+        with IPRoute() as ipr:
+            try:
+                if port not in self.ports:
+                    self.ports[port] = self._vxlan(ipr, port, mtu, created)
+                ipr.link("add", ifname=port_device, kind="veth", peer=peer)
+                created.append(port_device)
+                for name in (peer, port_device):
+                    disable_ipv6(name)      # no router solicitation into the bridge
+                    ipr.link("set", index=link_index(ipr, name), mtu=mtu, state="up")
+                fan.index = link_index(ipr, port_device)
+            except NetlinkError as e:
+                for name in reversed(created):
+                    _delete(ipr, name)
+                if vxlan_device(port) in created:
+                    self.ports.pop(port, None)
+                raise KernelPathError(self._why(e, port, port_device)) from None
+        self.fans[slot] = fan
+        return fan
+
+    def _vxlan(self, ipr, port: int, mtu: int, created: list[str]) -> int:
+        name = vxlan_device(port)
+        if link_index(ipr, name) is not None:   # a crashed run's: replaced
+            _delete(ipr, name)
+        ipr.link("add", ifname=name, kind="vxlan", vxlan_collect_metadata=1,
+                 vxlan_learning=0, vxlan_port=port)
+        created.append(name)
+        idx = link_index(ipr, name)
+        disable_ipv6(name)
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+        _clsact(ipr, idx)
+        ipr.tc("add-filter", "bpf", index=idx, handle="0:1", fd=self.bpf.progs["fan_rx"],
+               name="fan_rx", parent=TC_INGRESS, classid=1, direct_action=True)
+        return idx
+
+    @staticmethod
+    def _why(e: NetlinkError, port: int, port_device: str) -> str:
+        code = e.args[0] if e.args else 0
+        if code == errno.EADDRINUSE:
+            return (f"UDP port {port} is taken (a vxlan device or a program listens "
+                    f"there)")
+        if code == errno.EEXIST:
+            return (f"a device named {port_device} or {vxlan_device(port)} exists (a "
+                    f"vxlan device with that port?)")
+        if code == errno.EOPNOTSUPP:
+            return "this kernel has no vxlan or veth support"
+        return f"cannot create the devices: {e.args[1] if len(e.args) > 1 else e}"
+
+    # -- steering ------------------------------------------------------------------------
+    def configure(self, fan: KernelFan, m, bridge_mac: str) -> None:
+        """Write the fan's configuration (m: its FanMap, as the engine takes it) and
+        attach fan_tx to fan-O: from here the fan forwards. Called again with a new map
+        when the underlay address moves: one map update, atomic for the programs."""
+        mac = bytes.fromhex(bridge_mac.replace(":", ""))
+        conf = FAN_CONF.pack(m.overlay, _mask(m.overlay_len), m.underlay,
+                             _mask(m.underlay_len), m.host, m.local_slice,
+                             _mask(m.slice_len), m.shift, fan.vni,
+                             self.ports[fan.port], fan.index, int(self.check_spoof), mac)
+        slot = struct.pack("=I", fan.slot)
+        self.bpf.update("fan_conf", slot, conf)
+        self.bpf.update("fan_by_vni", struct.pack("=II", self.ports[fan.port], fan.vni),
+                        slot)
+        self.bpf.update("fan_by_port", struct.pack("=I", fan.index), slot)
+        with IPRoute() as ipr:
+            if not _has_filter(ipr, fan.index):
+                _clsact(ipr, fan.index)
+                ipr.tc("add-filter", "bpf", index=fan.index, handle="0:1",
+                       fd=self.bpf.progs["fan_tx"], name="fan_tx", parent=TC_EGRESS,
+                       classid=1, direct_action=True)
+
+    def remove(self, fan: KernelFan) -> None:
+        """Stop steering for the fan and delete its veth pair (and its port's vxlan
+        device with its last fan)."""
+        self.bpf.delete("fan_by_port", struct.pack("=I", fan.index))
+        if fan.port in self.ports:
+            self.bpf.delete("fan_by_vni", struct.pack("=II", self.ports[fan.port], fan.vni))
+        self.fans.pop(fan.slot, None)
+        with IPRoute() as ipr:
+            _delete(ipr, fan.port_device)
+            if fan.port in self.ports and not any(f.port == fan.port
+                                                  for f in self.fans.values()):
+                _delete(ipr, vxlan_device(fan.port))
+                del self.ports[fan.port]
+
+    def set_local_macs(self, macs: frozenset) -> None:
+        """This host's MACs on its fan bridges (6-byte strings): fan_rx drops a frame from
+        the wire that claims one (drop_rx_local_mac). The map is brought in line entry by
+        entry: a MAC is in it from its add until its delete."""
+        for mac in macs - self.local_macs:
+            self.bpf.update("local_macs", mac + bytes(2), b"\1")
+        for mac in self.local_macs - macs:
+            self.bpf.delete("local_macs", mac + bytes(2))
+        self.local_macs = frozenset(macs)
+
+    def uses_port(self, port: int) -> bool:
+        return port in self.ports
+
+    def counters(self, fan: KernelFan) -> dict[str, int]:
+        return self.bpf.counters(fan.slot)
+
+    def port_counters(self) -> dict[str, int]:
+        """What no fan can be charged with: datagrams of a VNI no fan has (the userspace
+        engine counts them in the port's receive loop)."""
+        return self.bpf.counters(NO_FAN)
+
+    def stop(self) -> None:
+        for fan in list(self.fans.values()):
+            self.remove(fan)
+        self.bpf.close()
+
+
+def cleanup(port_devices: list[str], ports: list[int]) -> None:
+    """Remove what a crashed run left: its veth pairs and vxlan devices (their programs
+    go with them)."""
+    with IPRoute() as ipr:
+        for name in port_devices + [vxlan_device(p) for p in ports]:
+            _delete(ipr, name)
+
+
+def _mask(n: int) -> int:
+    return 0 if n == 0 else (0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF
+
+
+def _clsact(ipr, index: int) -> None:
+    try:
+        ipr.tc("add", "clsact", index=index)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+
+
+def _has_filter(ipr, index: int) -> bool:
+    return bool(ipr.get_filters(index=index, parent=TC_EGRESS))
+
+
+def _delete(ipr, name: str) -> None:
+    idx = link_index(ipr, name)
+    if idx is not None:
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                log.warning("could not remove %s: %s", name, e)
+
+
+def available() -> Optional[str]:
+    """None if the kernel path can be set up here, else the reason in one line."""
+    try:
+        BpfObject().close()
+    except KernelPathError as e:
+        return str(e)
+    return None
