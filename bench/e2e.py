@@ -1,6 +1,10 @@
 """End-to-end benchmark: the same two-host topology, measured in one run, for
   veth    the underlay itself (the ceiling)
   vxlan   the kernel's VXLAN overlay (the in-kernel reference)
+  vxlan-bridged  the same laid out as the fan lays it out: a bridge holding the overlay
+          address, the vxlan device (static remote) its port (the kernel path's reference)
+  fanpkt-kernel  fanpkt-forward --type vxlan --datapath kernel: the kernel's own vxlan
+          driver steered by fanpkt's eBPF programs (fanpkt/kernelpath.py)
   fanpkt     fanpkt-forward (underlay packets as frames to resolved neighbours, the default)
   fanpkt-ip  fanpkt-forward --underlay-send ip (every underlay packet through the raw socket)
   fanpkt-vxlan  fanpkt-forward --type vxlan (the fan LXD builds: frames in UDP via a TAP)
@@ -10,7 +14,8 @@
 Metrics: single-stream TCP (iperf3, 5 s), 4-stream TCP (iperf3 -P 4), 64-byte UDP
 delivered per second (iperf3, 3 s; with what the sender offered and where the rest was
 lost, per second: the sending TUN/TAP's queue, the receiving application's socket), ping
-RTT idle and under a saturating TCP stream, the forwarders' CPU while idle, and CPU time
+RTT idle and under a saturating TCP stream, the forwarders' CPU while idle and during the
+single-stream TCP test (% of one core, the busier of the two), and CPU time
 per packet of the sending host's transmit threads and the receiving host's receive threads
 (during the TCP test).
 
@@ -100,7 +105,11 @@ def measure(lab, h1, h2, dst, seconds, threads=None, pids=()):
             # carries many segments.
             u1, u2 = link_stats(h1, "eth0"), link_stats(h2, "eth0")
             c1, c2 = thread_cpu(pid1, tx_name), thread_cpu(pid2, rx_name)
+        busy0 = [process_cpu(p) for p in pids]
         tcp = iperf(h1, dst, seconds=seconds)
+        if pids:
+            res["busy_cpu_pct"] = max((process_cpu(p) - b) / tcp["end"]["sum_received"]
+                                      ["seconds"] * 100 for p, b in zip(pids, busy0))
         res["tcp_gbit"] = tcp["end"]["sum_received"]["bits_per_second"] / 1e9
         res["tcp_retransmits"] = tcp["end"]["sum_sent"].get("retransmits")
         if threads:
@@ -153,18 +162,36 @@ def measure(lab, h1, h2, dst, seconds, threads=None, pids=()):
 def run_mode(lab, h1, h2, mode, seconds):
     if mode == "veth":
         return measure(lab, h1, h2, "172.16.2.1", seconds)
-    if mode == "vxlan":
+    if mode in ("vxlan", "vxlan-bridged"):
         for ns, me, peer, ov in ((h1, "172.16.1.1", "172.16.2.1", "10.200.0.1"),
                                  (h2, "172.16.2.1", "172.16.1.1", "10.200.0.2")):
             nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "8472",
                 "local", me, "remote", peer, "dev", "eth0")
-            nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", "vx0")
-            nsx(ns, "ip", "link", "set", "vx0", "up")
+            dev = "vx0"
+            if mode == "vxlan-bridged":
+                nsx(ns, "ip", "link", "add", "br0", "type", "bridge")
+                nsx(ns, "ip", "link", "set", "vx0", "master", "br0", "mtu", "1450", "up")
+                nsx(ns, "ip", "link", "set", "br0", "mtu", "1450")
+                dev = "br0"
+            nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", dev)
+            nsx(ns, "ip", "link", "set", dev, "up")
         try:
             return measure(lab, h1, h2, "10.200.0.2", seconds)
         finally:
             for ns in (h1, h2):
                 nsx(ns, "ip", "link", "del", "vx0", check=False)
+                nsx(ns, "ip", "link", "del", "br0", check=False)
+    if mode == "fanpkt-kernel":
+        p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", "--type", "vxlan",
+                         "--datapath", "kernel")
+        p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16", "--type", "vxlan",
+                         "--datapath", "kernel")
+        try:
+            nsx(h1, "ping", "-c", "3", "-i", "0.2", "241.2.1.1", check=False)
+            return measure(lab, h1, h2, "241.2.1.1", seconds, pids=(p1.pid, p2.pid))
+        finally:
+            lab.stop(p1)
+            lab.stop(p2)
     if mode in ("fanpkt", "fanpkt-ip", "fanpkt-vxlan", "fanpkt-1q", "fanpkt-vxlan-1q"):
         extra = {"fanpkt": (), "fanpkt-ip": ("--underlay-send", "ip"),
                  "fanpkt-vxlan": ("--type", "vxlan"), "fanpkt-1q": ("--queues", "1"),
@@ -234,7 +261,15 @@ def ratios(rounds: list[dict]) -> list[str]:
                            ("fanpkt", "vxlan", "ping_load_ms"),
                            ("fanpkt-vxlan", "vxlan", "ping_load_ms"),
                            ("fanpkt", "fanpkt-1q", "tcp_p4_gbit"),
-                           ("fanpkt-vxlan", "fanpkt-vxlan-1q", "tcp_p4_gbit")):
+                           ("fanpkt-vxlan", "fanpkt-vxlan-1q", "tcp_p4_gbit"),
+                           ("fanpkt-kernel", "vxlan-bridged", "tcp_gbit"),
+                           ("fanpkt-kernel", "vxlan-bridged", "tcp_p4_gbit"),
+                           ("fanpkt-kernel", "vxlan-bridged", "udp64_delivered_pps"),
+                           ("fanpkt-kernel", "vxlan-bridged", "ping_avg_ms"),
+                           ("fanpkt-kernel", "vxlan-bridged", "ping_load_ms"),
+                           ("fanpkt-kernel", "vxlan", "tcp_gbit"),
+                           ("fanpkt-kernel", "fanpkt-vxlan", "tcp_gbit"),
+                           ("fanpkt-kernel", "fanpkt-vxlan", "ping_avg_ms")):
         if mine not in rounds[0] or ref not in rounds[0]:
             continue
         rs = [r[mine][key] / r[ref][key] for r in rounds]
@@ -255,6 +290,7 @@ def write_outputs(results, out):
             ("udp64_app_drops_pps", "UDP lost at app socket", "{:,.0f}"),
             ("ping_avg_ms", "ping ms", "{:.3f}"), ("ping_load_ms", "ping loaded ms", "{:.3f}"),
             ("idle_cpu_pct", "idle CPU %", "{:.2f}"),
+            ("busy_cpu_pct", "CPU % in TCP", "{:.1f}"),
             ("tx_ns_per_packet", "tx CPU ns/pkt", "{:.0f}"),
             ("rx_ns_per_packet", "rx CPU ns/pkt", "{:.0f}"),
             ("tun_tx_dropped", "TUN tx drops", "{:.0f}"),
@@ -298,8 +334,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--modes", default="veth,vxlan,fanpkt,fanpkt-1q,fanpkt-ip,fanpkt-vxlan,"
-                                       "fanpkt-vxlan-1q,python")
+    ap.add_argument("--modes", default="veth,vxlan,vxlan-bridged,fanpkt,fanpkt-1q,fanpkt-ip,"
+                                       "fanpkt-vxlan,fanpkt-vxlan-1q,fanpkt-kernel,python")
     args = ap.parse_args()
     lab = Lab(f"fpbench{os.getpid() % 10000}-")
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),

@@ -21,7 +21,7 @@ from .errors import ConfigError, FanError
 from .fanmap import FanMap, decimal, ip
 
 FLAGS_HELP = ("Flags: dhcp, host-reserve N, bridge NAME, nat, off, type ipip|vxlan, vni N, "
-              "port N.")
+              "port N, datapath auto|kernel|user.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,8 +125,10 @@ def fan_line(fan: dict, every: bool = False) -> str:
     else:
         missing = [n for n, on in offloads.items() if not on]
         extra = f"; without {' '.join(missing)}" if missing else ""
-    return (f"fan {fan['device']}: {fan['overlay']} {fan['type']}"
-            + "".join(f", {f}" for f in fan["flags"] if not f.startswith("type")) + extra)
+    path = ", kernel path" if fan.get("datapath") == "kernel" else ""
+    return (f"fan {fan['device']}: {fan['overlay']} {fan['type']}{path}"
+            + "".join(f", {f}" for f in fan["flags"]
+                      if not f.startswith(("type", "datapath"))) + extra)
 
 
 def wrapped(label: str, items: dict[str, int], indent: str = "      ",
@@ -221,7 +223,7 @@ def cmd_up_down(args) -> int:
 
     from .control import request
     from .runstate import CONTROL_SOCKET, RunState
-    opts = [w for k in ("type", "vni", "port") if getattr(args, k, None) is not None
+    opts = [w for k in ("type", "vni", "port", "datapath") if getattr(args, k, None) is not None
             for w in (k, getattr(args, k))]
     every = getattr(args, "every", False)
     if args.all or every or args.config:
@@ -270,7 +272,7 @@ def add_up_down(sub) -> None:
                        help="state directory of the forwarder (default: per netns)")
         p.add_argument("words", nargs="*", metavar="ARG", help="positional fanctl form")
         p.set_defaults(func=cmd_up_down)
-    for k in ("type", "vni", "port"):
+    for k in ("type", "vni", "port", "datapath"):
         up.add_argument(f"--{k}", help=f"the flag '{k}' of the fan")
     down.add_argument("-e", "--every", action="store_true", help="every running fan")
 
@@ -320,6 +322,10 @@ def build_forward_parser() -> argparse.ArgumentParser:
     p.add_argument("--vni", help="VXLAN network identifier (default: overlay address >> 8, "
                                  "LXD's: 15794176 for 241.0.0.0/8)")
     p.add_argument("--port", help="VXLAN UDP port (default 8472, the kernel's and LXD's)")
+    p.add_argument("--datapath", choices=("auto", "kernel", "user"),
+                   help="a VXLAN fan's data path: kernel (the kernel's vxlan driver, steered "
+                        "by eBPF), user (the userspace engine, the default) or auto (the "
+                        "kernel path where it can be set up)")
     p.add_argument("--no-spoof-check", action="store_true",
                    help="accept IPIP whose inner source is not the sender's slice "
                         "(as the original kernel does)")
@@ -349,13 +355,14 @@ def run_forward(args) -> int:
                         format="fanpkt-forward: %(message)s")
     resolver = KernelResolver()
     load = None
-    # --type/--vni/--port are the flags 'type X', 'vni N', 'port N' of the one map given
-    opts = [w for k in ("type", "vni", "port") if getattr(args, k) is not None
+    # --type/--vni/--port/--datapath are the flags 'type X', 'vni N', 'port N',
+    # 'datapath X' of the one map given
+    opts = [w for k in ("type", "vni", "port", "datapath") if getattr(args, k) is not None
             for w in (k, getattr(args, k))]
     if args.config:
         if args.overlay or args.underlay or args.words or opts:
-            raise ConfigError("-c takes no map, flags or --type/--vni/--port on the command "
-                              "line as well (give them per line in the file)")
+            raise ConfigError("-c takes no map, flags or --type/--vni/--port/--datapath on "
+                              "the command line as well (give them per line in the file)")
         path = args.config
         load = lambda: parse_file(path, resolver)  # noqa: E731
         specs = load()

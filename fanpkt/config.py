@@ -32,6 +32,11 @@ VXLAN_PORT = 8472           # the kernel's vxlan default, which LXD's fan uses (
 IPIP_OVERHEAD = 20          # outer IPv4
 VXLAN_OVERHEAD = 50         # outer IPv4 + UDP + VXLAN + the frame's Ethernet header
 TYPES = ("ipip", "vxlan")
+# Where a VXLAN fan's packets are carried (docs/internals.md, the kernel path): the
+# kernel's own vxlan driver steered by eBPF (fanpkt/kernelpath.py), the userspace engine,
+# or auto: the kernel path where it can be set up, else the userspace engine.
+DATAPATHS = ("auto", "kernel", "user")
+DEFAULT_DATAPATH = "user"
 
 
 class Resolver(Protocol):
@@ -81,6 +86,7 @@ class FanSpec:
     type: str = "ipip"              # or "vxlan" (docs/spec.md §6)
     vni: Optional[int] = None       # VXLAN: None is LXD's default, overlay address >> 8
     port: int = VXLAN_PORT          # VXLAN UDP port
+    datapath: str = DEFAULT_DATAPATH  # VXLAN: auto, kernel or user (DATAPATHS)
 
     @property
     def vxlan(self) -> bool:
@@ -112,6 +118,8 @@ class FanSpec:
                 out.append(f"vni {self.vni}")
             if self.port != VXLAN_PORT:
                 out.append(f"port {self.port}")
+            if self.datapath != DEFAULT_DATAPATH:
+                out.append(f"datapath {self.datapath}")
         if self.dhcp:
             out.append("dhcp")
         if self.map.host_reserve != 1:
@@ -127,7 +135,7 @@ class FanSpec:
     def key(self) -> tuple:
         """What must match for a reload to keep this fan running untouched."""
         return (self.map, self.bridge, self.nat, self.dhcp, self.type, self.vni_value,
-                self.port)
+                self.port, self.datapath)
 
 
 def resolve_underlay(text: str, resolver: Resolver) -> str:
@@ -148,14 +156,14 @@ def resolve_underlay(text: str, resolver: Resolver) -> str:
 
 
 def parse_flags(tokens: list[str]) -> dict:
-    """dhcp, host-reserve N, bridge NAME, off, nat, type ipip|vxlan, vni N, port N.
-    Unknown tokens are errors."""
+    """dhcp, host-reserve N, bridge NAME, off, nat, type ipip|vxlan, vni N, port N,
+    datapath auto|kernel|user. Unknown tokens are errors."""
     out: dict = {}
     it = iter(tokens)
     for tok in it:
         if tok in ("dhcp", "off", "nat"):
             out[tok] = True
-        elif tok in ("host-reserve", "bridge", "type", "vni", "port"):
+        elif tok in ("host-reserve", "bridge", "type", "vni", "port", "datapath"):
             val = next(it, None)
             if val is None:
                 raise ConfigError(f"flag {tok!r} needs a value")
@@ -169,6 +177,10 @@ def parse_flags(tokens: list[str]) -> dict:
                 out["vni"] = decimal(val, "vni", 0, (1 << 24) - 1)
             elif tok == "port":
                 out["port"] = decimal(val, "port", 1, 65535)
+            elif tok == "datapath":
+                if val not in DATAPATHS:
+                    raise ConfigError(f"datapath {val!r}: give one of {', '.join(DATAPATHS)}")
+                out["datapath"] = val
             elif val not in TYPES:
                 raise ConfigError(f"type {val!r} is not supported: fanpkt carries "
                                   f"{' and '.join(TYPES)}")
@@ -187,12 +199,16 @@ def make_spec(overlay: str, underlay: str, flag_tokens: list[str], resolver: Res
     kind = flags.get("type", "ipip")
     if kind != "vxlan" and ("vni" in flags or "port" in flags):
         raise ConfigError("vni and port are flags of 'type vxlan' fans")
+    if kind != "vxlan" and flags.get("datapath", "user") != "user":
+        raise ConfigError("an IPIP fan runs on the userspace engine: 'datapath' other than "
+                          "user is for 'type vxlan' fans")
     m = FanMap.parse(overlay, resolve_underlay(underlay, resolver),
                      flags.get("host_reserve", 1))
     m.local_slice                   # a fan to bring up needs a host: fail here if none
     return FanSpec(m, dhcp=flags.get("dhcp", False), bridge=flags.get("bridge"),
                    off=flags.get("off", False), nat=flags.get("nat", False), origin=origin,
-                   type=kind, vni=flags.get("vni"), port=flags.get("port", VXLAN_PORT))
+                   type=kind, vni=flags.get("vni"), port=flags.get("port", VXLAN_PORT),
+                   datapath=flags.get("datapath", DEFAULT_DATAPATH))
 
 
 def parse_lines(lines: Iterable[str], path: str, resolver: Resolver) -> list[FanSpec]:

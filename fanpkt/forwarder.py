@@ -18,15 +18,18 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from pyroute2 import IPRoute
 
 from . import control, heap, plumbing, privileges
-from .config import MAX_FANS, FanSpec, check_table, default_queues
+from .config import MAX_FANS, MAX_QUEUES, FanSpec, check_table, default_queues
+from .counters import kind
 from .engine import COUNTER_BLOCK, COUNTER_NAMES, Dataplane, MapRow
 from .errors import ConfigError, DeviceError, PrivilegeError
 from .fanmap import ip
+from .kernelpath import KernelFan, KernelPath, KernelPathError
+from .kernelpath import cleanup as kernel_cleanup
 from .neighbours import NeighbourWatch, bridge_macs
 from .notify import Notifier, Watchdog
 from .plumbing import Plumbing
@@ -57,8 +60,13 @@ class Fan:
     spec: FanSpec
     slot: int
     underlay: Interface
-    tun: Tun
+    tun: Union[Tun, KernelFan]      # its device: the userspace engine's, or the kernel path's
     plumbing: Plumbing
+
+    @property
+    def datapath(self) -> str:
+        """"kernel" (fanpkt/kernelpath.py) or "user" (the engine's loops)."""
+        return "kernel" if isinstance(self.tun, KernelFan) else "user"
 
     @property
     def loop_names(self) -> list[str]:
@@ -77,7 +85,7 @@ class Fan:
                         slice=f"{ip(m.local_slice)}/{m.slice_len}", flags=self.spec.flags,
                         mtu=self.overlay_mtu, plumbing=self.plumbing.to_json(),
                         type=self.spec.type, port=self.spec.port if self.spec.vxlan else 0,
-                        offloads=self.offloads())
+                        offloads=self.offloads(), datapath=self.datapath)
 
     def offloads(self) -> dict[str, bool]:
         """The offloads its device's writes (and, for VXLAN, its sends) may use: each GSO
@@ -97,6 +105,8 @@ class Forwarder:
         self.run = RunState.find(run_dir)
         self.fans: dict[tuple, Fan] = {}
         self.dp = Dataplane(check_spoof)
+        self.kernel: Optional[KernelPath] = None    # the kernel path's fans, if any may use it
+        self.kernel_error: Optional[str] = None     # why there is none
         self.counters: Optional[Counters] = None
         self.sock: Optional[socket.socket] = None
         self.packet_sock: Optional[socket.socket] = None
@@ -130,10 +140,17 @@ class Forwarder:
         leftovers = self.run.acquire()
         try:
             if leftovers:
+                # the kernel path's fans forwarded on while no forwarder ran: their devices
+                # (and programs) go first, then what every fan had
+                kernel_cleanup([f.device for f in leftovers.fans if f.datapath == "kernel"],
+                               sorted({f.port for f in leftovers.fans
+                                       if f.datapath == "kernel"}))
                 plumbing.cleanup_leftovers([f.plumbing for f in leftovers.fans],
                                            leftovers.ip_forward_before, leftovers.pid,
                                            self.run.path)
                 self.run.forget_leftovers()
+            if any(s.vxlan and s.datapath != "user" for s in self.specs):
+                self._kernel_path()     # loaded now, while every capability is there
             # before the first publish(): every fan `fanpkt show` lists, even while the
             # rest are still coming up, is one `fanpkt up` and `down` can reach (requests
             # wait in the listen backlog until serve())
@@ -179,30 +196,95 @@ class Forwarder:
             raise DeviceError(f"cannot bring up {m.overlay_net}: the underlay MTU "
                               f"{underlay.mtu} (on {underlay.name}) leaves {mtu} for the "
                               f"overlay, under IPv4's least, {MIN_OVERLAY_MTU}")
-        tun = Tun(m.device_name, mtu, tap=spec.vxlan, queues=self.queues)
+        tun = self._kernel_device(spec, slot, mtu) or \
+            Tun(m.device_name, mtu, tap=spec.vxlan, queues=self.queues)
         try:
             rec = plumbing.attach(spec, tun.index, mtu, self.run.path)
+            if isinstance(tun, KernelFan):
+                try:
+                    self._kernel_path().configure(tun, m, rec.bridge_mac)
+                except BaseException:
+                    plumbing.detach(rec)
+                    raise
         except BaseException:
             tun.close()
             raise
         fan = Fan(spec, slot, underlay, tun, rec)
         self.fans[spec.key()] = fan
-        for q in range(self.queues):
+        for q in range(MAX_QUEUES):     # a kernel-path fan uses two
             self.counters.zero(tx_block(slot, q))
         self.publish()          # a crash from here on leaves a record of what to clean up
         log.info("up: %s over %s (%s%s), host %s, slice %s/%d, device %s%s", m.overlay_net,
                  m.underlay_net, spec.type,
-                 f" vni {spec.vni_value} port {spec.port}" if spec.vxlan else "",
+                 f" vni {spec.vni_value} port {spec.port}, {fan.datapath} path"
+                 if spec.vxlan else "",
                  ip(m.host), ip(m.local_slice), m.slice_len, tun.name,
                  f", bridge {spec.bridge_name}" if spec.bridge_name else "")
         return fan
+
+    def _kernel_path(self) -> KernelPath:
+        """The kernel path (its eBPF object loaded once); KernelPathError if it cannot be
+        had here, the reason kept for the log lines of later fans."""
+        if self.kernel is None:
+            try:
+                self.kernel = KernelPath(self.check_spoof)
+            except KernelPathError as e:
+                self.kernel_error = str(e)
+                raise
+        return self.kernel
+
+    def _kernel_device(self, spec: FanSpec, slot: int, mtu: int) -> Optional[KernelFan]:
+        """A VXLAN fan's device on the kernel path, or None for the userspace engine:
+        datapath user, or auto where the kernel path cannot be had (the log says why in
+        one line). datapath kernel fails instead (KernelPathError, exit status 4)."""
+        if not spec.vxlan or spec.datapath == "user":
+            return None
+        try:
+            if spec.port in self.vxlan_socks:
+                raise KernelPathError(f"UDP port {spec.port} serves userspace fans here")
+            return self._kernel_path().create(slot, spec.map.device_name, spec.port,
+                                              spec.vni_value, mtu)
+        except KernelPathError as e:
+            if spec.datapath == "kernel":
+                raise KernelPathError(f"{spec.map.overlay_net}: no kernel data path: {e}") \
+                    from None
+            log.info("%s: on the userspace engine, since the kernel path cannot be set up "
+                     "(%s)", spec.map.overlay_net, e)
+            return None
+
+    def _user_fans(self) -> list[Fan]:
+        """The fans the userspace engine carries: its table, loops and sockets serve them
+        and no other."""
+        return [f for f in self.fans.values() if f.datapath == "user"]
+
+    def refresh_kernel_counters(self) -> None:
+        """Copy the kernel path's counters (per-CPU eBPF maps) into each of its fans' two
+        counter blocks (publish: transmit counters in the first, receive in the second),
+        where `fanpkt stats`, --watch and /metrics read every fan's; serve() does at every
+        TICK. The datagrams of no fan (a VNI none has) count with the first kernel-path
+        fan."""
+        fans = sorted((f for f in self.fans.values() if isinstance(f.tun, KernelFan)),
+                      key=lambda f: f.slot)
+        if self.kernel is None or not fans or self.counters is None:
+            return
+        try:
+            orphans = self.kernel.port_counters()
+            for i, f in enumerate(fans):
+                assert isinstance(f.tun, KernelFan)
+                blocks = {"tx": self.counters.block(tx_block(f.slot, 0)),
+                          "rx": self.counters.block(tx_block(f.slot, 1))}
+                for name, value in self.kernel.counters(f.tun).items():
+                    blocks[kind(name).direction][COUNTER_NAMES.index(name)] = \
+                        value + (orphans[name] if i == 0 else 0)
+        except KernelPathError as e:    # reading a map must not stop forwarding
+            log.warning("%s", e)
 
     def _start_tx(self, fan: Fan) -> None:
         packet_fd = self.packet_sock.fileno() if self.packet_sock is not None else -1
         # the packet socket checks a virtio header as the TAP does (virtio_net_hdr_to_skb):
         # where the TAP's probe refused UDP_L4, a UDP GSO send would be refused too
         gso_fd = self.gso_sock.fileno() \
-            if self.gso_sock is not None and fan.tun.gso["udp_l4"] else -1
+            if self.gso_sock is not None and fan.tun.gso.get("udp_l4") else -1
         for q, (name, fd) in enumerate(zip(fan.loop_names, fan.tun.fds)):
             self.dp.start_tx(name, fd, self.sock.fileno(), packet_fd,
                              self.counters.block(tx_block(fan.slot, q)), vxlan=fan.spec.vxlan,
@@ -211,7 +293,7 @@ class Forwarder:
     def _sync_vxlan_ports(self) -> None:
         """One UDP socket and receive loop for each port a VXLAN fan uses, none for others.
         A port keeps the counter block it got when its loop started, for the loop's life."""
-        ports = {f.spec.port for f in self.fans.values() if f.spec.vxlan}
+        ports = {f.spec.port for f in self._user_fans() if f.spec.vxlan}
         for port in [p for p in self.vxlan_socks if p not in ports]:
             for q, sock in enumerate(self.vxlan_socks.pop(port)):
                 self.dp.stop_loop(self._vxlan_loop(port, q))
@@ -233,7 +315,7 @@ class Forwarder:
 
     def _install_table(self) -> None:
         rows = []
-        for f in self.fans.values():
+        for f in self._user_fans():
             u = f.underlay
             frames = self.packet_sock is not None and u.mac
             s = f.spec
@@ -289,6 +371,8 @@ class Forwarder:
         self.macs_error = None
         if macs != self.local_macs:
             self.dp.set_local_macs(macs)
+            if self.kernel is not None:
+                self.kernel.set_local_macs(macs)
             self.local_macs = macs
 
     def publish(self) -> None:
@@ -297,6 +381,9 @@ class Forwarder:
         for f in self.fans.values():
             blocks.update({f"tx:{f.tun.name}" + (f":q{q}" if q else ""): tx_block(f.slot, q)
                            for q in range(len(f.tun.fds))})
+            if isinstance(f.tun, KernelFan):     # no loop: its blocks take the eBPF counters
+                blocks.update({f"tx:{f.tun.name}": tx_block(f.slot, 0),
+                               f"rx-kernel:{f.tun.name}": tx_block(f.slot, 1)})
         for port, k in self.vxlan_blocks.items():
             blocks.update({f"rx-vxlan:{port}" + (f":q{q}" if q else ""): vxlan_rx_block(k, q)
                            for q in range(len(self.vxlan_socks[port]))})
@@ -389,6 +476,9 @@ class Forwarder:
         for fan in list(self.fans.values()):
             self._remove_fan(fan)
         self.fans.clear()
+        if self.kernel is not None:
+            self.kernel.stop()
+            self.kernel = None
         for sock in self.rx_socks[1:]:
             sock.close()
         self.rx_socks = []
@@ -473,6 +563,7 @@ class Forwarder:
                 # A signal handler only sets an event: select() resumes after it, so a
                 # stop is seen within TICK.
                 ready = select.select(bells + ctl.fds(), [], [], TICK)[0]
+                self.refresh_kernel_counters()      # at most TICK behind the eBPF maps
                 self.dp.check()
                 ctl.service(ready)
                 watchdog.poll(self.dp.ticks())

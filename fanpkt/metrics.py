@@ -113,6 +113,13 @@ class FanCollector:
             neigh.add_metric([f.tun.name], sum(1 for a, i, _ in entries
                                                if i == idx and m.in_underlay(a)))
         yield neigh
+        path = GaugeMetricFamily(
+            "fanpkt_fan_datapath", "1 for the data path each fan runs on: kernel (the "
+            "kernel's vxlan driver steered by eBPF) or user (the userspace engine).",
+            labels=["fan", "datapath"])
+        for f in fans:
+            path.add_metric([f.tun.name, f.datapath], 1)
+        yield path
         up = GaugeMetricFamily("fanpkt_loop_up", "1 while the forwarding loop's thread "
                                "runs, else 0 (the process then stops, exit status 9).",
                                labels=["loop"])

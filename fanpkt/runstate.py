@@ -83,6 +83,7 @@ class FanState:
     type: str = "ipip"          # or "vxlan"
     port: int = 0               # a VXLAN fan's UDP port (its receive loop's); 0 for IPIP
     offloads: dict[str, bool] = field(default_factory=dict)   # Fan.offloads()
+    datapath: str = "user"      # a VXLAN fan's: "kernel" (kernelpath.py) or "user"
 
 
 @dataclass
@@ -139,13 +140,15 @@ class Counters:
 def loop_fans(state: State) -> dict[str, list[str]]:
     """The fans (devices) each loop counts for: a transmit loop its own fan, the IPIP
     receive loop every IPIP fan, a VXLAN port's receive loop the VXLAN fans on that port.
-    A receive loop's counters are its fans' together: it cannot tell them apart."""
+    A receive loop's counters are its fans' together: it cannot tell them apart. A fan on
+    the kernel path has no loop: its eBPF counters fill `tx:<device>` and
+    `rx-kernel:<device>`, its own."""
     ipip = [f.device for f in state.fans if f.type != "vxlan"]
     out = {}
     for loop in state.counter_blocks:
         kind, _, name = loop.partition(":")
         name = name.split(":")[0]       # "tx:fan-241:q1": queue 1's loop of fan-241
-        out[loop] = ([name] if kind == "tx" else ipip if kind == "rx" else
+        out[loop] = ([name] if kind in ("tx", "rx-kernel") else ipip if kind == "rx" else
                      [f.device for f in state.fans if f.type == "vxlan" and str(f.port) == name])
     return out
 
@@ -176,7 +179,8 @@ def totals(state: State, raw: bytes) -> dict:
     total = {n: sum(loop.get(n, 0) for loop in loops.values()) for n in names}
     return {"pid": state.pid, "total": total, "loops": loops, "loop_fans": loop_fans(state),
             "fans": [{"device": f.device, "type": f.type, "overlay": f.overlay,
-                      "flags": f.flags, "offloads": f.offloads} for f in state.fans],
+                      "flags": f.flags, "offloads": f.offloads, "datapath": f.datapath}
+                     for f in state.fans],
             "devices": {f.device: device_drops(f.device) for f in state.fans}}
 
 

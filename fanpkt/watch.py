@@ -66,6 +66,9 @@ def watch(read: Callable[[], dict], interval: float, out: TextIO = sys.stdout,
                                  "namespace any more)") from None
             t1 = clock()
             text = format_rates(after["pid"], t1 - t0, rates(before, after, t1 - t0))
+            kernel = [f["device"] for f in after.get("fans", []) if f.get("datapath") == "kernel"]
+            if kernel:      # their counters are the eBPF maps', copied every 0.1 s
+                text += f"\non the kernel path: {', '.join(kernel)}"
             out.write((CLEAR if tty else "" if first else "\n") + text + "\n")
             out.flush()
             before, t0, first = after, t1, False

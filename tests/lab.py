@@ -222,7 +222,7 @@ def bulk_checks(lab, h1, h2, dst_addr, overlay_mtu) -> dict:
     largest = str(overlay_mtu - 28)                 # IPv4 and UDP headers
     assert udp_sizes(h1, h2, dst_addr, overlay_mtu - 28) == [largest, "1", largest]
     s1, s2 = lab.stats(h1), lab.stats(h2)
-    assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000
+    assert s1["tx_packets"] > 45000 and s2["rx_packets"] > 45000, (s1, s2)
     assert s1["drop_tx_send_error"] == s2["drop_rx_tun_write"] == 0
     return s2
 

@@ -14,10 +14,12 @@ import re
 
 import pytest
 
-from lab import FANPKT, TRAFFIC, nsx, ping, start, tcp_transfer
+from lab import FANPKT, TRAFFIC, nsx, ping, poll, start, tcp_transfer
 
 UDP_L4_SINCE = (6, 2)           # VIRTIO_NET_HDR_GSO_UDP_L4 in TUN/TAP writes
-FANS = {"ipip": ["-o", "241.0.0.0/8"], "vxlan": ["-o", "241.0.0.0/8", "--type", "vxlan"]}
+FANS = {"ipip": ["-o", "241.0.0.0/8"], "vxlan": ["-o", "241.0.0.0/8", "--type", "vxlan"],
+        # the kernel's own vxlan driver steered by fanpkt's eBPF programs (kernelpath.py)
+        "vxlan-kernel-path": ["-o", "241.0.0.0/8", "--type", "vxlan", "--datapath", "kernel"]}
 
 PROBE = """
 import json, sys
@@ -80,9 +82,12 @@ def udp_burst(src, dst, dst_addr, n=64, size=100, port=7010) -> dict:
         sink.kill()
 
 
-@pytest.mark.parametrize("forced", ["", "-udp_l4", "+udp_l4"],
-                         ids=["probed", "udp-merge-off", "udp-merge-forced"])
-@pytest.mark.parametrize("fan", ["ipip", "vxlan"])
+MERGING = {"": "probed", "-udp_l4": "udp-merge-off", "+udp_l4": "udp-merge-forced"}
+CASES = [(fan, forced) for fan in ("ipip", "vxlan") for forced in MERGING] + \
+    [("vxlan-kernel-path", "")]         # no TUN/TAP writes there to force
+
+
+@pytest.mark.parametrize("fan,forced", CASES, ids=[f"{f}-{MERGING[m]}" for f, m in CASES])
 def test_two_hosts_ping_tcp_and_a_udp_burst(lab, fan, forced):
     h1, h2 = two_hosts(lab, fan, forced)
     assert ping(h1, "241.2.1.1").returncode == 0
@@ -97,6 +102,12 @@ def test_two_hosts_ping_tcp_and_a_udp_burst(lab, fan, forced):
     total = stats["total"]
     assert total["drop_rx_tun_write"] == 0, total
     fans = {f["device"]: f for f in stats["fans"]}
+    if fan == "vxlan-kernel-path":
+        assert fans["fan-241"]["datapath"] == "kernel", fans
+        # the eBPF counters reach the counter file every 0.1 s
+        poll(lambda: json.loads(nsx(h2, *FANPKT, "stats", "--json").stdout)["total"]
+             ["rx_packets"] >= 3 * 64, "the kernel path's counters never arrived")
+        return
     udp_l4 = {"": kernel() >= UDP_L4_SINCE, "-udp_l4": False, "+udp_l4": True}[forced]
     assert fans["fan-241"]["offloads"] == {"gso_tcpv4": True, "gso_udp_l4": udp_l4}, fans
     # `fanpkt stats` says so where a kernel lacks it

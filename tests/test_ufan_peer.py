@@ -92,15 +92,19 @@ def transfer_both_ways(p, host_ns, host_addr, guest_addr, nbytes=2 << 20):
     assert r.stdout.split()[0] == sent[1], (r.stdout, sent)
 
 
-@pytest.mark.parametrize("mode", ["vxlan", "ipip"])
+@pytest.mark.parametrize("mode", ["vxlan", "vxlan-kernel-path", "ipip"])
 def test_real_ubuntu_fan_kernel(lab, peer, mode):
-    p = peer(mode)
-    fanpkt_on_peer_host(lab, p, *(["--type", "vxlan"] if mode == "vxlan" else []))
+    """vxlan-kernel-path: fanpkt's fan on this kernel's own vxlan driver, steered by
+    fanpkt's eBPF programs (fanpkt/kernelpath.py)."""
+    p = peer(mode.split("-")[0])
+    fanpkt_on_peer_host(lab, p, *{"vxlan": ["--type", "vxlan"], "ipip": [],
+                                  "vxlan-kernel-path": ["--type", "vxlan", "--datapath",
+                                                        "kernel"]}[mode])
     assert ping(p.ns, GUEST).returncode == 0                      # fanpkt host -> guest
     assert ping(p.ns, GUEST_CT).returncode == 0                   # -> its container
     assert guest_ping(p, "241.3.4.1")                             # guest -> fanpkt host
     assert guest_ping(p, "241.3.4.1", ct=True)                    # container -> fanpkt
-    if mode == "vxlan":
+    if mode != "ipip":
         # ARP crossed the fan both ways: each side holds the other's bridge MAC
         neigh = nsx(p.ns, "ip", "neigh", "show", GUEST, "dev", "fanbr-241").stdout
         assert re.search(r"lladdr ([0-9a-f]{2}:){5}[0-9a-f]{2}", neigh), neigh
@@ -111,9 +115,13 @@ def test_real_ubuntu_fan_kernel(lab, peer, mode):
     assert s["drop_rx_bad_inner"] == s["drop_rx_bad_vxlan"] == s["drop_rx_unknown_vni"] == 0
 
 
-def test_mixed_fan_guest_kernel_and_two_fanpkt_hosts(lab, peer):
+@pytest.mark.parametrize("datapath", ["user", "kernel"])
+def test_mixed_fan_guest_kernel_and_two_fanpkt_hosts(lab, peer, datapath):
     """Every host of a VXLAN fan made of the Ubuntu kernel and two fanpkt hosts reaches
-    every other: the guest's underlay is bridged to a second fanpkt host."""
+    every other: the guest's underlay is bridged to a second fanpkt host. With datapath
+    kernel the first fanpkt host runs its fan on the kernel path and the second on the
+    userspace engine: the Ubuntu fan, fanpkt's kernel path and fanpkt's engine in one
+    fan."""
     p = peer("vxlan")
     # the peer's TAP joins a bridge that now holds 172.16.3.4, and a second host 172.16.5.5
     nsx(p.ns, "ip", "link", "add", "ul0", "type", "bridge")
@@ -129,7 +137,7 @@ def test_mixed_fan_guest_kernel_and_two_fanpkt_hosts(lab, peer):
     nsx(h2, "ip", "addr", "add", "172.16.5.5/16", "dev", "eth0")
     nsx(h2, "ip", "link", "set", "eth0", "up")
     nsx(h2, "ip", "link", "set", "lo", "up")
-    fanpkt_on_peer_host(lab, p, "--type", "vxlan")
+    fanpkt_on_peer_host(lab, p, "--type", "vxlan", "--datapath", datapath)
     lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.5.5/16", "--type", "vxlan")
     for ns, others in ((p.ns, [GUEST, GUEST_CT, "241.5.5.1"]),
                        (h2, [GUEST, GUEST_CT, "241.3.4.1"])):

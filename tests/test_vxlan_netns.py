@@ -16,12 +16,17 @@ VXLAN = ["-o", "241.0.0.0/8", "--type", "vxlan"]
 VNI = 15794176                      # 241.0.0.0/8 >> 8, LXD's default
 
 
-def vxlan_hosts(lab, n=2, *extra):
+# the tests marked with it run on both data paths: the userspace engine, and the kernel's
+# own vxlan driver steered by fanpkt's eBPF programs (fanpkt/kernelpath.py)
+BOTH_PATHS = pytest.mark.parametrize("datapath", ["user", "kernel"])
+
+
+def vxlan_hosts(lab, n=2, *extra, datapath="user"):
     hosts = []
     for i in range(1, n + 1):
         addr = f"172.16.{i}.1"
         ns = lab.host(f"h{i}", addr)
-        lab.forward(ns, *VXLAN, "-u", f"{addr}/16", *extra)
+        lab.forward(ns, *VXLAN, "-u", f"{addr}/16", "--datapath", datapath, *extra)
         hosts.append(ns)
     return hosts
 
@@ -35,8 +40,9 @@ def link_mac(ns, dev):
     return nsx(ns, "cat", f"/sys/class/net/{dev}/address").stdout.strip()
 
 
-def test_two_hosts_arp_ping_tcp_udp(lab):
-    h1, h2 = vxlan_hosts(lab)
+@BOTH_PATHS
+def test_two_hosts_arp_ping_tcp_udp(lab, datapath):
+    h1, h2 = vxlan_hosts(lab, datapath=datapath)
     assert ping(h1, "241.2.1.1").returncode == 0
     assert ping(h2, "241.1.1.1").returncode == 0
     # ARP crossed the fan: each host resolved the other's gateway to its bridge's MAC,
@@ -49,10 +55,11 @@ def test_two_hosts_arp_ping_tcp_udp(lab):
     assert s2["drop_rx_spoofed_src"] == s2["drop_rx_unknown_vni"] == 0
 
 
-def test_containers_get_address_and_mtu_by_dhcp(lab):
+@BOTH_PATHS
+def test_containers_get_address_and_mtu_by_dhcp(lab, datapath):
     """`dhcp` on a VXLAN fan, as LXD serves it: an address of the slice, the gateway as
     router, the whole overlay on-link (/8) and MTU 1450; then container to container."""
-    h1, h2 = vxlan_hosts(lab, 2, "dhcp")
+    h1, h2 = vxlan_hosts(lab, 2, "dhcp", datapath=datapath)
     containers = []
     for ns, name in ((h1, "c1"), (h2, "c2")):
         cns = f"{lab.prefix}{name}"
@@ -76,10 +83,11 @@ def test_containers_get_address_and_mtu_by_dhcp(lab):
     assert sent == got
 
 
-def test_eight_hosts_full_mesh(lab):
+@BOTH_PATHS
+def test_eight_hosts_full_mesh(lab, datapath):
     """Every host reaches every other (each ping resolves the peer by ARP across the fan
     first); a transfer and every UDP size between the two ends of the underlay."""
-    hosts = vxlan_hosts(lab, 8)
+    hosts = vxlan_hosts(lab, 8, datapath=datapath)
     for i, ns in enumerate(hosts, 1):
         for j in range(1, 9):
             assert ping(ns, f"241.{j}.1.1", count=1).returncode == 0, (i, j)
@@ -130,10 +138,11 @@ def kernel_vxlan_host(lab, name, addr, peer):
     return ns
 
 
-def test_interop_with_the_kernels_vxlan(lab):
+@BOTH_PATHS
+def test_interop_with_the_kernels_vxlan(lab, datapath):
     h1 = lab.host("h1", "172.16.1.1")
     nsx(h1, "ethtool", "-K", "eth0", "tx", "off")
-    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16")
+    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "--datapath", datapath)
     h2 = kernel_vxlan_host(lab, "h2", "172.16.2.1", peer="172.16.1.1")
     sniffer = start(h2, sys.executable, "-c", SNIFF_VXLAN, "8")
     try:
