@@ -2,28 +2,35 @@
 """fanpkt's packet engine: the Fan data path for IPIP and VXLAN, and the loops that drive
 it.
 
-One compiled module, in units included by direction (docs/internals.md §1 follows one
-packet through them):
-  fastpath.pyx  the counters (the one list of their names), encap_one and decap_one, the
-                Engine that holds the tables, and the two forwarding loops
-  tx.pxi        the transmit queue: TSO split, lanes, sendmmsg, fragments, EMSGSIZE
-  rx.pxi        the receive burst: decapsulation and GRO
-  vxlan.pxi     the VXLAN fan: frames in UDP (encapsulation, decapsulation)
+One compiled module, in units that fastpath.pyx includes in this order. Each uses only
+what the .pxd files and the units before it define, never a later one's (checked by
+tests/test_layout.py). docs/internals.md §1 follows one packet through them:
+  shared.pxi    what every unit shares: the counters (the one list of their names) and
+                inc/add/drop, the verdicts, the buffer sizes, a packet's result, ECN
+                decapsulation
+  ipip.pxi      the IPIP fan: encap_one and decap_one, one packet each
+  vxlan.pxi     the VXLAN fan: frames in UDP (vxlan_encap_one, vxlan_decap_one)
+  tx.pxi        the transmit queue, for both fans: TSO split, lanes, sendmmsg, fragments,
+                EMSGSIZE, and VXLAN's UDP GSO sends and runs
+  rx.pxi        the receive side, for both fans: ancillary data, decapsulation bursts, GRO,
+                VXLAN's TAP writes
+  fastpath.pyx  the Engine that holds the tables, and the forwarding loops
   testing.pxi   def wrappers over the same cdef functions, for tests and benchmarks only
 
 Flow, in code order:
   run_tx      read up to BATCH packets from the TUN -> tx_packet each (tx.pxi: TSO
-              superpackets split, encap_one) -> queued on a lane: the packet socket as a
-              frame if the underlay host is a resolved neighbour, else the raw IP socket
-              -> one sendmmsg per lane (poll only when the TUN is empty)
+              superpackets split; ipip.pxi encap_one) -> queued on a lane: the packet
+              socket as a frame if the underlay host is a resolved neighbour, else the
+              raw IP socket -> one sendmmsg per lane (poll only when the TUN is empty)
   encap_one   overlay packet -> validate -> map lookup -> dest(D) -> local? -> too big?
               (ICMP frag needed) -> outer header written into the headroom
   run_rx      recvmmsg up to BATCH -> rx_batch (rx.pxi): decap_one each, coalesced per
               connection (GRO) -> write to the TUN (poll only when the socket is empty)
   decap_one   IPIP datagram -> outer checks -> source in an underlay? -> inner well-formed?
               -> destination in a local slice? -> anti-spoofing -> RFC 6040 ECN
-  VXLAN       run_tx on a TAP: frames through vxlan_encap_one into the same lanes;
-              run_rx_vxlan: recvmmsg on the fan port's UDP socket -> vxlan_decap_one -> TAP
+  VXLAN       run_tx on a TAP: frames through vxlan_encap_one into the same lanes (tx.pxi
+              tx_frame); run_rx_vxlan: recvmmsg on the fan port's UDP socket ->
+              vx_rx_message (rx.pxi) -> vxlan_decap_one -> TAP
 
 Each check that fails increments one counter and the loop moves on: nothing here raises,
 logs or touches a Python object per packet.
@@ -46,7 +53,7 @@ from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_
                    IPV4_FLAG_MF, IPV4_FRAG_OFFSET_MASK, ECN_NOT_ECT, ECN_ECT1, ECN_ECT0,
                    ECN_CE, ipv4_ihl, load16, load32, store16, store32, csum_add, csum_fold,
                    checksum, csum_update16, ipv4_header_csum_ok, ipv4_set_header_csum,
-                   ipv4_set_ecn, csum_set_path, CSUM_AUTO, CSUM_SCALAR, CSUM_SSE2,
+                   ipv4_set_ecn, ipv4_outer, csum_set_path, CSUM_AUTO, CSUM_SCALAR, CSUM_SSE2,
                    CSUM_AVX2)
 from fanmap cimport (MAX_MAPS, MAX_QUEUES, DEV_GSO_TCPV4, DEV_GSO_UDP_L4, DEV_GSO_ALL, FAN_ANY, FAN_IPIP, FAN_VXLAN, fan_map, fan_table, fan_mask,
                      fan_dest, fan_slice, fan_host_ok, fan_slice_edge,
@@ -65,72 +72,7 @@ from vxlan cimport (flow_hash, UDP_HLEN, UDP_OFF_SPORT, UDP_OFF_DPORT, UDP_OFF_L
                     ARP_OFF_SPA, ARP_OFF_TPA, vxlan_source_port, mac_set, mac_key,
                     mac_slot, mac_set_has)
 
-# The counters, one per verdict and per drop reason, named after the rule they enforce
-# (docs/spec.md §4 states the rules T1-T5 and R1-R7; §5 lists every counter). This
-# enum is the single source of truth: Python reads the names from it.
-cpdef enum Counter:
-    # transmit (overlay -> underlay)
-    TX_PACKETS                  # sent to the underlay
-    TX_BYTES                    # outer bytes sent
-    TX_ICMP_FRAG_NEEDED         # T5: ICMP "fragmentation needed" written to the TUN
-    TX_ICMP_RATE_LIMITED        # T5: an ICMP not sent, over the loop's budget (icmp.pxd)
-    TX_TSO_SPLIT                # TCP superpackets read from the TUN and split into segments
-    TX_L2                       # of TX_PACKETS, sent as frames through the packet socket
-    TX_FRAGMENTED               # T5 without DF: too big for the underlay, sent as outer
-                                # fragments (the receiver's kernel reassembles them)
-    TX_GSO                      # X3: UDP GSO superpackets sent (one send, many segments)
-    TX_GSO_FALLBACK             # X3: the kernel refused UDP GSO: segments sent one by one
-    TX_GSO_JOINED               # X3: plain frames of one flow sent together in a UDP GSO send
-    DROP_TX_NOT_IPV4            # T1
-    DROP_TX_MALFORMED           # T1: an IPv4 header that does not hold together
-    DROP_TX_NO_MAP              # T2
-    DROP_TX_UNROUTABLE          # T3: underlay network or broadcast, slice network or
-                                # broadcast (§2)
-    DROP_TX_LOCAL_UNUSED        # T4: an address of this host's own slice reached the TUN
-    DROP_TX_TOO_BIG             # T5, or EMSGSIZE from the underlay socket
-    DROP_TX_BAD_OFFLOAD         # a virtio header we cannot honour (never from a sane kernel)
-    DROP_TX_SEND_ERROR          # the underlay socket refused the packet
-    DROP_TX_TUN_WRITE           # an ICMP could not be written back to the TUN
-    DROP_TX_READ_ERROR          # read() from the TUN/TAP failed (not EAGAIN or EINTR)
-    DROP_TX_ETHERTYPE           # X1: a frame neither IPv4 nor ARP (IPv6, LLDP, ...)
-    DROP_TX_TO_SELF             # X2: a frame for this host's own slice (bridges flood)
-    # receive (underlay -> overlay)
-    RX_PACKETS                  # written to the TUN
-    RX_BYTES                    # inner bytes written
-    RX_ECN_CE                   # R6: inner marked CE from the outer header
-    RX_GRO_MERGED               # TCP segments appended to the previous one (TUN writes saved)
-    RX_KERNEL_GRO               # datagrams the underlay's own GRO had already merged
-    RX_UDP_GRO                  # VXLAN datagrams the kernel's UDP GRO handed over together
-    RX_GSO_FALLBACK             # the TUN/TAP refused a superpacket (a kernel older than
-                                # its GSO type): written segment by segment, and that
-                                # merging off for the loop
-    DROP_RX_TRUNCATED           # R1: shorter than an IPv4 header
-    DROP_RX_BAD_OUTER           # R1: version, IHL or lengths
-    DROP_RX_NOT_IPIP            # R1: protocol is not 4
-    DROP_RX_SRC_NOT_UNDERLAY    # R2
-    DROP_RX_OUTER_DST           # R2, V2: not sent to this host's underlay address (the
-                                # underlay broadcast, another address of the host)
-    DROP_RX_BAD_INNER           # R3: version, IHL or lengths
-    DROP_RX_BAD_INNER_CSUM      # R3: header checksum
-    DROP_RX_NOT_LOCAL           # R4
-    DROP_RX_SPOOFED_SRC         # R5
-    DROP_RX_ECN_CE_NOT_ECT      # R6
-    DROP_RX_TUN_WRITE           # the TUN refused the packet (EIO while the link is down)
-    DROP_RX_RECV_ERROR          # recvmmsg() failed (not EAGAIN or EINTR)
-    DROP_RX_SOCKET_FULL         # datagrams the kernel dropped at our receive socket, its
-                                # buffer full (SO_RXQ_OVFL: set, not added)
-    DROP_RX_BAD_VXLAN           # V1: VXLAN flags other than I alone, or reserved bits set
-    DROP_RX_UNKNOWN_VNI         # V1: no VXLAN fan with this VNI on this port
-    DROP_RX_OWN_MAC             # V3: a frame from our own bridge's MAC came back
-    DROP_RX_LOCAL_MAC           # V3: a frame from a MAC on this host's side of a fan
-                                # bridge (a local container's): forged
-    DROP_RX_DHCP                # V3: DHCP (UDP to port 67 or 68): never crosses a fan
-    N_COUNTERS
-
-# Each loop owns one block of COUNTER_BLOCK counters (a multiple of 8, so 64-byte aligned
-# in the counter file): two threads never write the same cache line.
-cpdef enum:
-    COUNTER_BLOCK = 64
+include "shared.pxi"
 
 # fan_map.dev_gso's bits by the names fanpkt/tun.py probes and reports them under
 DEV_GSO_TYPES = {"tcpv4": DEV_GSO_TCPV4, "udp_l4": DEV_GSO_UDP_L4}
@@ -145,30 +87,6 @@ cdef extern from *:
 # The long-checksum loop this CPU does best (csum.h), chosen once, before any loop runs.
 csum_set_path(CSUM_AUTO)
 
-cpdef enum Verdict:
-    VERDICT_DROP = 0
-    VERDICT_SEND = 1            # outer packet at pkt - IPV4_HLEN, out_len bytes
-    VERDICT_ICMP = 3            # write the ICMP built in icmp_out back to the TUN
-    VERDICT_DELIVER = 4         # decap: inner packet at off, out_len bytes
-
-# Why these sizes: docs/internals.md §9.
-cdef enum:
-    HEADROOM = ETH_HLEN + VXLAN_OUTER   # room for the outer headers in front of each
-                                        # packet: Ethernet + IPv4 (+ UDP + VXLAN)
-    BATCH = 64                  # packets per read/send burst
-    SLOT = 65536 + 64           # any IPv4 datagram, plus headroom
-    POLL_MS = 200               # how long a stop or a table swap may wait for a loop
-    RX_NAP_NS = 50000           # pause after a short burst (see run_rx)
-    RX_NAP_BYTES = 16384        # ... unless it brought this much (see run_rx_vxlan)
-    ERROR_PAUSE_NS = 1000000    # after a failed read: a device in error state is not spun on
-
-cdef struct result:
-    uint32_t dst                # encap: underlay destination (host order)
-    uint32_t off                # decap: offset of the inner packet
-    uint32_t out_len            # bytes to send / deliver / ICMP length
-    int map_index
-    int reason                  # the counter incremented on drop, or -1
-
 
 def counter_names():
     """Counter names in index order, lower case, as `fanpkt stats` prints them."""
@@ -176,202 +94,10 @@ def counter_names():
     return [c.name.lower() for c in sorted(Counter, key=int) if c.name != "N_COUNTERS"]
 
 
-cdef inline void inc(uint64_t *c, Counter k) noexcept nogil:
-    c[<int>k] += 1
-
-
-cdef inline void add(uint64_t *c, Counter k, uint64_t n) noexcept nogil:
-    c[<int>k] += n
-
-
-cdef inline int drop(uint64_t *c, result *r, Counter reason) noexcept nogil:
-    c[<int>reason] += 1
-    r.reason = reason
-    return VERDICT_DROP
-
-
-cdef bint icmp_source_ok(const fan_table *t, const uint8_t *pkt) noexcept nogil:
-    """A source a Fan slice cannot hold (its network or broadcast address) is no single
-    host (RFC 1812 4.3.2.7): no ICMP to it. icmp_frag_needed checks the rest."""
-    cdef uint32_t src = load32(pkt + IPV4_OFF_SRC)
-    cdef int j = fan_lookup_overlay(t, src, FAN_ANY)
-    return j < 0 or not fan_slice_edge(&t.maps[j], src)
-
-
-cdef int encap_one(const fan_table *t, uint16_t *ip_id, uint8_t *pkt, uint32_t len,
-                   uint32_t wire, result *r, uint8_t *icmp_out, icmp_budget *budget,
-                   uint64_t *c) noexcept nogil:
-    """Encapsulate the overlay packet pkt[0:len] (docs/spec.md §4, rules T1-T5).
-
-    pkt must have IPV4_HLEN writable bytes in front of it: the outer header goes there, so
-    the payload is never copied. wire is the largest inner packet that will go out: 0 for
-    the packet itself, the first segment's size for a TSO superpacket (whose outer header
-    is then the template of every segment's).
-    """
-    cdef uint32_t ihl, tot, dst, under, frag
-    cdef const fan_map *m
-    cdef uint8_t *o
-    cdef uint8_t ecn
-    cdef bint tso
-    cdef int i
-    r.reason = -1
-    r.map_index = -1
-    if len < 1 or (pkt[0] >> 4) != 4:
-        return drop(c, r, DROP_TX_NOT_IPV4)
-    ihl = ipv4_ihl(pkt)
-    if len < IPV4_HLEN or ihl < IPV4_HLEN or ihl > len:
-        return drop(c, r, DROP_TX_MALFORMED)
-    tot = load16(pkt + IPV4_OFF_TOT_LEN)
-    if tot < ihl or tot > len:
-        return drop(c, r, DROP_TX_MALFORMED)
-    len = tot                   # anything past the total length is padding, not packet
-    dst = load32(pkt + IPV4_OFF_DST)
-    i = fan_lookup_overlay(t, dst, FAN_IPIP)
-    if i < 0:
-        return drop(c, r, DROP_TX_NO_MAP)
-    m = &t.maps[i]
-    r.map_index = i
-    under = fan_dest(m, dst)
-    r.dst = under
-    if not fan_host_ok(m, under) or fan_slice_edge(m, dst):
-        return drop(c, r, DROP_TX_UNROUTABLE)
-    if under == m.local:
-        # T4: the kernel delivers an address this host holds before it routes anything
-        # to the TUN, and reaches containers through the bridge. So this address is held
-        # by no one: written back, it would come straight back, until its TTL ran out.
-        return drop(c, r, DROP_TX_LOCAL_UNUSED)
-    frag = load16(pkt + IPV4_OFF_FRAG)
-    tso = wire != 0
-    if not tso:
-        wire = len
-    if wire + IPV4_HLEN > m.mtu:
-        if frag & IPV4_FLAG_DF:
-            inc(c, DROP_TX_TOO_BIG)
-            r.reason = DROP_TX_TOO_BIG
-            r.out_len = 0
-            if icmp_source_ok(t, pkt):
-                r.out_len = icmp_frag_needed(icmp_out, pkt, len, m.gateway,
-                                             <uint16_t>(m.mtu - IPV4_HLEN), ip_id[0] + 1)
-            if r.out_len and not icmp_allow(budget):
-                inc(c, TX_ICMP_RATE_LIMITED)
-                r.out_len = 0
-            if r.out_len:
-                ip_id[0] += 1
-                inc(c, TX_ICMP_FRAG_NEEDED)
-                return VERDICT_ICMP
-            return VERDICT_DROP
-        if tso or len + IPV4_HLEN > 0xffff:
-            # A TSO superpacket without DF whose segments do not fit: no sane TCP sends one
-            # (the TUN's MTU is underlay - 20), and splitting segments into fragments too
-            # is not worth the code. An inner packet of 65516 bytes or more has no outer
-            # total length: its fragments could never be reassembled.
-            return drop(c, r, DROP_TX_TOO_BIG)
-        # Without DF the sender allows fragmentation: the outer packet is built whole here
-        # and sent as fragments (tx_fragments), as the kernel's ipip would.
-        inc(c, TX_FRAGMENTED)
-    # Copy ECN but never send CE outside (a CE inner is encapsulated as ECT(0)), as Linux
-    # does (RFC 3168 §9.1.1; RFC 6040's normal mode would copy CE). DSCP is not copied
-    # (T3: DSCP 0).
-    ecn = pkt[IPV4_OFF_TOS] & 3
-    if ecn == ECN_CE:
-        ecn = ECN_ECT0
-    o = pkt - IPV4_HLEN
-    o[0] = IPV4_VER_IHL
-    o[IPV4_OFF_TOS] = ecn
-    store16(o + IPV4_OFF_TOT_LEN, len + IPV4_HLEN)
-    # One sequence per host, which the loops take in blocks (tx.pxi id_reserve): an ID
-    # repeats only after about 65536 packets from this host, and only DF=0 packets
-    # (which may be fragmented) need it unique (RFC 6864).
-    ip_id[0] += 1
-    store16(o + IPV4_OFF_ID, ip_id[0])
-    store16(o + IPV4_OFF_FRAG, frag & IPV4_FLAG_DF)
-    o[IPV4_OFF_TTL] = pkt[IPV4_OFF_TTL]
-    o[IPV4_OFF_PROTO] = IPPROTO_IPIP
-    store32(o + IPV4_OFF_SRC, m.local)
-    store32(o + IPV4_OFF_DST, under)
-    ipv4_set_header_csum(o, IPV4_HLEN)
-    r.out_len = len + IPV4_HLEN
-    return VERDICT_SEND
-
-
-cdef inline bint ecn_decapsulate(uint8_t oecn, uint8_t *inner, uint64_t *c) noexcept nogil:
-    """RFC 6040 §4.2 decapsulation of the inner IPv4 header, the combinations that change
-    anything (R6, V6). False: outer CE over a Not-ECT inner, to be dropped."""
-    cdef uint8_t iecn = inner[IPV4_OFF_TOS] & 3
-    if oecn == ECN_CE:
-        if iecn == ECN_NOT_ECT:
-            return False
-        if iecn != ECN_CE:
-            ipv4_set_ecn(inner, ECN_CE)
-            inc(c, RX_ECN_CE)
-    elif oecn == ECN_ECT1 and iecn == ECN_ECT0:
-        ipv4_set_ecn(inner, ECN_ECT1)
-    return True
-
-
-cdef int decap_one(const fan_table *t, uint8_t *buf, uint32_t len, result *r,
-                   uint64_t *c) noexcept nogil:
-    """Check and unwrap the IPIP datagram buf[0:len] (docs/spec.md §4, rules R1-R7 in order).
-
-    The outer header checksum is not verified: the kernel's ip_rcv did that before the raw
-    socket saw the datagram, and reassembly rewrites it.
-    """
-    cdef uint32_t ihl, iihl, ilen, osrc, idst, isrc
-    cdef uint8_t *inner
-    cdef const fan_map *m
-    cdef int i, j
-    r.reason = -1
-    r.map_index = -1
-    if len < IPV4_HLEN:
-        return drop(c, r, DROP_RX_TRUNCATED)
-    ihl = ipv4_ihl(buf)
-    if ((buf[0] >> 4) != 4 or ihl < IPV4_HLEN or ihl > len
-            or load16(buf + IPV4_OFF_TOT_LEN) != len
-            or (load16(buf + IPV4_OFF_FRAG) & (IPV4_FLAG_MF | IPV4_FRAG_OFFSET_MASK))):
-        return drop(c, r, DROP_RX_BAD_OUTER)
-    if buf[IPV4_OFF_PROTO] != IPPROTO_IPIP:
-        return drop(c, r, DROP_RX_NOT_IPIP)
-    osrc = load32(buf + IPV4_OFF_SRC)
-    j = fan_lookup_underlay(t, osrc, FAN_IPIP)
-    if j < 0:
-        return drop(c, r, DROP_RX_SRC_NOT_UNDERLAY)
-    # A peer sends to the host that owns a slice, never to a broadcast: the raw socket
-    # sees IPIP to the underlay broadcast too, and one such datagram reaches every host.
-    if load32(buf + IPV4_OFF_DST) != t.maps[j].local:
-        return drop(c, r, DROP_RX_OUTER_DST)
-    inner = buf + ihl
-    ilen = len - ihl
-    if ilen < IPV4_HLEN or (inner[0] >> 4) != 4:
-        return drop(c, r, DROP_RX_BAD_INNER)
-    iihl = ipv4_ihl(inner)
-    if iihl < IPV4_HLEN or iihl > ilen or load16(inner + IPV4_OFF_TOT_LEN) != ilen:
-        return drop(c, r, DROP_RX_BAD_INNER)
-    if not ipv4_header_csum_ok(inner, iihl):
-        return drop(c, r, DROP_RX_BAD_INNER_CSUM)
-    idst = load32(inner + IPV4_OFF_DST)
-    i = fan_lookup_overlay(t, idst, FAN_IPIP)
-    if (i < 0 or (idst & t.maps[i].slice_mask) != t.maps[i].slice_net
-            or fan_slice_edge(&t.maps[i], idst)):
-        return drop(c, r, DROP_RX_NOT_LOCAL)
-    if t.check_spoof:
-        # A host may only send from its own slice: the inner source must map back to the
-        # outer source. The original kernel decapsulates IPIP from anyone.
-        isrc = load32(inner + IPV4_OFF_SRC)
-        j = fan_lookup_overlay(t, isrc, FAN_IPIP)
-        if j < 0 or fan_dest(&t.maps[j], isrc) != osrc:
-            return drop(c, r, DROP_RX_SPOOFED_SRC)
-    if not ecn_decapsulate(buf[IPV4_OFF_TOS] & 3, inner, c):
-        return drop(c, r, DROP_RX_ECN_CE_NOT_ECT)
-    r.map_index = i
-    r.off = ihl
-    r.out_len = ilen
-    return VERDICT_DELIVER
-
-
-
+include "ipip.pxi"
+include "vxlan.pxi"
 include "tx.pxi"
 include "rx.pxi"
-include "vxlan.pxi"
 
 # ---------------------------------------------------------------------------------------
 # The table the loops read. Python builds a new one on every (re)configuration and swaps
@@ -597,6 +323,14 @@ cdef uint64_t *_counter_ptr(object counters, int need) except NULL:
 # ---------------------------------------------------------------------------------------
 # The forwarding loops. Each runs in its own Python thread, released from the GIL for its
 # whole life: Python calls run_tx/run_rx once and they return only when told to stop.
+
+# Why these times: docs/internals.md §9.
+cdef enum:
+    POLL_MS = 200               # how long a stop or a table swap may wait for a loop
+    RX_NAP_NS = 50000           # pause after a short burst (see run_rx)
+    RX_NAP_BYTES = 16384        # ... unless it brought this much (see run_rx_vxlan)
+    ERROR_PAUSE_NS = 1000000    # after a failed read: a device in error state is not spun on
+
 
 cdef struct loop_ctl:
     int stop

@@ -3,11 +3,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from libc.string cimport memcpy
 from linux cimport IPPROTO_ICMP
-from ipv4 cimport IPV4_VER_IHL
-from ipv4 cimport (IPV4_HLEN, IPV4_OFF_TOS, IPV4_OFF_TOT_LEN, IPV4_OFF_ID, IPV4_OFF_FRAG,
-                   IPV4_OFF_TTL, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_OFF_DST,
-                   IPV4_FRAG_OFFSET_MASK, ipv4_ihl, load16, load32, store16, store32,
-                   checksum, ipv4_set_header_csum)
+from ipv4 cimport (IPV4_HLEN, IPV4_OFF_FRAG, IPV4_OFF_PROTO, IPV4_OFF_SRC, IPV4_OFF_DST,
+                   IPV4_FRAG_OFFSET_MASK, ipv4_ihl, load16, load32, store16, checksum,
+                   ipv4_outer)
 
 # Types and codes as <linux/icmp.h> names them.
 cdef enum:
@@ -81,16 +79,7 @@ cdef inline uint32_t icmp_frag_needed(uint8_t *out, const uint8_t *pkt, uint32_t
         return 0
     if (odst & 0xf0000000UL) == 0xe0000000UL or odst == 0xffffffffUL:
         return 0
-    out[0] = IPV4_VER_IHL
-    out[IPV4_OFF_TOS] = 0
-    store16(out + IPV4_OFF_TOT_LEN, IPV4_HLEN + ICMP_HLEN + quote)
-    store16(out + IPV4_OFF_ID, ip_id)
-    store16(out + IPV4_OFF_FRAG, 0)
-    out[IPV4_OFF_TTL] = 64
-    out[IPV4_OFF_PROTO] = IPPROTO_ICMP
-    store32(out + IPV4_OFF_SRC, src)
-    store32(out + IPV4_OFF_DST, dst)
-    ipv4_set_header_csum(out, IPV4_HLEN)
+    ipv4_outer(out, 0, IPV4_HLEN + ICMP_HLEN + quote, ip_id, 0, 64, IPPROTO_ICMP, src, dst)
     out += IPV4_HLEN
     out[0] = ICMP_DEST_UNREACH
     out[1] = ICMP_FRAG_NEEDED

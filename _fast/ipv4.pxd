@@ -146,3 +146,20 @@ cdef inline void ipv4_set_ecn(uint8_t *ip, uint8_t ecn) noexcept nogil:
     cdef uint16_t new = (old & 0xfffc) | ecn
     store16(ip, new)
     store16(ip + IPV4_OFF_CSUM, csum_update16(load16(ip + IPV4_OFF_CSUM), old, new))
+
+cdef inline void ipv4_outer(uint8_t *o, uint8_t tos, uint16_t tot_len, uint16_t ip_id,
+                            uint16_t frag, uint8_t ttl, uint8_t proto, uint32_t src,
+                            uint32_t dst) noexcept nogil:
+    """Write at o a 20-byte IPv4 header without options, checksum included: the one writer
+    of every header fanpkt originates (IPIP's and VXLAN's outer headers, its ICMPs). frag
+    holds the flags and the fragment offset; values in host order."""
+    o[IPV4_OFF_VER_IHL] = IPV4_VER_IHL
+    o[IPV4_OFF_TOS] = tos
+    store16(o + IPV4_OFF_TOT_LEN, tot_len)
+    store16(o + IPV4_OFF_ID, ip_id)
+    store16(o + IPV4_OFF_FRAG, frag)
+    o[IPV4_OFF_TTL] = ttl
+    o[IPV4_OFF_PROTO] = proto
+    store32(o + IPV4_OFF_SRC, src)
+    store32(o + IPV4_OFF_DST, dst)
+    ipv4_set_header_csum(o, IPV4_HLEN)

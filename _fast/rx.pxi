@@ -1,7 +1,8 @@
-# Receive with TUN offloads (included by fastpath.pyx). A burst of datagrams from
-# recvmmsg is decapsulated (decap_one); consecutive TCP segments of one flow in it are
-# appended to the first (GRO) and written as one superpacket, which the kernel takes as
-# already checksummed (NEEDS_CSUM) - so every segment's TCP checksum is verified before it
+# Receive with TUN offloads, for both fans (included by fastpath.pyx after ipip.pxi and
+# vxlan.pxi, whose decapsulations it calls). A burst of datagrams from recvmmsg is
+# decapsulated (decap_one); consecutive TCP segments of one flow in it are appended to the
+# first (GRO) and written as one superpacket, which the kernel takes as already
+# checksummed (NEEDS_CSUM) - so every segment's TCP checksum is verified before it
 # is merged. Consecutive UDP datagrams of one flow, of one size (the last may be shorter),
 # are coalesced the same way into a UDP GSO superpacket (VNET_GSO_UDP_L4), which the
 # kernel splits into the same datagrams again: one TUN write for up to 64 of them. Only the
@@ -14,6 +15,12 @@
 
 cdef enum:
     GRO_SCAN = 8                # how far back a segment looks for its flow
+    RX_OFF = 16                 # receive offset in a slot: room for the virtio header
+                                # in front of the frame (VXLAN_HLEN + RX_OFF >= VNET_HLEN)
+    RX_CTL = 128                # control buffer per message: IP_TOS, UDP_GRO and
+                                # SO_RXQ_OVFL cmsgs, 24 bytes each, IP_PKTINFO's 32
+    SOL_UDP_ = 17               # <netinet/udp.h> SOL_UDP and UDP_GRO: the kernel hands
+    UDP_GRO_ = 104              # over consecutive datagrams of a flow in one buffer
 
 cdef struct rx_out:
     uint8_t *pkt                # inner packet; VNET_HLEN free bytes in front of it
@@ -349,3 +356,137 @@ cdef int rx_batch(const fan_table *t, uint8_t *arena, const uint32_t *lens, int 
         if outs[i].kernel_gro:
             inc(c, RX_KERNEL_GRO)
     return n
+
+
+cdef void rx_cmsgs(msghdr *h, uint8_t *tos, uint32_t *gso, uint32_t *dst,
+                   uint64_t *c) noexcept nogil:
+    """The outer TOS (IP_TOS, asked for with IP_RECVTOS), the UDP GRO segment size and
+    the outer destination (IP_PKTINFO's ipi_addr, host order) of a received message, 0 for
+    what it does not carry; and the socket's drop count (SO_RXQ_OVFL) into c's
+    DROP_RX_SOCKET_FULL."""
+    cdef cmsghdr *cm = CMSG_FIRSTHDR(h)
+    cdef int v
+    cdef uint32_t dropped
+    tos[0] = 0
+    gso[0] = 0
+    dst[0] = 0
+    while cm != NULL:
+        if cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_TOS:
+            tos[0] = CMSG_DATA(cm)[0]
+        elif cm.cmsg_level == IPPROTO_IP and cm.cmsg_type == IP_PKTINFO:
+            dst[0] = load32(CMSG_DATA(cm) + 8)
+        elif cm.cmsg_level == SOL_UDP_ and cm.cmsg_type == UDP_GRO_:
+            memcpy(&v, CMSG_DATA(cm), sizeof(int))
+            gso[0] = <uint32_t>v if v > 0 else 0
+        elif cm.cmsg_level == SOL_SOCKET and cm.cmsg_type == SO_RXQ_OVFL:
+            memcpy(&dropped, CMSG_DATA(cm), sizeof(uint32_t))
+            c[<int>DROP_RX_SOCKET_FULL] = dropped   # the socket's total: one socket a block
+        cm = CMSG_NXTHDR(h, cm)
+
+
+# -- VXLAN's receive: datagrams to TAP writes, TCP segments coalesced ----------------------
+# The kernel's UDP GRO hands over up to 64 KiB of one UDP flow's consecutive datagrams in
+# one buffer, all of one size but the last. Each is checked on its own (vxlan_decap_one);
+# consecutive TCP segments of one inner flow are appended to the pending output in place
+# (the payload moves back over headers already read), which is written to the TAP as one
+# superpacket when the next frame cannot join it. One output pending at a time: it is
+# always the newest, so appending never overwrites anything not yet read or written.
+
+cdef struct vx_rx:
+    const fan_table *t
+    const mac_set *macs
+    uint64_t *c
+    rx_out o                    # the pending output (an inner IPv4 packet in its frame)
+    bint pending
+    int refused                 # GSO types a TAP refused: not merged by this loop again
+
+
+cdef void vx_flush(vx_rx *x) noexcept nogil:
+    """Write the pending output to its map's TAP."""
+    cdef rx_out *o = &x.o
+    cdef const fan_map *m
+    cdef int fd
+    if not x.pending:
+        return
+    x.pending = False
+    m = &x.t.maps[o.map_index]
+    rx_finish(o, ETH_HLEN)
+    fd = rx_queue_fd(m, o.pkt if load16(o.pkt - ETH_HLEN + ETH_OFF_TYPE) == ETH_P_IP else NULL,
+                     o.len)
+    rx_count(o, rx_write(fd, o, ETH_HLEN, m.dev_gso & ~x.refused, &x.refused, x.c), x.c)
+
+
+cdef void vx_take(vx_rx *x, uint8_t *f, uint32_t flen, int map_index,
+                  uint32_t room) noexcept nogil:
+    """A delivered frame: appended to the pending output if it continues its TCP flow, or
+    its UDP flow with a datagram no larger than the first (same MACs, the rules of
+    rx_gather), else the pending output is written and this frame becomes the pending
+    one. room: how far its IPv4 packet may grow in its buffer."""
+    cdef uint8_t *p = f + ETH_HLEN
+    cdef uint32_t plen = flen - ETH_HLEN, thl = 0
+    cdef uint8_t flags = 0
+    cdef bint candidate = False, udp = False
+    cdef rx_out *o = &x.o
+    cdef int gso_ok = x.t.maps[map_index].dev_gso & ~x.refused
+    if (load16(f + ETH_OFF_TYPE) == ETH_P_IP and plen >= IPV4_HLEN and p[0] == IPV4_VER_IHL
+            and load16(p + IPV4_OFF_TOT_LEN) == plen):
+        if p[IPV4_OFF_PROTO] == IPPROTO_UDP:
+            udp = udp_candidate(p, plen)
+        else:
+            thl = tcp_header_len(p, plen)
+    if udp:
+        thl = UDP_HLEN
+        candidate = (gso_ok & DEV_GSO_UDP_L4) != 0
+        if (candidate and x.pending and o.udp and o.map_index == map_index
+                and memcmp(o.pkt - ETH_HLEN, f, ETH_HLEN) == 0
+                and udp_same_flow(o.pkt, p) and udp_append(o, p, plen)):
+            o.bytes += ETH_HLEN
+            return
+    elif thl:
+        flags = p[IPV4_HLEN + TCP_OFF_FLAGS]
+        candidate = ((gso_ok & DEV_GSO_TCPV4) != 0
+                     and (load16(p + IPV4_OFF_FRAG) & IPV4_FLAG_DF) != 0
+                     and (flags == TCP_ACK or flags == (TCP_ACK | TCP_PSH)))
+        if (x.pending and candidate and not o.udp and o.thl == thl
+                and o.map_index == map_index
+                and memcmp(o.pkt - ETH_HLEN, f, ETH_HLEN) == 0
+                and gro_same_flow(o.pkt, p, thl) and gro_append(o, p, plen, thl)):
+            o.bytes += ETH_HLEN
+            return
+    vx_flush(x)
+    o.pkt = p
+    o.len = plen
+    o.map_index = map_index
+    o.segs = 1
+    o.bytes = flen
+    o.thl = thl
+    o.udp = udp
+    o.gso_size = plen - IPV4_HLEN - thl if thl else 0
+    o.open = candidate and (udp or not (flags & TCP_PSH))
+    o.csum_ok = False
+    o.kernel_gro = False
+    o.split = False
+    o.room = room if room < 0xffff else 0xffff
+    x.pending = True
+
+
+cdef void vx_rx_message(vx_rx *x, uint16_t port, uint32_t osrc, uint32_t odst, uint8_t otos,
+                        uint8_t *buf, uint32_t total, uint32_t gso,
+                        const uint8_t *buf_end) noexcept nogil:
+    """One received buffer: a datagram, or (gso > 0) the kernel's UDP GRO of datagrams of
+    gso bytes each but the last. Each is decapsulated and its frame taken (vx_take)."""
+    cdef uint32_t step = gso if 0 < gso < total else total
+    cdef uint32_t off = 0, n
+    cdef result r
+    cdef uint8_t *f
+    if step < total:
+        add(x.c, RX_UDP_GRO, (total + step - 1) // step)
+    if total == 0:          # an empty datagram is one too: V1 counts it (drop_rx_truncated)
+        vxlan_decap_one(x.t, x.macs, port, osrc, odst, otos, buf, 0, &r, x.c)
+    while off < total:
+        n = total - off if total - off < step else step
+        if vxlan_decap_one(x.t, x.macs, port, osrc, odst, otos, buf + off, n, &r,
+                           x.c) == VERDICT_DELIVER:
+            f = buf + off + r.off
+            vx_take(x, f, r.out_len, r.map_index, <uint32_t>(buf_end - f - ETH_HLEN))
+        off += n

@@ -1,7 +1,8 @@
-# The transmit queue (included by fastpath.pyx): from one TUN read to sendmmsg.
+# The transmit queue (included by fastpath.pyx after ipip.pxi and vxlan.pxi, whose
+# encapsulations it calls): from one TUN or TAP read to sendmmsg, for both fans.
 #
 # Every read from the TUN starts with a virtio_net_hdr. tx_packet takes one read: a plain
-# packet is encapsulated in place (encap_one); a TCP superpacket (gso_type TCPV4) is split
+# packet is encapsulated in place (encap_one, ipip.pxi); a TCP superpacket (gso_type TCPV4) is split
 # here into MSS-sized segments, each with its own outer header (tx_tso). Each outer packet
 # is queued on a lane - the raw IP socket, or the packet socket for an underlay host the
 # kernel has already resolved - and each lane is flushed with one sendmmsg. A queued packet
@@ -476,3 +477,258 @@ cdef int tx_tso(txq *q, const vnet_hdr *h, uint8_t *pkt, uint32_t len,
         i += 1
     q.ip_id = <uint16_t>(id_out + i - 1)
     return VERDICT_SEND
+
+
+# -- VXLAN's transmit offloads ------------------------------------------------------------
+# A TCP superpacket from a TAP is split here (tx_frame_tso) and leaves as UDP GSO
+# superpackets (tx_vxlan_gso) or segment by segment on the lanes; plain frames of one flow
+# read one after another join a run (tx_run_add) that leaves in one UDP GSO send
+# (tx_run_close). Both sends are gso_send. vxlan.pxi writes the headers they carry.
+
+cdef int tx_frame_tso(txq *q, const vnet_hdr *h, uint8_t *frame, uint32_t len,
+                      result *r) noexcept nogil:
+    """A TCP superpacket frame from the TAP (TSO): split into MSS-sized frames, each with
+    its own outer IPv4/UDP/VXLAN. To a resolved neighbour they leave as UDP GSO
+    superpackets (tx_vxlan_gso: one send for up to GSO_SEGS segments); otherwise, or if
+    the kernel refuses UDP GSO, one outer packet per segment on the lanes. All segments of
+    a flow share its source port, whichever way they leave."""
+    cdef uint8_t *ip = frame + ETH_HLEN
+    cdef uint32_t iplen, ihl, thl, hdrs, mss, off, n, i = 0
+    cdef uint16_t sport
+    cdef uint8_t ecn
+    cdef const fan_map *m
+    cdef tx_route rt
+    cdef uint8_t *o
+    cdef uint8_t seg[VXLAN_OUTER + ETH_HLEN + 60 + 60]     # one segment's headers, aside
+    cdef bint big
+    cdef int v
+    r.reason = -1
+    r.map_index = -1
+    mss = h.gso_size
+    if ((h.gso_type & ~VNET_GSO_ECN) != VNET_GSO_TCPV4 or mss < TCP_MIN_MSS
+            or len < ETH_HLEN + IPV4_HLEN or load16(frame + ETH_OFF_TYPE) != ETH_P_IP
+            or (ip[0] >> 4) != 4):
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    iplen = len - ETH_HLEN
+    ihl = ipv4_ihl(ip)
+    if ihl < IPV4_HLEN or load16(ip + IPV4_OFF_TOT_LEN) != iplen:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    thl = tcp_header_len(ip, iplen)
+    if thl == 0:
+        return drop(q.c, r, DROP_TX_BAD_OFFLOAD)
+    v = vxlan_route(q.t, q.dev_fd, frame, len, r, &ecn, q.c)
+    if v != VERDICT_SEND:
+        return v
+    m = &q.t.maps[r.map_index]
+    hdrs = ETH_HLEN + ihl + thl
+    if (VXLAN_OUTER + hdrs + mss > m.mtu
+            and ((m.mtu - IPV4_HLEN) // 8) * 8 < VXLAN_OUTER - IPV4_HLEN + hdrs + 8):
+        return drop(q.c, r, DROP_TX_TOO_BIG)    # no first fragment holds the headers
+    inc(q.c, TX_TSO_SPLIT)
+    sport = vxlan_source_port(frame, len, q.t.hash_seed)
+    tx_route_of(q, r, &rt)
+    if (rt.lane == LANE_L2 and q.gso_fd >= 0 and not q.gso_off
+            and VXLAN_OUTER + hdrs + mss <= m.mtu):
+        if tx_vxlan_gso(q, &rt, m, frame, len, ihl, thl, mss, sport, ecn) == 0:
+            return VERDICT_SEND
+        q.gso_off = 1           # this kernel or NIC takes no UDP GSO: segments from now on
+        inc(q.c, TX_GSO_FALLBACK)
+    off = hdrs
+    while off < len:
+        n = len - off
+        if n > mss:
+            n = mss
+        # A segment too big for the underlay (a gso_size the TAP's MTU does not allow: a
+        # container's own MTU) leaves in outer fragments, DF being clear, as the kernel's
+        # vxlan does with it; its headers are built aside, then cut with the payload.
+        big = VXLAN_OUTER + hdrs + n > m.mtu
+        o = &seg[0] if big else txq_add(q, &rt, NULL, VXLAN_OUTER + hdrs, frame + off, n)
+        memcpy(o + VXLAN_OUTER, frame, ETH_HLEN)
+        tso_segment(o + VXLAN_OUTER + ETH_HLEN, ip, ihl, thl, frame + off, n, i, mss,
+                    off + n >= len)
+        q.ip_id += 1
+        vxlan_outer(m, r.dst, q.ip_id, sport, ecn, o, hdrs + n, frame + off, n)
+        if big:
+            inc(q.c, TX_FRAGMENTED)
+            tx_fragments_split(q, &rt, &seg[0], VXLAN_OUTER + hdrs, frame + off, n, m.mtu)
+        off += n
+        i += 1
+    return VERDICT_SEND
+
+
+cdef int tx_vxlan_gso(txq *q, const tx_route *rt, const fan_map *m, uint8_t *frame,
+                      uint32_t len, uint32_t ihl, uint32_t thl, uint32_t mss, uint16_t sport,
+                      uint8_t ecn) noexcept nogil:
+    """Send the TCP superpacket frame[0:len] to the resolved neighbour rt as UDP GSO
+    superpackets through the packet socket q.gso_fd (PACKET_VNET_HDR): one Ethernet frame
+    with one outer IPv4/UDP header, whose UDP payload is up to GSO_SEGS complete VXLAN
+    packets of one size (the last may be shorter), each a VXLAN header and an MSS-sized
+    inner frame. The kernel cuts it into those packets and gives each its own outer
+    IPv4 ID, lengths and checksums (a virtio header with gso_type UDP_L4 and a partial UDP
+    checksum asks for exactly that), or hands it whole to a device that takes UDP GSO.
+    Returns 0; -1 if the kernel refused the first send (nothing of the frame left)."""
+    cdef uint32_t hdrs = ETH_HLEN + ihl + thl
+    cdef uint32_t seg = VXLAN_HLEN + hdrs + mss         # UDP payload of a full segment
+    cdef uint32_t per = (0xffff - IPV4_HLEN - UDP_HLEN) // seg
+    cdef uint32_t off = hdrs, n, k, ulen, i = 0
+    cdef uint8_t *sh
+    cdef ssize_t sent
+    if per > GSO_SEGS:
+        per = GSO_SEGS
+    txq_flush(q)            # what was queued before goes first: a flow stays in order
+    while off < len:
+        k = 0
+        ulen = UDP_HLEN
+        while off < len and k < per:
+            n = len - off
+            if n > mss:
+                n = mss
+            sh = q.gso_segs + <size_t>k * GSO_SEG_HDR
+            sh[0] = VXLAN_FLAG_I
+            memset(sh + 1, 0, 3)
+            store32(sh + 4, m.vni << 8)
+            memcpy(sh + VXLAN_HLEN, frame, ETH_HLEN)
+            tso_segment(sh + VXLAN_HLEN + ETH_HLEN, frame + ETH_HLEN, ihl, thl, frame + off,
+                        n, i, mss, off + n >= len)
+            q.gso_iov[1 + 2 * k].iov_base = sh
+            q.gso_iov[1 + 2 * k].iov_len = VXLAN_HLEN + hdrs
+            q.gso_iov[2 + 2 * k].iov_base = frame + off
+            q.gso_iov[2 + 2 * k].iov_len = n
+            ulen += VXLAN_HLEN + hdrs + n
+            off += n
+            i += 1
+            k += 1
+        sent = gso_send(q, m, rt, ecn, sport, <uint16_t>(q.ip_id + 1), ulen, seg, k,
+                        2 * k)     # IDs: the kernel counts up per segment from the first
+        if sent < 0:
+            if i == k and (errno == EINVAL or errno == EOPNOTSUPP or errno == ENOPROTOOPT):
+                return -1
+            add(q.c, DROP_TX_SEND_ERROR, k)
+            continue
+        q.ip_id += k
+        inc(q.c, TX_GSO)
+        add(q.c, TX_PACKETS, k)
+        add(q.c, TX_L2, k)
+        add(q.c, TX_BYTES, (IPV4_HLEN + UDP_HLEN) * k + ulen - UDP_HLEN)
+    return 0
+
+
+cdef ssize_t gso_send(txq *q, const fan_map *m, const tx_route *rt, uint8_t tos,
+                      uint16_t sport, uint16_t ip_id, uint32_t ulen, uint32_t seg,
+                      uint32_t k, int niov) noexcept nogil:
+    """One UDP GSO superpacket through q.gso_fd: a virtio header, Ethernet to the resolved
+    neighbour rt, one outer IPv4/UDP header for a UDP length of ulen, then the niov
+    payload iovecs already in q.gso_iov[1:]: k segments of seg bytes of UDP payload (the
+    last may be shorter). The kernel cuts it into k packets, IDs counting up from ip_id,
+    each with its own lengths and checksums (the UDP one is left partial for it), or hands
+    it whole to a device that takes UDP GSO. Returns what sendmsg returns."""
+    cdef uint8_t *e = q.gso_hdr + VNET_HLEN
+    cdef uint8_t *o = e + ETH_HLEN
+    cdef uint8_t *u = o + IPV4_HLEN
+    cdef vnet_hdr vh
+    cdef uint16_t c16
+    cdef ssize_t sent
+    memset(&vh, 0, sizeof(vh))
+    vh.flags = VNET_F_NEEDS_CSUM
+    vh.csum_start = ETH_HLEN + IPV4_HLEN
+    vh.csum_offset = UDP_OFF_CSUM
+    if k > 1:
+        vh.gso_type = VNET_GSO_UDP_L4
+        vh.gso_size = <uint16_t>seg
+        vh.hdr_len = ETH_HLEN + IPV4_HLEN + UDP_HLEN
+    memcpy(q.gso_hdr, &vh, VNET_HLEN)
+    q.gso_sll.sll_ifindex = m.ifindex
+    memcpy(e, rt.dmac, ETH_ALEN)
+    memcpy(e + ETH_ALEN, m.mac, ETH_ALEN)
+    store16(e + 2 * ETH_ALEN, ETH_P_IP)
+    ipv4_outer(o, tos, IPV4_HLEN + ulen, ip_id, 0, VXLAN_TTL, IPPROTO_UDP, m.local, rt.dst)
+    store16(u + UDP_OFF_SPORT, sport)
+    store16(u + UDP_OFF_DPORT, m.port)
+    store16(u + UDP_OFF_LEN, ulen)
+    c16 = ~csum_fold(pseudo_header(o, IPPROTO_UDP, ulen))   # partial: the kernel ends it
+    memcpy(u + UDP_OFF_CSUM, &c16, 2)
+    q.gso_iov[0].iov_base = q.gso_hdr
+    q.gso_iov[0].iov_len = GSO_HDR
+    q.gso_msg.msg_iovlen = 1 + niov
+    sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+    while sent < 0 and errno == EINTR:
+        sent = sendmsg(q.gso_fd, &q.gso_msg, 0)
+    return sent
+
+
+cdef bint tx_run_add(txq *q, const tx_route *rt, uint8_t *o, uint32_t out_len) noexcept nogil:
+    """A plain frame, encapsulated in place (its outer IPv4 header at o, out_len bytes in
+    all): True if it joined the run or began one, to leave with it in one UDP GSO send;
+    False if it cannot (the run, if any, has then been sent: the caller queues the frame
+    after it). Frames join while they follow one another with the same neighbour, outer
+    TOS and source port (one flow, X3), consecutive IDs, and one size, the last maybe
+    shorter, up to GSO_SEGS frames and 64 KiB: what the kernel's UDP GSO turns back into
+    exactly these packets. Like the kernel's UDP GSO on a socket, this saves a trip down
+    the stack per packet: a flood of small datagrams costs one send per run, not one
+    message of a sendmmsg each."""
+    cdef uint32_t seg = out_len - IPV4_HLEN - UDP_HLEN
+    cdef const uint8_t *f
+    if (rt.lane != LANE_L2 or q.gso_fd < 0 or q.gso_off
+            or out_len > q.t.maps[rt.map_index].mtu):
+        tx_run_close(q)
+        return False
+    if q.run_n:
+        f = q.run_o[0]
+        if (not q.run_shut and q.run_n < GSO_SEGS and seg <= q.run_seg
+                and rt.map_index == q.run_rt.map_index and rt.dst == q.run_rt.dst
+                and IPV4_HLEN + q.run_ulen + seg <= 0xffff
+                and o[IPV4_OFF_TOS] == f[IPV4_OFF_TOS]
+                and load16(o + IPV4_HLEN + UDP_OFF_SPORT)
+                == load16(f + IPV4_HLEN + UDP_OFF_SPORT)
+                and load16(o + IPV4_OFF_ID) == <uint16_t>(load16(f + IPV4_OFF_ID) + q.run_n)):
+            q.run_shut = seg < q.run_seg
+            q.run_o[q.run_n] = o
+            q.run_n += 1
+            q.run_ulen += seg
+            return True
+        tx_run_close(q)
+    q.run_rt = rt[0]
+    q.run_seg = seg
+    q.run_ulen = UDP_HLEN + seg
+    q.run_shut = False
+    q.run_o[0] = o
+    q.run_n = 1
+    return True
+
+
+cdef void tx_run_close(txq *q) noexcept nogil:
+    """Send the run: a single frame on the lanes, as it came; two or more in one UDP GSO
+    send, after what the lanes hold (read before them). If the kernel refuses UDP GSO
+    (as in tx_frame_tso) the frames go on the lanes one by one, their own outer headers
+    intact, and this loop stops trying."""
+    cdef int n = q.run_n, k
+    cdef const uint8_t *f = q.run_o[0]
+    cdef const fan_map *m
+    cdef ssize_t sent
+    if n == 0:
+        return
+    q.run_n = 0
+    if n > 1:
+        m = &q.t.maps[q.run_rt.map_index]
+        lane_flush(q, LANE_IP)
+        lane_flush(q, LANE_L2)
+        for k in range(n):
+            q.gso_iov[1 + k].iov_base = q.run_o[k] + IPV4_HLEN + UDP_HLEN
+            q.gso_iov[1 + k].iov_len = load16(q.run_o[k] + IPV4_OFF_TOT_LEN) - IPV4_HLEN - UDP_HLEN
+        sent = gso_send(q, m, &q.run_rt, f[IPV4_OFF_TOS],
+                        load16(f + IPV4_HLEN + UDP_OFF_SPORT), load16(f + IPV4_OFF_ID),
+                        q.run_ulen, q.run_seg, n, n)
+        if sent >= 0:
+            inc(q.c, TX_GSO)
+            add(q.c, TX_GSO_JOINED, n)
+            add(q.c, TX_PACKETS, n)
+            add(q.c, TX_L2, n)
+            add(q.c, TX_BYTES, (IPV4_HLEN + UDP_HLEN) * n + q.run_ulen - UDP_HLEN)
+            return
+        if not (errno == EINVAL or errno == EOPNOTSUPP or errno == ENOPROTOOPT):
+            add(q.c, DROP_TX_SEND_ERROR, n)
+            return
+        q.gso_off = 1
+        inc(q.c, TX_GSO_FALLBACK)
+    for k in range(n):
+        txq_add(q, &q.run_rt, q.run_o[k], load16(q.run_o[k] + IPV4_OFF_TOT_LEN), NULL, 0)

@@ -4,7 +4,7 @@ summed per fan and direction, and the rates between two snapshots. Used by `fanp
 group alike.
 
 Everything is derived from the counter names, i.e. from the `Counter` enum in
-_fast/fastpath.pyx (docs/spec.md §5): `drop_<direction>_<reason>` is a drop,
+_fast/shared.pxi (docs/spec.md §5): `drop_<direction>_<reason>` is a drop,
 `<direction>_packets` and `<direction>_bytes` are what a direction carried, and any other
 `<direction>_<what>` counts a path some packets took (offloads, local delivery, ECN).
 A snapshot is what runstate.totals() returns (`fanpkt stats --json`).

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,3 +266,67 @@ def test_the_specs_counter_table_lists_every_counter_once_in_order():
     assert rows == list(COUNTER_NAMES)
     # and the count the text gives
     assert re.findall(r"the counters \((\d+) of them\)", text) == [str(len(COUNTER_NAMES))]
+
+
+# -- the engine's units: definitions flow one way -----------------------------------------
+# fastpath.pyx is one compiled module whose .pxi units are pasted in where it includes
+# them. Each unit may use what is defined before it (the .pxd files, the units included
+# earlier) and nothing after it: not a later unit's cdef function, and, except for the
+# units included after the loops (testing.pxi), none of fastpath.pyx's own.
+FAST = ROOT / "_fast"
+CDEF_FUNCTION = re.compile(r"^cdef +(?:inline +)?[\w ]*?[\w*]+[ *]+(\w+) *\(", re.MULTILINE)
+CALL = re.compile(r"\b(\w+)\s*\(")
+
+
+def code_of(text: str) -> str:
+    """The code of a Cython source without its docstrings, strings and comments."""
+    text = re.sub(r'"""[\s\S]*?"""', "", text)
+    text = re.sub(r'"[^"\n]*"', '""', text)
+    return re.sub(r"#[^\n]*", "", text)
+
+
+def units_in_order(main: str, read: Callable[[str], str]) -> list[tuple[str, str]]:
+    """(name, code) of each unit in the order the module is pasted together: the included
+    files, with fastpath.pyx's own code placed after the last include that comes before
+    its last cdef function (so a unit included above the loops sits above them)."""
+    code = code_of(main)
+    includes = [(m.start(), m.group(1)) for m in
+                re.finditer(r'^include "([\w.]+)"', main, re.MULTILINE)]
+    defs = [m.start() for m in CDEF_FUNCTION.finditer(main)]
+    last = max(defs, default=-1)
+    before = [name for at, name in includes if at < last]
+    after = [name for at, name in includes if at > last]
+    return [(n, code_of(read(n))) for n in before] + [("fastpath.pyx", code)] + \
+        [(n, code_of(read(n))) for n in after]
+
+
+def upward_uses(units: list[tuple[str, str]]) -> list[str]:
+    """Each use, in a unit, of a cdef function defined only in a unit after it."""
+    defined = [set(CDEF_FUNCTION.findall(code)) for _, code in units]
+    found = []
+    for i, (name, code) in enumerate(units):
+        seen = set().union(*defined[:i + 1])
+        later = set().union(*defined[i + 1:]) - seen
+        found += [f"{name} uses {f}" for f in sorted(set(CALL.findall(code)) & later)]
+    return found
+
+
+def test_upward_use_finder_finds_them():
+    main = 'include "a.pxi"\ncdef int loop(int x):\n    return low(x)\ninclude "t.pxi"\n'
+    files = {"a.pxi": "cdef int low(int x) noexcept nogil:\n    return high(x)  # loop(\n"
+                      "cdef uint8_t *high(int x):\n    return NULL\n",
+             "t.pxi": "def f():\n    return loop(1)\n"}
+    units = units_in_order(main, files.__getitem__)
+    assert [n for n, _ in units] == ["a.pxi", "fastpath.pyx", "t.pxi"]
+    assert upward_uses(units) == []
+    files["a.pxi"] += "cdef int up(int x):\n    return loop(x)\n"
+    assert upward_uses(units_in_order(main, files.__getitem__)) == ["a.pxi uses loop"]
+
+
+def test_units_use_nothing_defined_after_them():
+    """No .pxi calls back up into the one that includes it or into a unit included later:
+    shared.pxi -> ipip.pxi, vxlan.pxi -> tx.pxi, rx.pxi -> the loops -> testing.pxi."""
+    units = units_in_order((FAST / "fastpath.pyx").read_text(),
+                           lambda name: (FAST / name).read_text())
+    assert len(units) >= 3 and all((FAST / n).exists() for n, _ in units)
+    assert upward_uses(units) == []
