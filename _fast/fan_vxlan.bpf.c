@@ -184,13 +184,20 @@ static __always_inline __u32 ipv4_ok(const struct iphdr *ip, const void *data_en
 	return ihl;
 }
 
-/* The headers fan_tx and fan_rx read, in the linear data (the rest of a frame may stay
- * in pages). Packet pointers must be loaded after it. */
+/* The first bytes fan_tx and fan_rx read directly: Ethernet, then an ARP body or an
+ * IPv4 header without options (what lies beyond, they read with bpf_skb_load_bytes). */
+#define HEAD_LEN (sizeof(struct ethhdr) + ARP_LEN)
+
+/* Make the frame's first HEAD_LEN bytes (or all of it, if shorter) linear, where a
+ * program reads them; they nearly always are already, and only then is nothing done: a
+ * pull unclones the skb (a TCP segment its socket still holds for retransmission), which
+ * copies its head. Packet pointers must be loaded after it. */
 static __always_inline void pull_headers(struct __sk_buff *skb)
 {
-	__u32 want = sizeof(struct ethhdr) + 60 + sizeof(struct udphdr);
+	__u32 want = skb->len < HEAD_LEN ? skb->len : HEAD_LEN;
 
-	bpf_skb_pull_data(skb, skb->len < want ? skb->len : want);
+	if ((long)skb->data + want > (long)skb->data_end)
+		bpf_skb_pull_data(skb, want);
 }
 
 /* Ethernet/IPv4 ARP, whole: the pointer to its body, or NULL. */
@@ -346,12 +353,12 @@ int fan_rx(struct __sk_buff *skb)
 		k = bpf_ntohl(ip->daddr);
 		ksrc = bpf_ntohl(ip->saddr);
 		if (ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(0x1fff))) {
-			struct udphdr *udp = (void *)ip + ihl;
+			__be16 dport = 0;
 
 			/* DHCP never crosses a fan: a peer must not lease from our dnsmasq */
-			if ((void *)(udp + 1) <= data_end
-			    && (udp->dest == bpf_htons(DHCP_SERVER_PORT)
-				|| udp->dest == bpf_htons(DHCP_CLIENT_PORT)))
+			bpf_skb_load_bytes(skb, sizeof(*eth) + ihl + offsetof(struct udphdr, dest),
+					   &dport, sizeof(dport));
+			if (dport == bpf_htons(DHCP_SERVER_PORT) || dport == bpf_htons(DHCP_CLIENT_PORT))
 				return drop(row, DROP_RX_DHCP);
 		}
 	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
