@@ -150,7 +150,10 @@ class Forwarder:
                                            self.run.path)
                 self.run.forget_leftovers()
             if any(s.vxlan and s.datapath != "user" for s in self.specs):
-                self._kernel_path()     # loaded now, while every capability is there
+                try:
+                    self._kernel_path()     # loaded now, while every capability is there
+                except KernelPathError:
+                    pass                    # each fan decides: auto falls back, kernel fails
             # before the first publish(): every fan `fanpkt show` lists, even while the
             # rest are still coming up, is one `fanpkt up` and `down` can reach (requests
             # wait in the listen backlog until serve())

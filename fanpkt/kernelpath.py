@@ -34,7 +34,11 @@ from .netlink import disable_ipv6, link_index
 
 log = logging.getLogger("fanpkt")
 
-OBJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fan_vxlan.bpf.o")
+# The eBPF object the build put beside this module; FANPKT_BPF_OBJECT names another
+# (a build of one's own, or none at all: a path with no file makes the kernel path
+# unavailable, which `auto` then falls back from).
+OBJECT = os.environ.get("FANPKT_BPF_OBJECT") or \
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "fan_vxlan.bpf.o")
 MAX_FANS = 32               # MAX_FANS of the object
 # enum kcounter of _fast/fan_vxlan.bpf.c, in its order: the userspace engine's names
 KERNEL_COUNTERS = [

@@ -401,3 +401,24 @@ def test_a_port_held_elsewhere_and_an_ipip_fan_are_refused_clearly(lab):
     r = nsx(h1, *FORWARD, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", "--datapath",
             "kernel", check=False)
     assert r.returncode == 2 and "an IPIP fan runs on the userspace engine" in r.stderr
+
+
+def test_without_the_ebpf_object_auto_starts_on_the_engine_and_kernel_fails(lab):
+    """A build without clang has no eBPF object (FANPKT_BPF_OBJECT names a missing one
+    here): a forwarder with datapath auto starts with its fan on the userspace engine and
+    says why; with datapath kernel it exits 4, leaving nothing."""
+    from lab import FORWARD
+    h1, h2 = (lab.host(n, a) for n, a in (("h1", "172.16.1.1"), ("h2", "172.16.2.1")))
+    env = {"FANPKT_BPF_OBJECT": "/nonexistent/fan_vxlan.bpf.o"}
+    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "--datapath", "auto", env=env)
+    lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16")
+    assert [f["datapath"] for f in stats(h1)["fans"]] == ["user"]
+    assert ping(h1, "241.2.1.1").returncode == 0
+    assert ("241.0.0.0/8: on the userspace engine, since the kernel path cannot be set up "
+            "(the eBPF object /nonexistent/fan_vxlan.bpf.o was not built") in \
+        open(lab.logs[h1]).read()
+    h3 = lab.host("h3", "172.16.3.1")
+    r = nsx(h3, "env", "FANPKT_BPF_OBJECT=/nonexistent/fan_vxlan.bpf.o", *FORWARD, *VXLAN,
+            "-u", "172.16.3.1/16", "--datapath", "kernel", check=False)
+    assert r.returncode == 4 and "no kernel data path: the eBPF object" in r.stderr, r.stderr
+    assert not {"fan-241", "fanp-241", "fanbr-241", "fanvx-8472"} & set(links(h3))
