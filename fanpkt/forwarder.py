@@ -243,7 +243,8 @@ class Forwarder:
         if not spec.vxlan or spec.datapath == "user":
             return None
         try:
-            if spec.port in self.vxlan_socks:
+            if any(f.spec.vxlan and f.spec.port == spec.port and f.datapath == "user"
+                   for f in self.fans.values()):    # their socket may not be open yet
                 raise KernelPathError(f"UDP port {spec.port} serves userspace fans here")
             return self._kernel_path().create(slot, spec.map.device_name, spec.port,
                                               spec.vni_value, mtu)

@@ -422,3 +422,15 @@ def test_without_the_ebpf_object_auto_starts_on_the_engine_and_kernel_fails(lab)
             "-u", "172.16.3.1/16", "--datapath", "kernel", check=False)
     assert r.returncode == 4 and "no kernel data path: the eBPF object" in r.stderr, r.stderr
     assert not {"fan-241", "fanp-241", "fanbr-241", "fanvx-8472"} & set(links(h3))
+
+
+def test_an_auto_fan_beside_a_userspace_fan_on_its_port_at_start(lab, tmp_path):
+    """At start the engine's socket for a port is opened after every fan has its device:
+    an auto fan listed after a userspace fan of the same port must still see that the
+    port is the engine's, and take the engine too."""
+    h1 = lab.host("h1", "172.16.1.1")
+    conf = tmp_path / "fan"
+    conf.write_text("241.0.0.0/8 172.16.1.1/16 type vxlan\n"
+                    "250.0.0.0/8 172.16.1.1/16 type vxlan vni 9 datapath auto\n")
+    lab.forward(h1, "-c", str(conf))
+    assert [f["datapath"] for f in stats(h1)["fans"]] == ["user", "user"]
