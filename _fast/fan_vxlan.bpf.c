@@ -5,21 +5,26 @@
  * VXLAN transmit rules X1-X3 and receive rules V1-V6), count under the same counter
  * names, and leave the wire format to the kernel's vxlan driver, which is the fan's.
  *
- * Devices, per fan: a veth pair whose end `fan-O` is the fan bridge's port (where the
- * userspace engine has its TAP); the other end only keeps it up. Per UDP port: one
- * flow-based vxlan device, not bridged, shared by the fans on that port.
+ * Devices. Per UDP port, one flow-based vxlan device, `fanvx-PORT`. The first fan on a
+ * port has that device itself as its bridge's port, as the kernel's own bridged vxlan
+ * does: the programs only steer, check and count, and return TC_ACT_OK, so a frame
+ * crosses no device the kernel's own layout would not. Each further fan on the port has
+ * a veth pair whose end `fan-O` is its bridge's port, and the programs redirect between
+ * that end and the shared vxlan device by VNI.
  *
- *   fan_tx   tc egress of fan-O: a frame the bridge sends toward the fan -> the key (the
- *            IPv4 destination or the ARP target) -> X1-X2 -> tunnel key (VNI, fan(key),
- *            our underlay address) -> redirected to the vxlan device, which encapsulates
- *            it (UDP source port from the flow hash, TTL from the route, DF clear, UDP
- *            checksum, ECN as RFC 6040): X3 is the kernel's own.
+ *   fan_tx   tc egress of the fan's port (the vxlan device or fan-O): a frame the bridge
+ *            sends toward the fan -> the key (the IPv4 destination or the ARP target) ->
+ *            X1-X2 -> tunnel key (VNI, fan(key), our underlay address) -> on into the
+ *            vxlan driver (redirected to it from fan-O), which encapsulates it (UDP
+ *            source port from the flow hash, TTL from the route, DF clear, UDP checksum,
+ *            ECN as RFC 6040): X3 is the kernel's own.
  *   fan_rx   tc ingress of the vxlan device: a decapsulated frame with its tunnel key ->
  *            the fan of its VNI (V1) -> V2 (outer source in the underlay, outer
  *            destination our address) -> V3 (a well-formed IPv4 or ARP frame, not from
- *            our bridge's MAC nor any local MAC, no DHCP) -> V4 (for our slice) -> V5 (the sender speaks
- *            for its own slice) -> redirected into fan-O as if received there, so the
- *            bridge switches it. V6 (ECN) is the vxlan driver's, before us.
+ *            our bridge's MAC nor any local MAC, no DHCP) -> V4 (for our slice) -> V5 (the
+ *            sender speaks for its own slice) -> on to the bridge the vxlan device is a
+ *            port of, or redirected into fan-O as if received there. V6 (ECN) is the
+ *            vxlan driver's, before us.
  *
  * Every drop is counted first (count(), then TC_ACT_SHOT), in a per-CPU array: one row
  * of N_KCOUNTERS per fan slot, and a last row for what belongs to no fan. Configuration
@@ -74,8 +79,8 @@ struct fan_conf {
 	__u32 slice_net, slice_mask;
 	__u32 shift;            /* u - o */
 	__u32 vni;
-	__u32 vxlan_ifindex;    /* where fan_tx sends */
-	__u32 port_ifindex;     /* fan-O: where fan_rx delivers */
+	__u32 vxlan_ifindex;    /* the port's vxlan device, where fan_tx sends */
+	__u32 port_ifindex;     /* the fan's bridge port: the vxlan device itself, or fan-O */
 	__u32 check_spoof;
 	__u8 bridge_mac[ETH_ALEN];
 	__u8 pad[2];
@@ -93,7 +98,7 @@ struct {
 	__type(value, struct fan_conf);
 } fan_conf SEC(".maps");
 
-/* fan-O's ifindex -> its fan's slot, for fan_tx */
+/* the fan's bridge port's ifindex -> its fan's slot, for fan_tx */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_FANS);
@@ -261,6 +266,11 @@ int fan_tx(struct __sk_buff *skb)
 	f = bpf_map_lookup_elem(&fan_conf, &row);
 	if (!f || row >= MAX_FANS)
 		return drop(NO_FAN, DROP_TX_NO_MAP);
+	/* On a vxlan device that is a fan's port and shared with further fans, frames those
+	 * fans' fan_tx steered here arrive with their key set, and go on as they are: a
+	 * frame from a bridge has none (the vxlan driver would drop it anyway) */
+	if (ifindex == f->vxlan_ifindex && bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0)
+		return TC_ACT_OK;
 	pull_headers(skb);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -292,6 +302,7 @@ int fan_tx(struct __sk_buff *skb)
 		return drop(row, DROP_TX_TO_SELF);
 	/* X3, by the vxlan driver: TTL 0 takes the route's hop limit, TOS 0 with the inner
 	 * ECN, flags 0 a UDP checksum and DF clear; the source is our underlay address */
+	__builtin_memset(&key, 0, sizeof(key));
 	key.tunnel_id = f->vni;
 	key.remote_ipv4 = under;
 	key.local_ipv4 = f->local;
@@ -299,6 +310,8 @@ int fan_tx(struct __sk_buff *skb)
 		return drop(row, DROP_TX_SEND_ERROR);
 	count(row, TX_PACKETS, segments(skb));
 	count(row, TX_BYTES, skb->len + 36 * segments(skb));     /* outer IPv4 + UDP + VXLAN */
+	if (ifindex == f->vxlan_ifindex)
+		return TC_ACT_OK;
 	return bpf_redirect(f->vxlan_ifindex, 0);
 }
 
@@ -385,6 +398,8 @@ int fan_rx(struct __sk_buff *skb)
 		return drop(row, DROP_RX_SPOOFED_SRC);
 	count(row, RX_PACKETS, segments(skb));
 	count(row, RX_BYTES, skb->len);
+	if (f->port_ifindex == skb->ifindex)
+		return TC_ACT_OK;
 	return bpf_redirect(f->port_ifindex, BPF_F_INGRESS);
 }
 

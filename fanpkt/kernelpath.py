@@ -1,12 +1,16 @@
 """The kernel data path of VXLAN fans: the one door to the eBPF object
 (fanpkt/fan_vxlan.bpf.o, built from _fast/fan_vxlan.bpf.c) and the devices it runs on.
 
-Per UDP port, one stock flow-based vxlan device, `fanvx-PORT`, not bridged: the kernel's
-vxlan driver encapsulates and decapsulates, in the fan's own wire format. Per fan, a veth
-pair whose end `fan-O` (the name the userspace engine gives its TAP) is the fan bridge's
-port and whose other end `fanp-O` only keeps it up. The object's two programs steer
-between them (fan_tx on fan-O's tc egress, fan_rx on fanvx-PORT's tc ingress) and count
-in a per-CPU array map, one row per fan slot, under the userspace engine's counter names.
+Per UDP port, one stock flow-based vxlan device, `fanvx-PORT`: the kernel's vxlan driver
+encapsulates and decapsulates, in the fan's own wire format. The port's first fan has that
+device as its bridge's port, as the kernel's own bridged vxlan would: the programs steer,
+check and count, and the frame goes on with no redirect (a fan "direct" on its port). Each
+further fan on the port has a veth pair whose end `fan-O` (the name the userspace engine
+gives its TAP) is its bridge's port and whose other end `fanp-O` only keeps it up; the
+programs redirect between fan-O and the shared vxlan device by VNI. The object's two
+programs (fan_tx on each fan's port's tc egress, fan_rx on the vxlan device's tc ingress)
+count in a per-CPU array map, one row per fan slot, under the userspace engine's counter
+names.
 
 Loaded with libbpf (libbpf.so.1, through ctypes): the loader the kernel's own tools use,
 present wherever iproute2 is, and the one that understands the object's BTF-defined
@@ -171,10 +175,11 @@ class KernelFan:
     is the fan's device, as a Tun is on the userspace engine's (name, index, close), with
     no queue for a transmit loop to read (fds) and no virtio header to probe (gso)."""
     slot: int
-    port_device: str            # fan-O, the bridge port
+    name: str                   # the fan's name, fan-O, whatever its port device
     port: int                   # its UDP port
     vni: int
-    index: int = 0              # fan-O's ifindex
+    port_device: str = ""       # its bridge's port: fanvx-PORT (direct) or fan-O (veth)
+    index: int = 0              # port_device's ifindex
     path: Optional["KernelPath"] = None
     fds: tuple = ()
     fd: int = -1
@@ -182,8 +187,9 @@ class KernelFan:
     dev_gso: int = 0
 
     @property
-    def name(self) -> str:
-        return self.port_device
+    def direct(self) -> bool:
+        """Whether its bridge's port is the vxlan device itself (no veth, no redirect)."""
+        return self.port_device == vxlan_device(self.port)
 
     def close(self) -> None:
         if self.path is not None:
@@ -193,41 +199,53 @@ class KernelFan:
 
 class KernelPath:
     """Every kernel-path VXLAN fan of this process: one eBPF object, one vxlan device per
-    UDP port, a veth pair per fan."""
+    UDP port (its first fan's bridge port), a veth pair for each further fan on a port."""
 
     def __init__(self, check_spoof: bool = True):
         self.check_spoof = check_spoof
         self.bpf = BpfObject()
         self.fans: dict[int, KernelFan] = {}
         self.ports: dict[int, int] = {}         # UDP port -> fanvx-PORT's ifindex
+        self.direct: dict[int, int] = {}        # UDP port -> the slot of its direct fan
         self.local_macs: frozenset = frozenset()
 
     # -- devices -------------------------------------------------------------------------
-    def create(self, slot: int, port_device: str, port: int, vni: int, mtu: int) -> KernelFan:
-        """The fan's veth pair and its port's vxlan device (if it is the port's first
-        fan), up: fan-O is for the bridge (plumbing.attach). Nothing is steered until
-        configure(). On failure nothing stays."""
-        fan = KernelFan(slot, port_device, port, vni, path=self)
-        peer = peer_device(port_device)
+    def create(self, slot: int, name: str, port: int, vni: int, mtu: int) -> KernelFan:
+        """The fan's bridge port, up: the port's vxlan device (made if this is the port's
+        first fan) where no other fan has it, else a veth pair `name`. The caller bridges
+        it (plumbing.attach); nothing is steered until configure(). On failure nothing
+        stays."""
+        fan = KernelFan(slot, name, port, vni, path=self)
         created: list[str] = []
         with IPRoute() as ipr:
             try:
                 if port not in self.ports:
                     self.ports[port] = self._vxlan(ipr, port, mtu, created)
-                ipr.link("add", ifname=port_device, kind="veth", peer=peer)
-                created.append(port_device)
-                for name in (peer, port_device):
-                    disable_ipv6(name)      # no router solicitation into the bridge
-                    ipr.link("set", index=link_index(ipr, name), mtu=mtu, state="up")
-                fan.index = link_index(ipr, port_device)
+                if port not in self.direct:
+                    fan.port_device, fan.index = vxlan_device(port), self.ports[port]
+                else:
+                    fan.port_device = name
+                    fan.index = self._veth(ipr, name, mtu, created)
             except NetlinkError as e:
-                for name in reversed(created):
-                    _delete(ipr, name)
+                for dev in reversed(created):
+                    _delete(ipr, dev)
                 if vxlan_device(port) in created:
                     self.ports.pop(port, None)
-                raise KernelPathError(self._why(e, port, port_device)) from None
+                raise KernelPathError(self._why(e, port, name)) from None
+        if fan.direct:
+            self.direct[port] = slot
         self.fans[slot] = fan
         return fan
+
+    @staticmethod
+    def _veth(ipr, name: str, mtu: int, created: list[str]) -> int:
+        peer = peer_device(name)
+        ipr.link("add", ifname=name, kind="veth", peer=peer)
+        created.append(name)
+        for dev in (peer, name):
+            disable_ipv6(dev)       # no router solicitation into the bridge
+            ipr.link("set", index=link_index(ipr, dev), mtu=mtu, state="up")
+        return link_index(ipr, name)
 
     def _vxlan(self, ipr, port: int, mtu: int, created: list[str]) -> int:
         name = vxlan_device(port)
@@ -280,14 +298,20 @@ class KernelPath:
                        classid=1, direct_action=True)
 
     def remove(self, fan: KernelFan) -> None:
-        """Stop steering for the fan and delete its veth pair (and its port's vxlan
-        device with its last fan)."""
+        """Stop steering for the fan and take its bridge port away: a veth pair is
+        deleted; the vxlan device of a direct fan leaves its bridge and loses fan_tx, and
+        goes with the port's last fan."""
         self.bpf.delete("fan_by_port", struct.pack("=I", fan.index))
         if fan.port in self.ports:
             self.bpf.delete("fan_by_vni", struct.pack("=II", self.ports[fan.port], fan.vni))
         self.fans.pop(fan.slot, None)
         with IPRoute() as ipr:
-            _delete(ipr, fan.port_device)
+            if not fan.direct:
+                _delete(ipr, fan.port_device)
+            elif self.direct.get(fan.port) == fan.slot:
+                del self.direct[fan.port]
+                if any(f.port == fan.port for f in self.fans.values()):
+                    _release(ipr, fan.index)
             if fan.port in self.ports and not any(f.port == fan.port
                                                   for f in self.fans.values()):
                 _delete(ipr, vxlan_device(fan.port))
@@ -338,6 +362,17 @@ def _clsact(ipr, index: int) -> None:
     except NetlinkError as e:
         if e.code != errno.EEXIST:
             raise
+
+
+def _release(ipr, index: int) -> None:
+    """A vxlan device that was a fan's bridge port, kept for the port's other fans: out
+    of the bridge and without fan_tx (what reaches it now is steered already)."""
+    try:
+        ipr.link("set", index=index, master=0)
+        ipr.tc("del-filter", index=index, parent=TC_EGRESS)
+    except NetlinkError as e:
+        log.warning("could not take the vxlan device (ifindex %d) from its fan: %s", index,
+                    e)
 
 
 def _has_filter(ipr, index: int) -> bool:
