@@ -69,6 +69,7 @@ enum kcounter {
 	DROP_RX_SPOOFED_SRC,
 	N_KCOUNTERS
 };
+_Static_assert(TX_BYTES == TX_PACKETS + 1 && RX_BYTES == RX_PACKETS + 1, "count_pass");
 
 /* One fan, addresses in host byte order (struct fan_map of _fast/fanmap.pxd, the part
  * these programs need). */
@@ -125,11 +126,17 @@ struct {
 	__type(value, __u8);
 } local_macs SEC(".maps");
 
+/* A row of counters: one per fan slot, and one more for what belongs to no fan. A
+ * packet's counting is one lookup of its row, whatever it adds to. */
+struct counter_row {
+	__u64 n[N_KCOUNTERS];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, (MAX_FANS + 1) * N_KCOUNTERS);
+	__uint(max_entries, MAX_FANS + 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct counter_row);
 } fan_counters SEC(".maps");
 
 #define NO_FAN MAX_FANS         /* the counter row of what belongs to no fan */
@@ -141,11 +148,22 @@ struct {
 
 static __always_inline void count(__u32 row, enum kcounter k, __u64 n)
 {
-	__u32 idx = row * N_KCOUNTERS + k;
-	__u64 *v = bpf_map_lookup_elem(&fan_counters, &idx);
+	struct counter_row *c = bpf_map_lookup_elem(&fan_counters, &row);
 
-	if (v)
-		*v += n;
+	if (c)
+		c->n[k] += n;
+}
+
+/* A packet that goes on: its packets and bytes counters, with one lookup. */
+static __always_inline void count_pass(__u32 row, enum kcounter packets, __u64 n,
+				       __u64 bytes)
+{
+	struct counter_row *c = bpf_map_lookup_elem(&fan_counters, &row);
+
+	if (c) {
+		c->n[packets] += n;
+		c->n[packets + 1] += bytes;     /* X_BYTES follows X_PACKETS */
+	}
 }
 
 static __always_inline int drop(__u32 row, enum kcounter k)
@@ -308,8 +326,8 @@ int fan_tx(struct __sk_buff *skb)
 	key.local_ipv4 = f->local;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), 0) < 0)
 		return drop(row, DROP_TX_SEND_ERROR);
-	count(row, TX_PACKETS, segments(skb));
-	count(row, TX_BYTES, skb->len + 36 * segments(skb));     /* outer IPv4 + UDP + VXLAN */
+	/* bytes as sent: with the outer IPv4, UDP and VXLAN headers of each segment */
+	count_pass(row, TX_PACKETS, segments(skb), skb->len + 36 * segments(skb));
 	if (ifindex == f->vxlan_ifindex)
 		return TC_ACT_OK;
 	return bpf_redirect(f->vxlan_ifindex, 0);
@@ -366,11 +384,16 @@ int fan_rx(struct __sk_buff *skb)
 		k = bpf_ntohl(ip->daddr);
 		ksrc = bpf_ntohl(ip->saddr);
 		if (ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(0x1fff))) {
+			const struct udphdr *udp = (const void *)ip + ihl;
 			__be16 dport = 0;
 
-			/* DHCP never crosses a fan: a peer must not lease from our dnsmasq */
-			bpf_skb_load_bytes(skb, sizeof(*eth) + ihl + offsetof(struct udphdr, dest),
-					   &dport, sizeof(dport));
+			/* DHCP never crosses a fan: a peer must not lease from our dnsmasq. The
+			 * port is in the linear head but for IP options or a short frame. */
+			if ((const void *)(udp + 1) <= data_end)
+				dport = udp->dest;
+			else
+				bpf_skb_load_bytes(skb, sizeof(*eth) + ihl +
+						   offsetof(struct udphdr, dest), &dport, sizeof(dport));
 			if (dport == bpf_htons(DHCP_SERVER_PORT) || dport == bpf_htons(DHCP_CLIENT_PORT))
 				return drop(row, DROP_RX_DHCP);
 		}
@@ -396,8 +419,7 @@ int fan_rx(struct __sk_buff *skb)
 	if (f->check_spoof
 	    && ((ksrc & f->overlay_mask) != f->overlay || fan_dest(f, ksrc) != osrc))
 		return drop(row, DROP_RX_SPOOFED_SRC);
-	count(row, RX_PACKETS, segments(skb));
-	count(row, RX_BYTES, skb->len);
+	count_pass(row, RX_PACKETS, segments(skb), skb->len);
 	if (f->port_ifindex == skb->ifindex)
 		return TC_ACT_OK;
 	return bpf_redirect(f->port_ifindex, BPF_F_INGRESS);

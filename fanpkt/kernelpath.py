@@ -150,17 +150,17 @@ class BpfObject:
         self._bpf.lib.bpf_map_delete_elem(self.maps[map_name], k)
 
     def counters(self, row: int) -> dict[str, int]:
-        """One row of the per-CPU counters, summed over the CPUs."""
-        out = {}
-        buf = (ctypes.c_uint64 * self.cpus)()
-        for k, name in enumerate(KERNEL_COUNTERS):
-            key = ctypes.c_uint32(row * len(KERNEL_COUNTERS) + k)
-            if self._bpf.lib.bpf_map_lookup_elem(self.maps["fan_counters"],
-                                                 ctypes.byref(key), buf):
-                raise KernelPathError(f"cannot read the eBPF counters: "
-                                      f"{os.strerror(ctypes.get_errno())}")
-            out[name] = sum(buf)
-        return out
+        """One row of the per-CPU counters (struct counter_row per CPU), summed over the
+        CPUs."""
+        n = len(KERNEL_COUNTERS)
+        buf = (ctypes.c_uint64 * (n * self.cpus))()
+        key = ctypes.c_uint32(row)
+        if self._bpf.lib.bpf_map_lookup_elem(self.maps["fan_counters"], ctypes.byref(key),
+                                             buf):
+            raise KernelPathError(f"cannot read the eBPF counters: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+        return {name: sum(buf[cpu * n + k] for cpu in range(self.cpus))
+                for k, name in enumerate(KERNEL_COUNTERS)}
 
     def close(self) -> None:
         """The programs stay attached where they are: only this process's hold goes."""
