@@ -323,6 +323,25 @@ def test_up_and_down_on_the_kernel_path(lab):
     assert ping(h1, "241.2.1.1").returncode == 0
 
 
+def test_the_underlay_address_moving_to_another_interface_changes_nothing(lab):
+    """The vxlan device is bound to no interface and sends from the fan's own address:
+    when that address moves (here onto a bridge over eth0), the forwarder follows it and
+    the kernel path forwards on, both ways, with nothing to replace."""
+    from lab import poll
+    h1, h2 = forwarders(lab, "--datapath", "kernel")
+    assert ping(h1, "241.2.1.1").returncode == 0
+    nsx(h1, "ip", "link", "add", "br9", "type", "bridge")
+    nsx(h1, "ip", "link", "set", "eth0", "master", "br9")
+    nsx(h1, "ip", "link", "set", "br9", "up")
+    nsx(h1, "ip", "addr", "del", "172.16.1.1/16", "dev", "eth0")
+    nsx(h1, "ip", "addr", "add", "172.16.1.1/16", "dev", "br9")
+    poll(lambda: "underlay address 172.16.1.1 now on br9" in open(lab.logs[h1]).read(),
+         "the forwarder did not follow the address")
+    assert ping(h1, "241.2.1.1").returncode == 0 and ping(h2, "241.1.1.1").returncode == 0
+    sent, got = tcp_transfer(h2, h1, "241.1.1.1", 4 << 20)
+    assert sent == got and int(got[0]) == 4 << 20
+
+
 SEND_LOCAL_MAC = """
 import socket, struct, sys
 from scapy.all import Ether, IP, ICMP, Raw, UDP
