@@ -190,7 +190,7 @@ def test_the_forwarder_goes_through_the_data_paths_doors():
 
 # The methods of the forwarder that pick a fan's data path: the only ones that may tell
 # the paths apart.
-PICKERS = {"_install", "_load_paths", "_kernel_path", "_paths"}
+PICKERS = {"_install", "_load_paths"}
 PATH_KINDS = {"kernel", "user"}
 
 
