@@ -133,7 +133,7 @@ def apply(fwd, req: dict) -> dict:
             raise status_error(e.exit_status if isinstance(e, FanError)
                                else DeviceError.exit_status,
                                f"cannot bring up {spec.map.overlay_net}: {e}")
-    return {"ok": True, "fans": [f.tun.name for f in fwd.fans.values()]}
+    return {"ok": True, "fans": [f.device.name for f in fwd.fans.values()]}
 
 
 def _new(running: list, specs: list) -> list:

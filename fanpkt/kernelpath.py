@@ -28,13 +28,21 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .counters import kind
+from .datapath import DataPath, Fan
+from .engine import COUNTER_NAMES
 from .errors import FanError
 from .netlink import disable_ipv6, link_index
+from .runstate import tx_block
+
+if TYPE_CHECKING:
+    from .config import FanSpec
+    from .runstate import Counters, FanState
 
 log = logging.getLogger("fanpkt")
 
@@ -396,3 +404,79 @@ def available() -> Optional[str]:
     except KernelPathError as e:
         return str(e)
     return None
+
+
+def _kernel_fan(fan: Fan) -> KernelFan:
+    return cast(KernelFan, fan.device)     # install() made every device of this path
+
+
+class KernelDataPath(DataPath):
+    """The kernel path as the forwarder's data path (fanpkt/datapath.py): its VXLAN fans'
+    devices and the eBPF object's maps, through KernelPath. No thread of its own: the
+    programs run in the kernel, and outlive the process (cleanup)."""
+
+    name = "kernel"
+
+    def __init__(self, check_spoof: bool = True):
+        self.kernel = KernelPath(check_spoof)       # KernelPathError: not here
+
+    def install(self, spec: FanSpec, slot: int, mtu: int) -> KernelFan:
+        return self.kernel.create(slot, spec.map.device_name, spec.port, spec.vni_value,
+                                  mtu)
+
+    def start(self, fans: list[Fan]) -> None:
+        for fan in fans:
+            self.kernel.configure(_kernel_fan(fan), fan.spec.map, fan.plumbing.bridge_mac)
+
+    def replace(self, fans: list[Fan]) -> None:
+        """Nothing to do: the vxlan device is bound to no interface, and the programs
+        send from the fan's own underlay address, which has not changed."""
+
+    def remove(self, fans: list[Fan]) -> None:
+        for fan in fans:
+            fan.device.close()
+
+    def stop(self, fans: list[Fan]) -> None:
+        for fan in fans:
+            fan.device.close()
+        self.kernel.stop()
+
+    def holds_port(self, port: int, fans: list[Fan]) -> bool:
+        return self.kernel.uses_port(port)
+
+    def set_local_macs(self, macs: frozenset) -> None:
+        self.kernel.set_local_macs(macs)
+
+    def counter_blocks(self, fans: list[Fan]) -> dict[str, int]:
+        """No loop: each fan's first two blocks take the eBPF counters (read_counters),
+        transmit in the first, receive in the second."""
+        blocks: dict[str, int] = {}
+        for f in fans:
+            blocks.update({f"tx:{f.device.name}": tx_block(f.slot, 0),
+                           f"rx-kernel:{f.device.name}": tx_block(f.slot, 1)})
+        return blocks
+
+    def read_counters(self, fans: list[Fan], counters: Counters) -> None:
+        """Copy the per-CPU eBPF counters into each fan's two counter blocks, where `fanpkt
+        stats`, --watch and /metrics read every fan's; the forwarder does at every TICK. The
+        datagrams of no fan (a VNI none has) count with the first fan by slot."""
+        if not fans:
+            return
+        try:
+            orphans = self.kernel.port_counters()
+            for i, f in enumerate(sorted(fans, key=lambda f: f.slot)):
+                blocks = {"tx": counters.block(tx_block(f.slot, 0)),
+                          "rx": counters.block(tx_block(f.slot, 1))}
+                for name, value in self.kernel.counters(_kernel_fan(f)).items():
+                    blocks[kind(name).direction][COUNTER_NAMES.index(name)] = \
+                        value + (orphans[name] if i == 0 else 0)
+        except KernelPathError as e:    # reading a map must not stop forwarding
+            log.warning("%s", e)
+
+    @staticmethod
+    def cleanup(leftovers: list[FanState]) -> None:
+        """The crashed run's kernel-path fans forwarded on while no forwarder ran: their
+        devices go, and the programs with them."""
+        fans = [f for f in leftovers if f.datapath == KernelDataPath.name]
+        if fans:
+            cleanup([f.device for f in fans], sorted({f.port for f in fans}))

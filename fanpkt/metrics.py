@@ -110,7 +110,7 @@ class FanCollector:
             labels=["fan"])
         for f in fans:
             m, idx = f.spec.map, f.underlay.index
-            neigh.add_metric([f.tun.name], sum(1 for a, i, _ in entries
+            neigh.add_metric([f.device.name], sum(1 for a, i, _ in entries
                                                if i == idx and m.in_underlay(a)))
         yield neigh
         path = GaugeMetricFamily(
@@ -118,13 +118,13 @@ class FanCollector:
             "kernel's vxlan driver steered by eBPF) or user (the userspace engine).",
             labels=["fan", "datapath"])
         for f in fans:
-            path.add_metric([f.tun.name, f.datapath], 1)
+            path.add_metric([f.device.name, f.datapath], 1)
         yield path
         up = GaugeMetricFamily("fanpkt_loop_up", "1 while the forwarding loop's thread "
                                "runs, else 0 (the process then stops, exit status 9).",
                                labels=["loop"])
-        for name, lt in list(self.fwd.dp.loops.items()):
-            up.add_metric([name], 1 if lt.thread.is_alive() else 0)
+        for name, alive in self.fwd.loops().items():
+            up.add_metric([name], 1 if alive else 0)
         yield up
 
 

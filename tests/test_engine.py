@@ -66,9 +66,9 @@ def test_a_loop_told_to_stop_is_not_dead():
 
 
 def every_loop_name() -> list[str]:
-    """The names the forwarder gives its loops (forwarder.py), for devices of every
+    """The names the engine's data path gives its loops (userpath.py), for devices of every
     shape: one octet, two, three (the longest), the hex fallback."""
-    from fanpkt.forwarder import Forwarder
+    from fanpkt.userpath import tx_loop_names, vxlan_loop
     devices = [FanMap.parse(o, u).device_name
                for o, u in (("241.0.0.0/8", "10.1.2.3/16"), ("100.64.0.0/10", "10.1.2.3/16"),
                             ("100.100.100.0/22", "10.1.2.3/28"),
@@ -77,9 +77,9 @@ def every_loop_name() -> list[str]:
     names = []
     for q in range(MAX_QUEUES):
         suffix = f".{q}" if q else ""
-        names += [f"tx-{d[4:]}{suffix}" for d in devices]
+        names += [tx_loop_names(d, q + 1)[q] for d in devices]
         names.append(f"rx{suffix}")
-        names += [Forwarder._vxlan_loop(port, q) for port in (1, 8472, 65535)]
+        names += [vxlan_loop(port, q) for port in (1, 8472, 65535)]
     return names
 
 

@@ -1,6 +1,8 @@
 """The package's shape, read from its source with `ast`: an import graph without cycles,
-one door to the compiled core (fanpkt/engine.py), numpy loaded only by the batch API, and
-no reference to material outside this repository."""
+one door to the compiled core (fanpkt/engine.py) and one to the eBPF object
+(fanpkt/kernelpath.py), a forwarder that reaches either only through the data path
+interface (fanpkt/datapath.py), numpy loaded only by the batch API, and no reference to
+material outside this repository."""
 from __future__ import annotations
 
 import ast
@@ -164,6 +166,64 @@ def test_only_kernelpath_loads_the_ebpf_object():
     doors = {name for name in os.listdir(pkg) if name.endswith(".py")
              and re.search(r"bpf\.o|libbpf|CDLL\(.*bpf", open(os.path.join(pkg, name)).read())}
     assert doors == {"kernelpath.py"}
+
+
+# Each data path has its door: the engine's compiled core behind fanpkt/engine.py, the
+# eBPF object and libbpf (through ctypes) behind fanpkt/kernelpath.py. The forwarder and
+# the interface between them (fanpkt/datapath.py) go through the doors, never around.
+BEHIND_THE_DOORS = {CORE, "ctypes", "ctypes.util", "fanpkt.tun"}
+ABOVE_THE_DOORS = ("fanpkt.forwarder", "fanpkt.datapath")
+
+
+def test_the_forwarder_goes_through_the_data_paths_doors():
+    """No import of the compiled core, of ctypes (libbpf's way in) or of a device module
+    by the forwarder or the data path interface: a fan's path is reached through
+    fanpkt/datapath.py's DataPath, implemented by fanpkt/userpath.py and kernelpath.py."""
+    targets = {m: {i.target for i in IMPORTS if i.module == m} for m in ABOVE_THE_DOORS}
+    assert {"fanpkt.userpath", "fanpkt.kernelpath", "fanpkt.datapath"} <= \
+        targets["fanpkt.forwarder"]                                 # the checks see them
+    assert {m: sorted(t & BEHIND_THE_DOORS) for m, t in targets.items()} == \
+        {m: [] for m in ABOVE_THE_DOORS}
+    forwarder = (PKG / "forwarder.py").read_text()
+    assert not re.search(r"bpf\.o|libbpf|CDLL|_fastpath", forwarder)
+
+
+# The methods of the forwarder that pick a fan's data path: the only ones that may tell
+# the paths apart.
+PICKERS = {"_install", "_load_paths"}
+PATH_KINDS = {"kernel", "user"}
+
+
+def kind_branches(source: str) -> list[str]:
+    """Each function of `source` (by name) holding an isinstance() call or a comparison
+    with a data path's name ("kernel", "user")."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
+                found.append(f"{fn.name}: isinstance")
+            elif isinstance(node, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value in PATH_KINDS
+                    for c in [node.left, *node.comparators]):
+                found.append(f"{fn.name}: == {ast.unparse(node)}")
+    return found
+
+
+def test_the_kind_branch_finder_finds_them():
+    src = ("class F:\n    def a(self, t):\n        return isinstance(t, int)\n"
+           "    def b(self, s):\n        return 'kernel' if s.datapath == 'kernel' else 1\n"
+           "    def c(self, s):\n        return s.kind != 'vxlan'\n")
+    assert kind_branches(src) == ["a: isinstance", "b: == s.datapath == 'kernel'"]
+
+
+def test_the_forwarder_tells_data_paths_apart_in_one_place():
+    """Everywhere but where it picks a fan's path, the forwarder asks the path (DataPath)
+    rather than branching on its kind or its device's type."""
+    src = (PKG / "forwarder.py").read_text()
+    found = kind_branches(src)
+    assert found and all(f.split(":")[0] in PICKERS for f in found), found
 
 
 def test_numpy_is_never_imported_at_module_level():
