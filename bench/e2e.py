@@ -7,7 +7,8 @@
           driver steered by fanpkt's eBPF programs (fanpkt/kernelpath.py)
   fanpkt     fanpkt-forward (underlay packets as frames to resolved neighbours, the default)
   fanpkt-ip  fanpkt-forward --underlay-send ip (every underlay packet through the raw socket)
-  fanpkt-vxlan  fanpkt-forward --type vxlan (the fan LXD builds: frames in UDP via a TAP)
+  fanpkt-vxlan  fanpkt-forward --type vxlan --datapath user: the userspace engine (the fan
+          LXD builds: frames in UDP via a TAP)
   fanpkt-1q, fanpkt-vxlan-1q  the same with --queues 1 (one transmit loop per fan, one
           receive loop), against the default of one queue per CPU
   python  bench/pyforward.py: the same job in plain Python on the tests' oracle
@@ -194,8 +195,10 @@ def run_mode(lab, h1, h2, mode, seconds):
             lab.stop(p2)
     if mode in ("fanpkt", "fanpkt-ip", "fanpkt-vxlan", "fanpkt-1q", "fanpkt-vxlan-1q"):
         extra = {"fanpkt": (), "fanpkt-ip": ("--underlay-send", "ip"),
-                 "fanpkt-vxlan": ("--type", "vxlan"), "fanpkt-1q": ("--queues", "1"),
-                 "fanpkt-vxlan-1q": ("--type", "vxlan", "--queues", "1")}[mode]
+                 "fanpkt-vxlan": ("--type", "vxlan", "--datapath", "user"),
+                 "fanpkt-1q": ("--queues", "1"),
+                 "fanpkt-vxlan-1q": ("--type", "vxlan", "--datapath", "user", "--queues", "1")
+                 }[mode]
         rx_loop = "rx-vxlan-8472" if "vxlan" in mode else "rx"
         p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", *extra)
         p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16", *extra)

@@ -91,7 +91,7 @@ def main():
                 kernel_vxlan(h1, h2, False)
             for typ in args.types.split(","):
                 for nice in (0, args.nice):
-                    extra = ("--type", "vxlan") if typ == "vxlan" else ()
+                    extra = ("--type", "vxlan", "--datapath", "user") if typ == "vxlan" else ()
                     p1 = lab.forward(h1, "-o", "241.0.0.0/8", "-u", "172.16.1.1/16", *extra)
                     p2 = lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.2.1/16", *extra)
                     try:

@@ -3,7 +3,7 @@ leaks, unbalanced counters and loss.
 
 Each host runs one forwarder (`-c FILE`) with three fans:
   ipip   10.0.0.0/8, IPIP        unchanged all run
-  vxlan  241.0.0.0/8, VXLAN      unchanged all run
+  vxlan  241.0.0.0/8, VXLAN      unchanged all run (datapath user: the soak is the engine's)
   churn  100.64.0.0/10, IPIP     the changed fan: every reload toggles its host-reserve
                                  (1 <-> 2), so each reload takes it down and up again
 Traffic: sequence-numbered UDP both ways on every fan (RATE datagrams/s per direction per
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))     # the lab helpers
 sys.path.insert(0, os.path.join(HERE, ".."))
 from lab import FANPKT, Lab, nsx, poll, sh  # noqa: E402
 
-FANS = {"ipip": ("10.0.0.0/8", ""), "vxlan": ("241.0.0.0/8", " type vxlan"),
+FANS = {"ipip": ("10.0.0.0/8", ""), "vxlan": ("241.0.0.0/8", " type vxlan datapath user"),
         "churn": ("100.64.0.0/10", "")}
 UNCHANGED = ("ipip", "vxlan")
 PORT = 7700

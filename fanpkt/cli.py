@@ -88,12 +88,22 @@ def cmd_show(args) -> int:
     return 0
 
 
+def show_flags(fan) -> list[str]:
+    """A fan's flags as `fanpkt show` lists them: a VXLAN fan's 'datapath' is the one it
+    runs on (kernel or user), not the one asked for (auto, the default, is never listed)."""
+    if fan.type != "vxlan":
+        return fan.flags
+    flags = [f for f in fan.flags if not f.startswith("datapath ")]
+    at = sum(f.startswith(("type ", "vni ", "port ")) for f in flags)     # where FanSpec puts it
+    return flags[:at] + [f"datapath {fan.datapath}"] + flags[at:]
+
+
 def format_show(state) -> str:
     """fanctl show's table: Bridge Underlay Overlay Flags."""
     rows = [("Bridge", "Underlay", "Overlay", "Flags")]
     for fan in state.fans:
         rows.append((fan.bridge or fan.device, fan.underlay, fan.overlay,
-                     " ".join(fan.flags) or "-"))
+                     " ".join(show_flags(fan)) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -323,9 +333,10 @@ def build_forward_parser() -> argparse.ArgumentParser:
                                  "LXD's: 15794176 for 241.0.0.0/8)")
     p.add_argument("--port", help="VXLAN UDP port (default 8472, the kernel's and LXD's)")
     p.add_argument("--datapath", choices=("auto", "kernel", "user"),
-                   help="a VXLAN fan's data path: kernel (the kernel's vxlan driver, steered "
-                        "by eBPF), user (the userspace engine, the default) or auto (the "
-                        "kernel path where it can be set up)")
+                   help="a VXLAN fan's data path: auto (the kernel path where it can be "
+                        "set up, else the userspace engine; the default), kernel (the "
+                        "kernel's vxlan driver, steered by eBPF) or user (the userspace "
+                        "engine)")
     p.add_argument("--no-spoof-check", action="store_true",
                    help="accept IPIP whose inner source is not the sender's slice "
                         "(as the original kernel does)")

@@ -36,7 +36,7 @@ TYPES = ("ipip", "vxlan")
 # kernel's own vxlan driver steered by eBPF (fanpkt/kernelpath.py), the userspace engine,
 # or auto: the kernel path where it can be set up, else the userspace engine.
 DATAPATHS = ("auto", "kernel", "user")
-DEFAULT_DATAPATH = "user"
+DEFAULT_DATAPATH = "auto"
 
 
 class Resolver(Protocol):
@@ -208,7 +208,9 @@ def make_spec(overlay: str, underlay: str, flag_tokens: list[str], resolver: Res
     return FanSpec(m, dhcp=flags.get("dhcp", False), bridge=flags.get("bridge"),
                    off=flags.get("off", False), nat=flags.get("nat", False), origin=origin,
                    type=kind, vni=flags.get("vni"), port=flags.get("port", VXLAN_PORT),
-                   datapath=flags.get("datapath", DEFAULT_DATAPATH))
+                   # an IPIP fan has no kernel path (no ipip module): always the engine
+                   datapath=flags.get("datapath", DEFAULT_DATAPATH) if kind == "vxlan"
+                   else "user")
 
 
 def parse_lines(lines: Iterable[str], path: str, resolver: Resolver) -> list[FanSpec]:

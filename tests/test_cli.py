@@ -68,6 +68,28 @@ def test_show_columns_line_up():
     assert lines[3] == "fanbridge-long  172.20.1.2/12  10.0.0.0/8     bridge fanbridge-long"
 
 
+def test_show_lists_the_data_path_each_vxlan_fan_runs_on():
+    """A VXLAN fan's Flags say the path it runs on, whatever was asked: auto (the default,
+    not among its flags) on the kernel path or fallen back to the engine, and user.
+    An IPIP fan lists no datapath."""
+    def vxlan(overlay, datapath, *flags):
+        return dataclasses.replace(fan_state(overlay, "172.16.3.4/16", "fan-" + overlay[:3],
+                                             "type", "vxlan", *flags),
+                                   bridge="fanbr-" + overlay[:3], type="vxlan",
+                                   datapath=datapath)
+    fans = [vxlan("250.0.0.0/8", "kernel", "dhcp"),
+            vxlan("240.0.0.0/8", "user", "port", "4789"),
+            vxlan("200.0.0.0/8", "user", "datapath", "user"),
+            vxlan("210.0.0.0/8", "kernel", "datapath", "kernel", "nat"),
+            FANS[1]]
+    assert cli.format_show(state(fans=fans)).splitlines()[1:] == [
+        "fanbr-250   172.16.3.4/16  250.0.0.0/8    type vxlan datapath kernel dhcp",
+        "fanbr-240   172.16.3.4/16  240.0.0.0/8    type vxlan port 4789 datapath user",
+        "fanbr-200   172.16.3.4/16  200.0.0.0/8    type vxlan datapath user",
+        "fanbr-210   172.16.3.4/16  210.0.0.0/8    type vxlan datapath kernel nat",
+        "fan-100-64  10.1.9.77/20   100.64.0.0/10  -"]
+
+
 def test_show_no_fans():
     assert cli.format_show(state(fans=[])) == "Bridge  Underlay  Overlay  Flags"
 
@@ -310,7 +332,7 @@ def test_stats_of_two_real_fans(lab, tmp_path):
     assert len(lines) <= 24 and max(map(len, lines)) <= 80, "\n".join(lines)
     assert lines[0].startswith("fanpkt-forward pid ")
     fan241 = lines.index("fan fan-241: 241.0.0.0/8 ipip")
-    fan250 = lines.index("fan fan-250: 250.0.0.0/8 vxlan")
+    fan250 = lines.index("fan fan-250: 250.0.0.0/8 vxlan, kernel path")     # the default
 
     def packets(first, last, d):
         row = next(r for r in lines[first:last] if r.startswith(f"  {d} "))

@@ -66,6 +66,27 @@ def test_flag_errors(flags, message):
         make_spec("241", "eth0", flags, R)
 
 
+def test_a_vxlan_fan_is_auto_by_default_and_an_ipip_fan_always_user():
+    """No datapath flag: a VXLAN fan takes the kernel path where it can be set up (auto,
+    the default, which its flags do not list); an IPIP fan runs on the userspace engine,
+    given the flag or not (a reload sees no change between the two)."""
+    vx = make_spec("241", "eth0", ["type", "vxlan"], R)
+    assert vx.datapath == "auto" and vx.flags == ["type vxlan"]
+    for path in ("user", "kernel"):
+        s = make_spec("241", "eth0", ["type", "vxlan", "datapath", path, "dhcp"], R)
+        assert s.datapath == path and s.flags == ["type vxlan", f"datapath {path}", "dhcp"]
+    assert make_spec("241", "eth0", ["type", "vxlan", "datapath", "auto"], R).key() == vx.key()
+    ipip = make_spec("241", "eth0", [], R)
+    pinned = make_spec("241", "eth0", ["datapath", "user"], R)
+    assert ipip.datapath == pinned.datapath == "user" and ipip.flags == pinned.flags == []
+    assert ipip.key() == pinned.key()
+    for path in ("auto", "kernel"):
+        with pytest.raises(ConfigError, match="an IPIP fan runs on the userspace engine"):
+            make_spec("241", "eth0", ["datapath", path], R)
+    with pytest.raises(ConfigError, match="datapath 'fast': give one of auto, kernel, user"):
+        make_spec("241", "eth0", ["type", "vxlan", "datapath", "fast"], R)
+
+
 def test_underlay_without_host_is_an_error_for_a_fan():
     with pytest.raises(ConfigError, match="names no host"):
         make_spec("241", "172.16.0.0/16", [], R)

@@ -318,7 +318,10 @@ def test_a_failed_up_leaves_nothing_and_a_retry_really_retries(lab, tmp_path):
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
         assert snapshot(h1, p.pid) == before
 
-    vx = ["-o", "250.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan", "--port", "4789"]
+    # the userspace engine's UDP sockets and loops (a VXLAN fan takes the kernel path by
+    # default; its fallbacks are tests/test_kernelpath.py's)
+    vx = ["-o", "250.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan", "--port", "4789",
+          "--datapath", "user"]
     nsx(h1, "ip", "link", "add", "kvx", "type", "vxlan", "id", "9", "dstport", "4789",
         "dev", "eth0")
     nsx(h1, "ip", "link", "set", "kvx", "up")               # its socket holds 4789
@@ -332,8 +335,8 @@ def test_a_failed_up_leaves_nothing_and_a_retry_really_retries(lab, tmp_path):
 
     flag.write_text("")
     fails(["-o", "10.0.0.0/8", "-u", f"{H1}/16", "nat"], "nft refused")
-    fails(["-o", "240.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan", "--port", "4790"],
-          "nft refused")                                    # a new port's loop, undone
+    fails(["-o", "240.0.0.0/8", "-u", f"{H1}/16", "--type", "vxlan", "--port", "4790",
+           "--datapath", "user"], "nft refused")            # a new port's loop, undone
     flag.unlink()
     ok(h1, "up", "-o", "10.0.0.0/8", "-u", f"{H1}/16", "nat")
     assert "snat to 172.16.1.1" in nsx(h1, "nft", "list", "ruleset").stdout
@@ -345,7 +348,8 @@ def test_a_failed_up_leaves_nothing_and_a_retry_really_retries(lab, tmp_path):
 
 def test_a_failed_reload_leaves_nothing_and_the_next_one_repairs(lab, tmp_path):
     """SIGHUP with a file that adds a fan whose port is held: the running fans stay, the
-    new one is not half up; the next SIGHUP, once the port is free, brings it up."""
+    new one is not half up; the next SIGHUP, once the port is free, brings it up. The
+    fan is on the userspace engine, whose UDP socket and loops this watches."""
     conf = tmp_path / "fan"
     conf.write_text(f"241.0.0.0/8 {H1}/16\n")
     h1 = lab.host("h1", H1)
@@ -354,7 +358,8 @@ def test_a_failed_reload_leaves_nothing_and_the_next_one_repairs(lab, tmp_path):
         "dev", "eth0")
     nsx(h1, "ip", "link", "set", "kvx", "up")
     before = snapshot(h1, p.pid)
-    conf.write_text(f"241.0.0.0/8 {H1}/16\n250.0.0.0/8 {H1}/16 type vxlan port 4789\n")
+    conf.write_text(f"241.0.0.0/8 {H1}/16\n250.0.0.0/8 {H1}/16 type vxlan port 4789 "
+                    "datapath user\n")
     log_size = os.path.getsize(lab.logs[h1])
     p.send_signal(signal.SIGHUP)
     poll(lambda: "cannot bring up 250.0.0.0/8" in open(lab.logs[h1]).read()[log_size:],

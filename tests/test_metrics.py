@@ -106,11 +106,13 @@ def test_scrape_during_traffic_agrees_with_stats_json(lab):
 
 
 def test_vxlan_and_ipip_fans_and_their_loops(lab, tmp_path):
-    """Each loop's counters under its fan; a VXLAN port's receive loop under the VXLAN fan."""
+    """Each loop's counters under its fan; a VXLAN port's receive loop under the VXLAN fan
+    (on the userspace engine, whose loops these are; its peer h2 takes the default)."""
     h1 = lab.host("h1", "172.16.1.1")
     h2 = lab.host("h2", "172.16.2.1")
     conf = tmp_path / "fan"
-    conf.write_text("241.0.0.0/8 172.16.1.1/16\n240.0.0.0/8 172.16.1.1/16 type vxlan\n")
+    conf.write_text("241.0.0.0/8 172.16.1.1/16\n"
+                    "240.0.0.0/8 172.16.1.1/16 type vxlan datapath user\n")
     lab.forward(h1, "-c", str(conf), "--metrics", METRICS, "--queues", "2")
     lab.forward(h2, "-o", "240.0.0.0/8", "-u", "172.16.2.1/16", "--type", "vxlan")
     assert ping(h1, "240.2.1.1").returncode == 0

@@ -94,10 +94,11 @@ def transfer_both_ways(p, host_ns, host_addr, guest_addr, nbytes=2 << 20):
 
 @pytest.mark.parametrize("mode", ["vxlan", "vxlan-kernel-path", "ipip"])
 def test_real_ubuntu_fan_kernel(lab, peer, mode):
-    """vxlan-kernel-path: fanpkt's fan on this kernel's own vxlan driver, steered by
-    fanpkt's eBPF programs (fanpkt/kernelpath.py)."""
+    """vxlan: fanpkt's userspace engine; vxlan-kernel-path: fanpkt's fan on this kernel's
+    own vxlan driver, steered by fanpkt's eBPF programs (fanpkt/kernelpath.py)."""
     p = peer(mode.split("-")[0])
-    fanpkt_on_peer_host(lab, p, *{"vxlan": ["--type", "vxlan"], "ipip": [],
+    fanpkt_on_peer_host(lab, p, *{"vxlan": ["--type", "vxlan", "--datapath", "user"],
+                                  "ipip": [],
                                   "vxlan-kernel-path": ["--type", "vxlan", "--datapath",
                                                         "kernel"]}[mode])
     assert ping(p.ns, GUEST).returncode == 0                      # fanpkt host -> guest
@@ -138,7 +139,8 @@ def test_mixed_fan_guest_kernel_and_two_fanpkt_hosts(lab, peer, datapath):
     nsx(h2, "ip", "link", "set", "eth0", "up")
     nsx(h2, "ip", "link", "set", "lo", "up")
     fanpkt_on_peer_host(lab, p, "--type", "vxlan", "--datapath", datapath)
-    lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.5.5/16", "--type", "vxlan")
+    lab.forward(h2, "-o", "241.0.0.0/8", "-u", "172.16.5.5/16", "--type", "vxlan",
+                "--datapath", "user")
     for ns, others in ((p.ns, [GUEST, GUEST_CT, "241.5.5.1"]),
                        (h2, [GUEST, GUEST_CT, "241.3.4.1"])):
         for dst in others:

@@ -243,19 +243,68 @@ def test_ipip_and_vxlan_fans_side_by_side(lab, tmp_path):
          "the VXLAN fan did not come back")
 
 
+def test_given_no_datapath_vxlan_takes_the_kernel_path_and_ipip_the_engine(lab, tmp_path):
+    """auto is the default: a VXLAN fan given no datapath runs on the kernel path, which
+    this kernel has (`stats --json`, `show`, /metrics and the devices say so); an IPIP fan
+    beside it, given none either, on the userspace engine. Both carry traffic, and a
+    VXLAN fan given no flag on the command line takes the kernel path as well."""
+    from test_metrics import METRICS, samples, scrape
+    hosts = []
+    for i in (1, 2):
+        ns = lab.host(f"h{i}", f"172.16.{i}.1")
+        conf = tmp_path / f"fan{i}"
+        conf.write_text(f"241.0.0.0/8 172.16.{i}.1/16 type vxlan\n"
+                        f"10.0.0.0/8 172.16.{i}.1/16\n")
+        p = lab.forward(ns, "-c", str(conf), *(["--metrics", METRICS] if i == 1 else []))
+        hosts.append(ns)
+        if i == 1:
+            threads = {open(f"/proc/{p.pid}/task/{t}/comm").read().strip()
+                       for t in os.listdir(f"/proc/{p.pid}/task")}
+    h1, h2 = hosts
+    s = json.loads(nsx(h1, *FANPKT, "stats", "--json").stdout)
+    assert {f["device"]: f["datapath"] for f in s["fans"]} == {"fan-241": "kernel",
+                                                              "fan-10": "user"}
+    # the engine's loops serve the IPIP fan only: no transmit loop for fan-241, no
+    # userspace socket on the VXLAN port
+    assert "fanpkt-tx-10" in threads and not {"fanpkt-tx-241", "fanpkt-rxv-8472"} & threads
+    assert "rx-vxlan:8472" not in s["loops"]
+    show = nsx(h1, *FANPKT, "show").stdout.splitlines()
+    assert [line.split()[3:] for line in show[1:]] == [["type", "vxlan", "datapath", "kernel"],
+                                                       ["-"]], show
+    got = samples(scrape(h1)[1])
+    assert {dict(k[1])["fan"]: dict(k[1])["datapath"] for k in got
+            if k[0] == "fanpkt_fan_datapath"} == {"fan-241": "kernel", "fan-10": "user"}
+
+    def kind(ns, dev):
+        return json.loads(nsx(ns, "ip", "-d", "-j", "link", "show", dev).stdout)[0][
+            "linkinfo"]["info_kind"]
+    # the kernel path's devices: the port's flow-based vxlan, the fan's veth; IPIP's TUN
+    assert (kind(h1, "fanvx-8472"), kind(h1, "fan-241"), kind(h1, "fan-10")) == \
+        ("vxlan", "veth", "tun")
+    assert ping(h1, "241.2.1.1").returncode == 0 and ping(h1, "10.2.1.1").returncode == 0
+    assert ping(h2, "241.1.1.1").returncode == 0 and ping(h2, "10.1.1.1").returncode == 0
+    # the command line's fan, with no flag but its type
+    h3 = lab.host("h3", "172.16.3.1")
+    lab.forward(h3, *VXLAN, "-u", "172.16.3.1/16")
+    fans = json.loads(nsx(h3, *FANPKT, "stats", "--json").stdout)["fans"]
+    assert [f["datapath"] for f in fans] == ["kernel"]
+    assert ping(h3, "241.1.1.1").returncode == 0
+
+
 @pytest.mark.parametrize("peer", ["fanpkt", "kernel"])
 def test_small_datagrams_of_one_flow_leave_in_udp_gso_runs_intact_and_in_order(lab, peer):
     """Bursts of 64-byte datagrams of one flow: h1's transmit loop reads several frames
     at once and sends each burst as one UDP GSO superpacket (docs/internals.md §3, Runs). Whether
     fanpkt or the kernel's vxlan receives them, every datagram arrives, in order (the
-    sink's kernel checks each UDP checksum, so a mangled one would be missing)."""
+    sink's kernel checks each UDP checksum, so a mangled one would be missing). The
+    userspace engine's transmit loop is what this tests: both fanpkt hosts run it."""
     h1 = lab.host("h1", "172.16.1.1")
-    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16")
+    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "--datapath", "user")
     if peer == "kernel":
         h2 = kernel_vxlan_host(lab, "h2", "172.16.2.1", peer="172.16.1.1")
     else:
         h2 = lab.host("h2", "172.16.2.1")
-        lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16")
+        lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16", "--datapath", "user")
     # runs go to resolved neighbours only: wait until h1 sends frames to h2
     poll(lambda: ping(h1, "241.2.1.1", count=1).returncode == 0
          and lab.stats(h1)["tx_l2"] > 0, "h1 sending frames to its resolved peer")
