@@ -122,6 +122,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_LOCAL_MACS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);   /* a few entries in use, not 64 K allocated */
 	__type(key, __u64);
 	__type(value, __u8);
 } local_macs SEC(".maps");

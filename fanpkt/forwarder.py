@@ -177,17 +177,21 @@ class Forwarder:
             return self.user, self.user.install(spec, slot, mtu)
 
     def _load_paths(self) -> None:
-        """The kernel path's eBPF object, loaded if any fan may use it. A failure here is
-        each fan's to judge in _install: auto falls back, kernel fails."""
-        if any(s.vxlan and s.datapath != "user" for s in self.specs):
-            try:
-                self._kernel_path()
-            except KernelPathError:
-                pass
+        """The kernel path's eBPF object, loaded at start whatever the fans: loading needs
+        capabilities the forwarder drops before it serves, and a VXLAN fan may come later
+        (`fanpkt up`, a reload). A failure here is each fan's to judge in _install: auto
+        falls back, kernel fails."""
+        try:
+            self._kernel_path()
+        except KernelPathError:
+            pass
 
     def _kernel_path(self) -> KernelDataPath:
         """The kernel path (its eBPF object loaded once); KernelPathError if it cannot be
-        had here, the reason kept for the log lines of later fans."""
+        had here, the reason kept for the log lines of later fans (with capabilities
+        dropped, a second try could only fail, and less clearly)."""
+        if self.kernel_error is not None:
+            raise KernelPathError(self.kernel_error)
         if self.kernel is None:
             try:
                 self.kernel = KernelDataPath(self.check_spoof)

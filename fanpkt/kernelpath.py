@@ -99,9 +99,13 @@ class _Libbpf:
                 ("bpf_program__fd", i, [p]), ("bpf_object__find_map_by_name", p, [p, c]),
                 ("bpf_map__fd", i, [p]), ("bpf_map_update_elem", i, [i, p, p, ctypes.c_uint64]),
                 ("bpf_map_lookup_elem", i, [i, p, p]), ("bpf_map_delete_elem", i, [i, p]),
-                ("libbpf_num_possible_cpus", i, [])]:
+                ("libbpf_num_possible_cpus", i, []), ("libbpf_set_print", p, [p])]:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
+        # libbpf prints its own account of a failure to stderr; fanpkt's one line says
+        # what failed, and FANPKT_BPF_LOG=1 keeps libbpf's (the verifier's log) for why
+        if not os.environ.get("FANPKT_BPF_LOG"):
+            lib.libbpf_set_print(None)
         self.lib = lib
 
 
@@ -139,7 +143,8 @@ class BpfObject:
             lib.bpf_object__close(self.obj)
             self.obj = None
             raise KernelPathError(f"the kernel refused the eBPF programs "
-                                  f"({os.strerror(-err)}; libbpf's log says why)")
+                                  f"({os.strerror(-err)}; FANPKT_BPF_LOG=1 prints libbpf's "
+                                  f"log of why)")
         self.progs = {n: lib.bpf_program__fd(lib.bpf_object__find_program_by_name(
             self.obj, n.encode())) for n in ("fan_tx", "fan_rx")}
         self.maps = {n: lib.bpf_map__fd(lib.bpf_object__find_map_by_name(self.obj, n.encode()))

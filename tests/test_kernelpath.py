@@ -106,7 +106,7 @@ def test_kernel_path_and_userspace_fanpkt_reach_each_other(lab, kernel_hosts):
     """Peers cannot tell the two paths apart: ARP, ping and TCP both ways."""
     h1, _ = kernel_hosts("h1", "172.16.1.1")
     h2 = lab.host("h2", "172.16.2.1")
-    lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16")
+    lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16", "--datapath", "user")
     assert ping(h1, "241.2.1.1").returncode == 0
     assert ping(h2, "241.1.1.1").returncode == 0
     for src, dst, addr in ((h1, h2, "241.2.1.1"), (h2, h1, "241.1.1.1")):
@@ -273,7 +273,7 @@ def test_auto_falls_back_to_the_engine_and_kernel_fails_clearly(lab):
     so in one line and takes the engine; kernel refuses with exit status 4."""
     from lab import FANPKT
     h1 = lab.host("h1", "172.16.1.1")
-    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16")          # the engine holds port 8472
+    lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "--datapath", "user")    # the engine's 8472
     r = nsx(h1, *FANPKT, "up", "250.0.0.0/8", "172.16.1.1/16", "type", "vxlan",
             "datapath", "kernel", check=False)
     assert r.returncode == 4 and "no kernel data path: UDP port 8472 serves userspace " \
@@ -321,6 +321,25 @@ def test_up_and_down_on_the_kernel_path(lab):
     assert {"fan-250", "fanp-250", "fanbr-250"}.isdisjoint(links(h1))
     assert master(h1, "fanvx-8472") == "fanbr-241"
     assert ping(h1, "241.2.1.1").returncode == 0
+
+
+def test_a_vxlan_fan_added_to_an_ipip_only_forwarder_takes_the_kernel_path(lab):
+    """The eBPF object is loaded at start whatever the fans: a VXLAN fan that `fanpkt up`
+    adds after the forwarder dropped its capabilities still gets the kernel path."""
+    from lab import FANPKT
+    hosts = []
+    for i in (1, 2):
+        ns = lab.host(f"h{i}", f"172.16.{i}.1")
+        lab.forward(ns, "-o", "10.0.0.0/8", "-u", f"172.16.{i}.1/16")       # IPIP alone
+        r = nsx(ns, *FANPKT, "up", "241.0.0.0/8", f"172.16.{i}.1/16", "type", "vxlan",
+                check=False)
+        assert r.returncode == 0, r.stderr
+        hosts.append(ns)
+    h1, h2 = hosts
+    assert {f["device"]: f["datapath"] for f in stats(h1)["fans"]} == \
+        {"fan-10": "user", "fan-241": "kernel"}
+    assert ping(h1, "241.2.1.1").returncode == 0 and ping(h1, "10.2.1.1").returncode == 0
+    assert "libbpf" not in open(lab.logs[h1]).read()
 
 
 def test_the_underlay_address_moving_to_another_interface_changes_nothing(lab):
@@ -461,7 +480,7 @@ def test_an_auto_fan_beside_a_userspace_fan_on_its_port_at_start(lab, tmp_path):
     port is the engine's, and take the engine too."""
     h1 = lab.host("h1", "172.16.1.1")
     conf = tmp_path / "fan"
-    conf.write_text("241.0.0.0/8 172.16.1.1/16 type vxlan\n"
-                    "250.0.0.0/8 172.16.1.1/16 type vxlan vni 9 datapath auto\n")
+    conf.write_text("241.0.0.0/8 172.16.1.1/16 type vxlan datapath user\n"
+                    "250.0.0.0/8 172.16.1.1/16 type vxlan vni 9\n")
     lab.forward(h1, "-c", str(conf))
     assert [f["datapath"] for f in stats(h1)["fans"]] == ["user", "user"]
