@@ -3,8 +3,8 @@
 Two implement DataPath: the userspace engine (fanpkt/userpath.py: a TUN or TAP per fan,
 the engine's table, its loops and sockets, behind fanpkt/engine.py) and the kernel path
 (fanpkt/kernelpath.py: a VXLAN fan's bridge port, the vxlan device of its UDP port or a
-veth pair to it, steered by eBPF). The forwarder picks one per fan (Forwarder._install) and from then on speaks to
-it only through this interface. A fan's life on its path:
+veth pair to it, steered by eBPF). The forwarder picks one per fan (Forwarder._install)
+and from then on speaks to it only through this interface. A fan's life on its path:
 
     device = path.install(spec, slot, mtu)   # its device, for plumbing.attach
     ... plumbing.attach(spec, device.index, ...) -> Fan(..., device, plumbing, path)
