@@ -286,9 +286,13 @@ int fan_tx(struct __sk_buff *skb)
 	if (!f || row >= MAX_FANS)
 		return drop(NO_FAN, DROP_TX_NO_MAP);
 	/* On a vxlan device that is a fan's port and shared with further fans, frames those
-	 * fans' fan_tx steered here arrive with their key set, and go on as they are: a
-	 * frame from a bridge has none (the vxlan driver would drop it anyway) */
-	if (ifindex == f->vxlan_ifindex && bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0)
+	 * fans' fan_tx steered here arrive with their key set (their VNIs), and go on as they
+	 * are. A frame from this fan's own bridge may carry a key of the fan's VNI: the
+	 * host's ARP reply to a request that came over the fan has the request's key mirrored
+	 * back (iptunnel_metadata_reply), which is not the fan's steering (its outer source
+	 * would be the route's, not the fan's address): it is steered like any other. */
+	if (ifindex == f->vxlan_ifindex && bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0
+	    && key.tunnel_id != f->vni)
 		return TC_ACT_OK;
 	pull_headers(skb);
 	data = (void *)(long)skb->data;

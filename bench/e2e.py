@@ -3,6 +3,9 @@
   vxlan   the kernel's VXLAN overlay (the in-kernel reference)
   vxlan-bridged  the same laid out as the fan lays it out: a bridge holding the overlay
           address, the vxlan device (static remote) its port (the kernel path's reference)
+  vxlan-flow  the same with a flow-based vxlan device (`external`) steered by a program
+          that only sets the tunnel key (bench/flow_floor.bpf.c): the floor of any design
+          on a flow-based device, fanpkt's kernel path included
   fanpkt-kernel  fanpkt-forward --type vxlan --datapath kernel: the kernel's own vxlan
           driver steered by fanpkt's eBPF programs (fanpkt/kernelpath.py)
   fanpkt     fanpkt-forward (underlay packets as frames to resolved neighbours, the default)
@@ -160,6 +163,20 @@ def measure(lab, h1, h2, dst, seconds, threads=None, pids=()):
     return res
 
 
+def floor_object(local: str, remote: str) -> str:
+    """bench/flow_floor.bpf.c built for one host (its address and its peer's)."""
+    def host_order(a):
+        return "0x%08x" % int.from_bytes(bytes(map(int, a.split("."))), "big")
+    out = f"/tmp/fanpkt-flow-floor-{local}.o"
+    arch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True,
+                          text=True).stdout.strip()     # <asm/types.h>, as setup.py says
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}",
+                    f"-DLOCAL={host_order(local)}",
+                    f"-DREMOTE={host_order(remote)}", "-c",
+                    os.path.join(HERE, "flow_floor.bpf.c"), "-o", out], check=True)
+    return out
+
+
 def run_mode(lab, h1, h2, mode, seconds):
     if mode == "veth":
         return measure(lab, h1, h2, "172.16.2.1", seconds)
@@ -176,6 +193,25 @@ def run_mode(lab, h1, h2, mode, seconds):
                 dev = "br0"
             nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", dev)
             nsx(ns, "ip", "link", "set", dev, "up")
+        try:
+            return measure(lab, h1, h2, "10.200.0.2", seconds)
+        finally:
+            for ns in (h1, h2):
+                nsx(ns, "ip", "link", "del", "vx0", check=False)
+                nsx(ns, "ip", "link", "del", "br0", check=False)
+    if mode == "vxlan-flow":
+        for ns, me, peer, ov in ((h1, "172.16.1.1", "172.16.2.1", "10.200.0.1"),
+                                 (h2, "172.16.2.1", "172.16.1.1", "10.200.0.2")):
+            obj = floor_object(me, peer)
+            nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "external", "dstport", "8472")
+            nsx(ns, "ip", "link", "add", "br0", "type", "bridge")
+            nsx(ns, "ip", "link", "set", "vx0", "master", "br0", "mtu", "1450", "up")
+            nsx(ns, "ip", "link", "set", "br0", "mtu", "1450")
+            nsx(ns, "tc", "qdisc", "add", "dev", "vx0", "clsact")
+            nsx(ns, "tc", "filter", "add", "dev", "vx0", "egress", "bpf", "da", "obj", obj,
+                "sec", "tc")
+            nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", "br0")
+            nsx(ns, "ip", "link", "set", "br0", "up")
         try:
             return measure(lab, h1, h2, "10.200.0.2", seconds)
         finally:
@@ -270,6 +306,13 @@ def ratios(rounds: list[dict]) -> list[str]:
                            ("fanpkt-kernel", "vxlan-bridged", "udp64_delivered_pps"),
                            ("fanpkt-kernel", "vxlan-bridged", "ping_avg_ms"),
                            ("fanpkt-kernel", "vxlan-bridged", "ping_load_ms"),
+                           ("vxlan-flow", "vxlan-bridged", "tcp_gbit"),
+                           ("vxlan-flow", "vxlan-bridged", "tcp_p4_gbit"),
+                           ("vxlan-flow", "vxlan-bridged", "udp64_delivered_pps"),
+                           ("vxlan-flow", "vxlan-bridged", "ping_avg_ms"),
+                           ("fanpkt-kernel", "vxlan-flow", "tcp_gbit"),
+                           ("fanpkt-kernel", "vxlan-flow", "tcp_p4_gbit"),
+                           ("fanpkt-kernel", "vxlan-flow", "udp64_delivered_pps"),
                            ("fanpkt-kernel", "vxlan", "tcp_gbit"),
                            ("fanpkt-kernel", "fanpkt-vxlan", "tcp_gbit"),
                            ("fanpkt-kernel", "fanpkt-vxlan", "ping_avg_ms")):
@@ -337,8 +380,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--modes", default="veth,vxlan,vxlan-bridged,fanpkt,fanpkt-1q,fanpkt-ip,"
-                                       "fanpkt-vxlan,fanpkt-vxlan-1q,fanpkt-kernel,python")
+    ap.add_argument("--modes", default="veth,vxlan,vxlan-bridged,vxlan-flow,fanpkt,fanpkt-1q,"
+                                       "fanpkt-ip,fanpkt-vxlan,fanpkt-vxlan-1q,fanpkt-kernel,"
+                                       "python")
     args = ap.parse_args()
     lab = Lab(f"fpbench{os.getpid() % 10000}-")
     results = {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),

@@ -3,6 +3,7 @@ forwarders started in them, and cleanup that always runs. Names carry a caller's
 Used by the demo, the data-path tests and the end-to-end benchmark."""
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -179,6 +180,25 @@ class Lab:
 
 
 # -- traffic and checks, run in a lab's namespaces -----------------------------------
+def link_names(ns: str) -> set[str]:
+    """Every link's name in ns."""
+    return {link["ifname"] for link in json.loads(nsx(ns, "ip", "-j", "link").stdout)}
+
+
+def bridge_ports(ns: str, bridge: str) -> set[str]:
+    """The ports of a bridge in ns."""
+    return {link["ifname"] for link in
+            json.loads(nsx(ns, "ip", "-j", "link", "show", "master", bridge).stdout)}
+
+
+def fan_port(ns: str, bridge: str, fan_device: str, udp_port: int = 8472) -> str:
+    """A VXLAN fan's port on its bridge: its TAP (the userspace engine), or on the kernel
+    path its UDP port's vxlan device (the port's first fan) or its veth end, fan-O."""
+    ports = bridge_ports(ns, bridge) & {fan_device, f"fanvx-{udp_port}"}
+    assert len(ports) == 1, (bridge, bridge_ports(ns, bridge))
+    return ports.pop()
+
+
 def ping(ns, dst, *args, count=3):
     return nsx(ns, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", *args, dst,
                check=False)

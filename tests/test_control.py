@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 
+import pytest
+
 from lab import FANPKT, nsx, ping, poll
 
 FAN = ["-o", "241.0.0.0/8"]
@@ -372,10 +374,12 @@ def test_a_failed_reload_leaves_nothing_and_the_next_one_repairs(lab, tmp_path):
          "the next reload did not bring the fan up")
 
 
-def test_an_underlay_address_on_lo_takes_the_routes_mtu(lab):
+@pytest.mark.parametrize("datapath", ["user", "kernel"])
+def test_an_underlay_address_on_lo_takes_the_routes_mtu(lab, datapath):
     """A routed host's /32 on lo: the underlay MTU is the route's toward the underlay
     (here 1400 on eth0), not lo's 65536; the fan comes up, forwarding and `fanpkt up`
-    alike, and carries traffic."""
+    alike, and carries traffic, on either data path (on the kernel path, the ARP replies
+    to requests from the fan leave from the fan's address, not the route's)."""
     h1 = lab.host("h1", H1)
     h2 = lab.host("h2", H2)
     for ns, addr in ((h1, "172.17.1.1"), (h2, "172.17.2.1")):
@@ -384,9 +388,11 @@ def test_an_underlay_address_on_lo_takes_the_routes_mtu(lab):
     lab.forward(h1, *FAN, "-u", "172.17.1.1/16")
     lab.forward(h2, *FAN, "-u", "172.17.2.1/16")
     assert nsx(h1, "cat", "/sys/class/net/fan-241/mtu").stdout.strip() == "1380"
-    ok(h1, "up", "-o", "10.0.0.0/8", "-u", "172.17.1.1/16", "--type", "vxlan")
+    ok(h1, "up", "-o", "10.0.0.0/8", "-u", "172.17.1.1/16", "--type", "vxlan",
+       "--datapath", datapath)
     assert nsx(h1, "cat", "/sys/class/net/fanbr-10/mtu").stdout.strip() == "1350"
-    ok(h2, "up", "-o", "10.0.0.0/8", "-u", "172.17.2.1/16", "--type", "vxlan")
+    ok(h2, "up", "-o", "10.0.0.0/8", "-u", "172.17.2.1/16", "--type", "vxlan",
+       "--datapath", datapath)
     assert ping(h1, "241.2.1.1").returncode == 0
     assert ping(h1, "10.2.1.1").returncode == 0
     nsx(h1, "ip", "route", "del", "172.17.0.0/16")          # no way out: a clear refusal

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from lab import (DHCP_DISCOVER, FANPKT, TRAFFIC, bulk_checks, nsx, ping, poll, sh, start,
-                 tcp_transfer, udp_sizes)
+from lab import (DHCP_DISCOVER, FANPKT, TRAFFIC, bridge_ports, bulk_checks, fan_port,
+                 link_names, nsx, ping, poll, sh, start, tcp_transfer, udp_sizes)
 
 VXLAN = ["-o", "241.0.0.0/8", "--type", "vxlan"]
 VNI = 15794176                      # 241.0.0.0/8 >> 8, LXD's default
@@ -278,9 +278,10 @@ def test_given_no_datapath_vxlan_takes_the_kernel_path_and_ipip_the_engine(lab, 
     def kind(ns, dev):
         return json.loads(nsx(ns, "ip", "-d", "-j", "link", "show", dev).stdout)[0][
             "linkinfo"]["info_kind"]
-    # the kernel path's devices: the port's flow-based vxlan, the fan's veth; IPIP's TUN
-    assert (kind(h1, "fanvx-8472"), kind(h1, "fan-241"), kind(h1, "fan-10")) == \
-        ("vxlan", "veth", "tun")
+    # the kernel path's devices: the port's flow-based vxlan device, the fan's bridge port
+    # (the fan alone on its port); IPIP's TUN
+    assert (kind(h1, "fanvx-8472"), kind(h1, "fan-10")) == ("vxlan", "tun")
+    assert fan_port(h1, "fanbr-241", "fan-241") == "fanvx-8472"
     assert ping(h1, "241.2.1.1").returncode == 0 and ping(h1, "10.2.1.1").returncode == 0
     assert ping(h2, "241.1.1.1").returncode == 0 and ping(h2, "10.1.1.1").returncode == 0
     # the command line's fan, with no flag but its type
@@ -338,7 +339,7 @@ def test_joins_a_bridge_that_already_holds_the_gateway_and_leaves_it_so(lab):
     lab.forward(h2, *VXLAN, "-u", "172.16.2.1/16")
     p1 = lab.forward(h1, *VXLAN, "-u", "172.16.1.1/16", "bridge", "lxdst0")
     assert "lxdst0 already holds 241.1.1.1/8" in open(lab.logs[h1]).read()
-    assert " master lxdst0 " in nsx(h1, "ip", "-o", "link", "show", "fan-241").stdout
+    assert fan_port(h1, "lxdst0", "fan-241")
     assert ping(h1, "241.2.1.1").returncode == 0
     assert ping(h2, "241.1.1.1").returncode == 0
     # a crash, then a restart that cleans up after it: the record names no address of
@@ -350,7 +351,8 @@ def test_joins_a_bridge_that_already_holds_the_gateway_and_leaves_it_so(lab):
     assert ping(h2, "241.1.1.1").returncode == 0
     assert lab.stop(p1) == 0
     assert {c: nsx(h1, *c.split()).stdout for c in owned} == before
-    assert "fan-241" not in nsx(h1, "ip", "-o", "link").stdout
+    assert not {"fan-241", "fanvx-8472"} & link_names(h1)
+    assert bridge_ports(h1, "lxdst0") == set()
 
 
 # -- the wire cannot steer a fan host's bridge -------------------------------------------
