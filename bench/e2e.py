@@ -177,41 +177,36 @@ def floor_object(local: str, remote: str) -> str:
     return out
 
 
+def kernel_vxlan(ns, mode, me, peer, ov):
+    """The kernel's own vxlan in ns as mode has it: vx0 with a static remote, alone
+    (vxlan) or the port of a bridge holding the overlay address (vxlan-bridged); or
+    flow-based (`external`) on that bridge, steered by the floor program (vxlan-flow)."""
+    if mode == "vxlan-flow":
+        nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "external", "dstport", "8472")
+    else:
+        nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "8472",
+            "local", me, "remote", peer, "dev", "eth0")
+    dev = "vx0"
+    if mode != "vxlan":
+        nsx(ns, "ip", "link", "add", "br0", "type", "bridge")
+        nsx(ns, "ip", "link", "set", "vx0", "master", "br0", "mtu", "1450", "up")
+        nsx(ns, "ip", "link", "set", "br0", "mtu", "1450")
+        dev = "br0"
+    if mode == "vxlan-flow":
+        nsx(ns, "tc", "qdisc", "add", "dev", "vx0", "clsact")
+        nsx(ns, "tc", "filter", "add", "dev", "vx0", "egress", "bpf", "da", "obj",
+            floor_object(me, peer), "sec", "tc")
+    nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", dev)
+    nsx(ns, "ip", "link", "set", dev, "up")
+
+
 def run_mode(lab, h1, h2, mode, seconds):
     if mode == "veth":
         return measure(lab, h1, h2, "172.16.2.1", seconds)
-    if mode in ("vxlan", "vxlan-bridged"):
+    if mode in ("vxlan", "vxlan-bridged", "vxlan-flow"):
         for ns, me, peer, ov in ((h1, "172.16.1.1", "172.16.2.1", "10.200.0.1"),
                                  (h2, "172.16.2.1", "172.16.1.1", "10.200.0.2")):
-            nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "8472",
-                "local", me, "remote", peer, "dev", "eth0")
-            dev = "vx0"
-            if mode == "vxlan-bridged":
-                nsx(ns, "ip", "link", "add", "br0", "type", "bridge")
-                nsx(ns, "ip", "link", "set", "vx0", "master", "br0", "mtu", "1450", "up")
-                nsx(ns, "ip", "link", "set", "br0", "mtu", "1450")
-                dev = "br0"
-            nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", dev)
-            nsx(ns, "ip", "link", "set", dev, "up")
-        try:
-            return measure(lab, h1, h2, "10.200.0.2", seconds)
-        finally:
-            for ns in (h1, h2):
-                nsx(ns, "ip", "link", "del", "vx0", check=False)
-                nsx(ns, "ip", "link", "del", "br0", check=False)
-    if mode == "vxlan-flow":
-        for ns, me, peer, ov in ((h1, "172.16.1.1", "172.16.2.1", "10.200.0.1"),
-                                 (h2, "172.16.2.1", "172.16.1.1", "10.200.0.2")):
-            obj = floor_object(me, peer)
-            nsx(ns, "ip", "link", "add", "vx0", "type", "vxlan", "external", "dstport", "8472")
-            nsx(ns, "ip", "link", "add", "br0", "type", "bridge")
-            nsx(ns, "ip", "link", "set", "vx0", "master", "br0", "mtu", "1450", "up")
-            nsx(ns, "ip", "link", "set", "br0", "mtu", "1450")
-            nsx(ns, "tc", "qdisc", "add", "dev", "vx0", "clsact")
-            nsx(ns, "tc", "filter", "add", "dev", "vx0", "egress", "bpf", "da", "obj", obj,
-                "sec", "tc")
-            nsx(ns, "ip", "addr", "add", f"{ov}/24", "dev", "br0")
-            nsx(ns, "ip", "link", "set", "br0", "up")
+            kernel_vxlan(ns, mode, me, peer, ov)
         try:
             return measure(lab, h1, h2, "10.200.0.2", seconds)
         finally:

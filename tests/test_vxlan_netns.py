@@ -214,17 +214,24 @@ def test_hostile_vxlan_is_dropped_counted_and_never_bridged(lab):
     assert ping(h1, "241.2.1.1", count=1).returncode == 0
 
 
-def test_ipip_and_vxlan_fans_side_by_side(lab, tmp_path):
-    """One process, an IPIP fan and a VXLAN fan on different overlays; show, stats and a
-    SIGHUP that takes the VXLAN fan away and brings it back."""
+def vxlan_and_ipip_hosts(lab, tmp_path, *h1_flags):
+    """Two hosts, each a forwarder with a VXLAN fan (241/8) and an IPIP fan (10/8) from a
+    file that names no datapath: (namespace, the file, the process) each."""
     hosts = []
     for i in (1, 2):
         ns = lab.host(f"h{i}", f"172.16.{i}.1")
         conf = tmp_path / f"fan{i}"
         conf.write_text(f"241.0.0.0/8 172.16.{i}.1/16 type vxlan\n"
                         f"10.0.0.0/8 172.16.{i}.1/16\n")
-        hosts.append((ns, conf, lab.forward(ns, "-c", str(conf))))
-    (h1, conf1, p1), (h2, _, _) = hosts
+        hosts.append((ns, conf, lab.forward(ns, "-c", str(conf),
+                                            *(h1_flags if i == 1 else ()))))
+    return hosts
+
+
+def test_ipip_and_vxlan_fans_side_by_side(lab, tmp_path):
+    """One process, an IPIP fan and a VXLAN fan on different overlays; show, stats and a
+    SIGHUP that takes the VXLAN fan away and brings it back."""
+    (h1, conf1, p1), (h2, _, _) = vxlan_and_ipip_hosts(lab, tmp_path)
     assert ping(h1, "241.2.1.1").returncode == 0 and ping(h1, "10.2.1.1").returncode == 0
     show = nsx(h1, *FANPKT, "show").stdout
     assert "fanbr-241" in show and "type vxlan" in show and "fan-10" in show
@@ -249,18 +256,9 @@ def test_given_no_datapath_vxlan_takes_the_kernel_path_and_ipip_the_engine(lab, 
     beside it, given none either, on the userspace engine. Both carry traffic, and a
     VXLAN fan given no flag on the command line takes the kernel path as well."""
     from test_metrics import METRICS, samples, scrape
-    hosts = []
-    for i in (1, 2):
-        ns = lab.host(f"h{i}", f"172.16.{i}.1")
-        conf = tmp_path / f"fan{i}"
-        conf.write_text(f"241.0.0.0/8 172.16.{i}.1/16 type vxlan\n"
-                        f"10.0.0.0/8 172.16.{i}.1/16\n")
-        p = lab.forward(ns, "-c", str(conf), *(["--metrics", METRICS] if i == 1 else []))
-        hosts.append(ns)
-        if i == 1:
-            threads = {open(f"/proc/{p.pid}/task/{t}/comm").read().strip()
-                       for t in os.listdir(f"/proc/{p.pid}/task")}
-    h1, h2 = hosts
+    (h1, _, p), (h2, _, _) = vxlan_and_ipip_hosts(lab, tmp_path, "--metrics", METRICS)
+    threads = {open(f"/proc/{p.pid}/task/{t}/comm").read().strip()
+               for t in os.listdir(f"/proc/{p.pid}/task")}
     s = json.loads(nsx(h1, *FANPKT, "stats", "--json").stdout)
     assert {f["device"]: f["datapath"] for f in s["fans"]} == {"fan-241": "kernel",
                                                               "fan-10": "user"}
